@@ -1,0 +1,38 @@
+# Set-up and the main commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo data test test-fast lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Raw data: the real C-NMC set if you put it in data/, else the embedded demo set.
+data: install
+	@if [ ! -d data ]; then \
+		$(BIN)/cnmc demo-data data && $(BIN)/dvc add --quiet data; \
+	else echo "data/ exists: using it"; fi
+
+demo: data
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf outputs dvc.lock .dvc/tmp

@@ -1,0 +1,140 @@
+"""Typed configuration: ``params.yaml`` (and CLI flags) flow into these objects once.
+
+The field defaults are the *demo* profile, which runs on a laptop CPU in minutes. The
+*paper* profile (``profiles/paper.yaml``) overrides only what the paper fixes. ``cnmc profile
+NAME`` writes either one to ``params.yaml``, the file DVC tracks.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cnmc.errors import CnmcError
+
+PARAMS_FILE = "params.yaml"
+PROFILES = ("demo", "paper")
+
+
+class _Section(BaseModel):
+    """A params section: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoConfig(_Section):
+    """Synthetic data set in the Kaggle C-NMC layout (``cnmc demo-data``)."""
+
+    train_subjects_per_class: int = Field(8, ge=3, description="training subjects per class, spread over 3 folds")
+    prelim_subjects_per_class: int = Field(2, ge=1, description="preliminary-test subjects per class")
+    all_cells_per_subject: int = Field(18, ge=1, description="cells per ALL subject")
+    hem_cells_per_subject: int = Field(10, ge=1, description="cells per Hem subject")
+    final_images: int = Field(6, ge=0, description="unlabelled final-phase images")
+    image_size: int = Field(450, ge=64, description="side of the square BMPs (450 as in C-NMC)")
+
+
+class SplitConfig(_Section):
+    """How the manifest is cut into train/val/test."""
+
+    protocol: Literal["subject", "paper"] = Field(
+        "subject", description="subject: subject-disjoint (default); paper: the paper's cell-level 90/10"
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="validation share: of subjects (subject) or of train images (paper)"
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="test share (paper; subject protocol without a preliminary set)"
+    )
+
+
+class AugmentConfig(_Section):
+    """Resizing and the paper's class-balancing augmentation T."""
+
+    image_size: int = Field(128, ge=16, description="side of the stored square images (paper: 224)")
+    per_class: int = Field(300, ge=1, description="M: training images per class after balancing (paper: 10000)")
+    strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
+    workers: int = Field(0, ge=0, description="worker processes (0 = all cores)")
+    preview_images: int = Field(6, ge=1, description="originals shown in the preview grid")
+
+
+class Params(_Section):
+    """Everything ``params.yaml`` holds."""
+
+    seed: int = Field(42, description="one seed for every random choice of the pipeline")
+    data_dir: str = Field("data", description="raw data folder (tracked by data.dvc)")
+    demo: DemoConfig = DemoConfig()
+    split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate a params file; errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnmcError(f"{path}: params file not found (run `cnmc profile demo` to write one)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CnmcError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str) -> Params:
+    """Validate a mapping into :class:`Params`, turning pydantic errors into one line."""
+    if not isinstance(raw, dict):
+        raise CnmcError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise CnmcError(f"{source}: {key}: {first['msg']}") from exc
+
+
+def profile_params(name: str) -> Params:
+    """The params of a named profile: the defaults, plus the profile's overrides."""
+    if name not in PROFILES:
+        raise CnmcError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    text = resources.files("cnmc.profiles").joinpath(f"{name}.yaml").read_text()
+    overrides = yaml.safe_load(text) or {}
+    merged = _deep_merge(Params().model_dump(), overrides)
+    return parse_params(merged, source=f"profile {name}")
+
+
+def render_params(params: Params, profile: str) -> str:
+    """YAML text of ``params`` with each key's description as a comment."""
+    lines = [
+        f"# Pipeline settings: profile '{profile}'. DVC tracks this file.",
+        "# Switch profiles with `cnmc profile demo` or `cnmc profile paper` (rewrites this file).",
+    ]
+    lines += _render_model(params, indent="")
+    return "\n".join(lines) + "\n"
+
+
+def _render_model(model: BaseModel, indent: str) -> list[str]:
+    lines: list[str] = []
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines += _render_model(value, indent + "  ")
+            continue
+        dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
+        dumped = dumped.removeprefix("{").removesuffix("}")
+        comment = f"  # {info.description}" if info.description else ""
+        lines.append(f"{indent}{dumped}{comment}")
+    return lines
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

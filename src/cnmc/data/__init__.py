@@ -1,0 +1,1 @@
+"""Data half of the pipeline: layouts and manifest, splits, augmentation, demo data."""

@@ -1,0 +1,1 @@
+"""Named params profiles (``cnmc profile NAME``)."""
