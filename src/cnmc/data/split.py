@@ -1,0 +1,188 @@
+"""Cut the manifest into train/val/test under one of two protocols.
+
+``subject`` (default) is subject-disjoint, as the ISBI 2019 challenge evaluated: no person's
+cells are on both sides of a split. ``paper`` reproduces Ahmed et al. 2025: a cell-level
+stratified 90/10 split of the training folds plus the preliminary set, which lets cells of
+one subject land in train and test and so inflates scores; the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from cnmc.atomic import atomic_write_text
+from cnmc.config import SplitConfig
+from cnmc.errors import CnmcError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+LABELS = ("all", "hem")
+TRAINING_SOURCES = ("fold_0", "fold_1", "fold_2", "folder")
+# Ahmed et al. 2025, Table 1: their train (incl. any validation) and test counts.
+PAPER_COUNTS = {"train": {"all": 7644, "hem": 3631}, "test": {"all": 847, "hem": 406}}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The three split tables (manifest columns plus ``split``) and the split report."""
+
+    protocol: str
+    tables: dict[str, pd.DataFrame]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        parts = []
+        for name in SPLITS:
+            table = self.tables[name]
+            counts = table["label"].value_counts()
+            parts.append(
+                f"{name} {len(table):,} ({counts.get('all', 0):,} all, {counts.get('hem', 0):,} hem; "
+                f"{table['subject'].nunique():,} subjects)"
+            )
+        return f"split ({self.protocol}): " + ", ".join(parts)
+
+
+def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig, seed: int) -> Splits:
+    """Split the labelled rows of ``manifest``; unlabelled (final-phase) rows are left out."""
+    labelled = manifest[manifest["label"].isin(LABELS)].reset_index(drop=True)
+    if labelled.empty:
+        raise CnmcError("manifest has no labelled images (label 'all' or 'hem') to split")
+    if cfg.protocol == "paper":
+        tables, notes = _paper_split(labelled, cfg, seed)
+    else:
+        tables, notes = _subject_split(labelled, cfg, seed)
+    for name in SPLITS:
+        if tables[name].empty:
+            raise CnmcError(
+                f"split '{name}' would be empty under protocol '{cfg.protocol}' "
+                f"({len(labelled)} labelled images, {labelled['subject'].nunique()} subjects): add data "
+                "or change split.val_fraction / split.test_fraction in params.yaml"
+            )
+    tables = {
+        name: tables[name].sort_values("path").assign(split=name).reset_index(drop=True) for name in SPLITS
+    }
+    report = _report(tables, cfg, seed, notes, unlabelled=len(manifest) - len(labelled))
+    if cfg.protocol == "subject" and report["subject_overlap"]:
+        raise CnmcError(f"subject-disjoint split failed: subjects in two splits {report['subject_overlap']}")
+    return Splits(cfg.protocol, tables, report)
+
+
+def write_splits(splits: Splits, out_dir: Path, report_path: Path) -> None:
+    """Write ``<out_dir>/{train,val,test}.csv`` and the JSON report, each atomically."""
+    for name, table in splits.tables.items():
+        atomic_write_text(out_dir / f"{name}.csv", table.to_csv(index=False))
+    atomic_write_text(report_path, json.dumps(splits.report, indent=2) + "\n")
+
+
+def _subject_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[dict, list[str]]:
+    rng = random.Random(seed)
+    notes: list[str] = []
+    prelim = labelled[labelled["source"] == "prelim"]
+    pool = labelled[labelled["source"] != "prelim"]
+    if not prelim.empty:
+        clash = sorted(set(pool["subject"]) & set(prelim["subject"]))
+        if clash:
+            log.warning("subjects %s are in both the training folds and the preliminary set: "
+                        "their training-fold cells are left out", clash)
+            notes.append(f"left out training-fold cells of subjects also in the test set: {clash}")
+            pool = pool[~pool["subject"].isin(clash)]
+        val_subjects = _pick_subjects(pool, cfg.val_fraction, rng)
+        notes.append("test = the labelled preliminary-phase set (unseen subjects), as in ISBI 2019")
+        test = prelim
+    else:
+        test_subjects = _pick_subjects(pool, cfg.test_fraction, rng)
+        test = pool[pool["subject"].isin(test_subjects)]
+        pool = pool[~pool["subject"].isin(test_subjects)]
+        val_subjects = _pick_subjects(pool, cfg.val_fraction / (1 - cfg.test_fraction), rng)
+        notes.append("no preliminary set: test = held-out subjects of the training data")
+    notes.append("validation = whole held-out training subjects, stratified by class")
+    val = pool[pool["subject"].isin(val_subjects)]
+    train = pool[~pool["subject"].isin(val_subjects)]
+    return {"train": train, "val": val, "test": test}, notes
+
+
+def _pick_subjects(pool: pd.DataFrame, fraction: float, rng: random.Random) -> set[str]:
+    """Hold out about ``fraction`` of each class's subjects (at least one where a class has two)."""
+    subject_label = pool.groupby("subject")["label"].agg(lambda s: s.mode().iat[0])
+    picked: set[str] = set()
+    for label in LABELS:
+        subjects = sorted(subject_label[subject_label == label].index)
+        if len(subjects) < 2:
+            continue
+        rng.shuffle(subjects)
+        count = min(len(subjects) - 1, max(1, round(fraction * len(subjects))))
+        picked.update(subjects[:count])
+    return picked
+
+
+def _paper_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[dict, list[str]]:
+    labelled = labelled.sort_values("path").reset_index(drop=True)
+    stratify_ok = labelled["label"].value_counts().min() >= 2
+    if not stratify_ok:
+        raise CnmcError("protocol 'paper' needs at least 2 images of each class to stratify")
+    rest, test = train_test_split(
+        labelled, test_size=cfg.test_fraction, stratify=labelled["label"], random_state=seed
+    )
+    train, val = train_test_split(
+        rest, test_size=cfg.val_fraction, stratify=rest["label"], random_state=seed
+    )
+    notes = [
+        "protocol 'paper': training folds + labelled preliminary set merged, stratified "
+        f"{1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} train/test at cell level (Ahmed et al. 2025)",
+        "cells of one subject can be in train and test: scores are optimistic (subject leakage)",
+        "the paper names no validation set (its early stopping probably watched the test set); "
+        f"ours is a stratified {cfg.val_fraction:.0%} of the training part",
+    ]
+    return {"train": train, "val": val, "test": test}, notes
+
+
+def _report(tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes: list[str],
+            unlabelled: int) -> dict[str, Any]:
+    subjects = {name: set(t["subject"]) for name, t in tables.items()}
+    overlap = sorted(
+        set.union(*(subjects[a] & subjects[b] for a, b in (("train", "val"), ("train", "test"), ("val", "test"))))
+    )
+    hashes = {name: set(t["sha256"]) for name, t in tables.items()}
+    dup_across = sorted((hashes["train"] & hashes["test"]) | (hashes["train"] & hashes["val"]))
+    if dup_across:
+        log.warning("%d identical images (same sha256) are in train and val/test", len(dup_across))
+    report: dict[str, Any] = {
+        "protocol": cfg.protocol,
+        "seed": seed,
+        "config": cfg.model_dump(),
+        "splits": {
+            name: {
+                "images": len(t),
+                "images_per_class": {lab: int((t["label"] == lab).sum()) for lab in LABELS},
+                "subjects": t["subject"].nunique(),
+                "subjects_per_class": {lab: int(t.loc[t["label"] == lab, "subject"].nunique()) for lab in LABELS},
+            }
+            for name, t in tables.items()
+        },
+        "subject_disjoint": not overlap,
+        "subject_overlap": overlap if cfg.protocol == "subject" else [],
+        "subjects_shared_between_splits": len(overlap),
+        "identical_images_across_splits": len(dup_across),
+        "unlabelled_images_left_out": unlabelled,
+        "notes": notes,
+    }
+    if cfg.protocol == "paper":
+        report["paper_reported_counts"] = PAPER_COUNTS
+        report["ours_counts"] = {
+            "train_plus_val": {
+                lab: int((tables["train"]["label"] == lab).sum() + (tables["val"]["label"] == lab).sum())
+                for lab in LABELS
+            },
+            "test": report["splits"]["test"]["images_per_class"],
+        }
+    return report
+

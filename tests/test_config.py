@@ -1,0 +1,56 @@
+"""params.yaml flows into typed config; profiles; one-line errors for bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cnmc.cli import main
+from cnmc.config import Params, load_params, profile_params, render_params
+from cnmc.errors import CnmcError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_is_the_demo_profile() -> None:
+    assert (ROOT / "params.yaml").read_text() == render_params(profile_params("demo"), "demo")
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_paper_profile_has_the_papers_values(tmp_path: Path) -> None:
+    assert main(["profile", "paper", "-o", str(tmp_path / "params.yaml")]) == 0
+    paper = load_params(tmp_path / "params.yaml")
+    assert paper.split.protocol == "paper"
+    assert paper.split.test_fraction == 0.1
+    assert (paper.augment.image_size, paper.augment.per_class, paper.augment.strength) == (224, 10000, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("augment:\n  image_sise: 3\n", "augment.image_sise: Extra inputs are not permitted"),
+        ("split:\n  protocol: random\n", "split.protocol"),
+        ("augment:\n  strength: 2\n", "augment.strength: Input should be less than or equal to 1"),
+        ("augment: [1\n", "not valid YAML"),
+        ("- 1\n", "expected a mapping"),
+    ],
+)
+def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(CnmcError, match=message) as info:
+        load_params(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["split", "--params", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cnmc split: error: {missing}: params file not found (run `cnmc profile demo` to write one)"
+
+
+def test_cli_flags_override_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["augment", "--params", str(ROOT / "params.yaml"), "--strength", "3"]) == 2
+    assert "augment.strength" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""Split protocols: subject-disjointness, stratification, determinism, the paper's counts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from cnmc.config import SplitConfig
+from cnmc.data.split import split_manifest, write_splits
+from cnmc.errors import CnmcError
+
+COLUMNS = ["path", "label", "subject", "source", "sha256", "width", "height", "original_mode", "original_name"]
+
+
+def make_manifest(groups: list[tuple[str, str, str, int]]) -> pd.DataFrame:
+    """Rows for (source, label, subject, n_images) groups, each image with a unique hash."""
+    rows = []
+    for source, label, subject, count in groups:
+        for i in range(count):
+            name = f"UID_{subject}_{i}_1_{label}.bmp"
+            rows.append([f"data/{source}/{name}", label, subject, source, f"{source}{name}", 8, 8, "RGB", name])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def cnmc_like(all_subjects: int = 10, hem_subjects: int = 10, prelim: bool = True) -> pd.DataFrame:
+    groups = []
+    for k in range(all_subjects):
+        groups.append((f"fold_{k % 3}", "all", str(k + 1), 6 + k % 4))
+    for k in range(hem_subjects):
+        groups.append((f"fold_{k % 3}", "hem", f"H{k + 1}", 4 + k % 3))
+    if prelim:
+        groups += [("prelim", "all", "90", 5), ("prelim", "all", "91", 4), ("prelim", "hem", "H90", 3)]
+    groups.append(("final", "", "", 3))
+    return make_manifest(groups)
+
+
+def subjects(splits, name: str) -> set[str]:
+    return set(splits.tables[name]["subject"])
+
+
+def test_subject_protocol_is_subject_disjoint_and_tests_on_prelim() -> None:
+    splits = split_manifest(cnmc_like(), SplitConfig(), seed=1)
+    assert not subjects(splits, "train") & subjects(splits, "val")
+    assert not (subjects(splits, "train") | subjects(splits, "val")) & subjects(splits, "test")
+    assert set(splits.tables["test"]["source"]) == {"prelim"}
+    assert splits.report["subject_disjoint"] is True
+    assert splits.report["unlabelled_images_left_out"] == 3
+    # Validation holds whole subjects of both classes.
+    assert set(splits.tables["val"]["label"]) == {"all", "hem"}
+    assert splits.report["splits"]["val"]["subjects_per_class"] == {"all": 2, "hem": 2}
+
+
+def test_subject_protocol_without_prelim_holds_out_subjects_for_test() -> None:
+    manifest = cnmc_like(prelim=False)
+    splits = split_manifest(manifest, SplitConfig(test_fraction=0.2), seed=3)
+    names = ("train", "val", "test")
+    for a in names:
+        for b in names:
+            if a < b:
+                assert not subjects(splits, a) & subjects(splits, b)
+    assert set(splits.tables["test"]["label"]) == {"all", "hem"}
+    assert len(splits.tables["train"]) + len(splits.tables["val"]) + len(splits.tables["test"]) == (manifest["label"] != "").sum()
+
+
+def test_subject_in_folds_and_prelim_is_kept_out_of_training() -> None:
+    manifest = make_manifest([
+        ("fold_0", "all", "1", 4), ("fold_1", "all", "2", 4), ("fold_2", "all", "3", 4),
+        ("fold_0", "hem", "H1", 4), ("fold_1", "hem", "H2", 4), ("fold_2", "hem", "H3", 4),
+        ("prelim", "all", "1", 2), ("prelim", "hem", "H9", 2),
+    ])
+    splits = split_manifest(manifest, SplitConfig(), seed=0)
+    assert "1" not in subjects(splits, "train") | subjects(splits, "val")
+    assert splits.report["subject_disjoint"] is True
+
+
+def test_split_is_deterministic_and_seed_dependent() -> None:
+    manifest = cnmc_like(all_subjects=20, hem_subjects=20)
+    a = split_manifest(manifest, SplitConfig(), seed=7)
+    b = split_manifest(manifest.sample(frac=1, random_state=5), SplitConfig(), seed=7)
+    c = split_manifest(manifest, SplitConfig(), seed=8)
+    for name in ("train", "val", "test"):
+        pd.testing.assert_frame_equal(a.tables[name], b.tables[name])
+    assert subjects(a, "val") != subjects(c, "val")
+
+
+def full_size_cnmc() -> pd.DataFrame:
+    """Tiny rows with the full C-NMC 2019 counts: folds 7,272 ALL + 3,389 Hem, prelim 1,219 + 648."""
+    groups = []
+    for label, total, n_subjects, prefix in (("all", 7272, 47, ""), ("hem", 3389, 26, "H")):
+        for k in range(n_subjects):
+            count = total // n_subjects + (1 if k < total % n_subjects else 0)
+            groups.append((f"fold_{k % 3}", label, f"{prefix}{k + 1}", count))
+    for label, total, n_subjects, prefix in (("all", 1219, 15, ""), ("hem", 648, 13, "H")):
+        for k in range(n_subjects):
+            count = total // n_subjects + (1 if k < total % n_subjects else 0)
+            groups.append(("prelim", label, f"{prefix}{100 + k}", count))
+    return make_manifest(groups)
+
+
+def test_paper_protocol_reproduces_the_papers_counts() -> None:
+    splits = split_manifest(full_size_cnmc(), SplitConfig(protocol="paper"), seed=42)
+    test = splits.report["splits"]["test"]["images_per_class"]
+    assert sum(test.values()) == 1253
+    assert test == {"all": 849, "hem": 404}  # the paper reports 847 + 406 (seed unknown)
+    train_val = splits.report["ours_counts"]["train_plus_val"]
+    assert sum(train_val.values()) == 11275
+    assert splits.report["paper_reported_counts"]["test"] == {"all": 847, "hem": 406}
+    # Stratified: the class ratio is the same in every split, to within one image.
+    for name in ("train", "val", "test"):
+        table = splits.tables[name]
+        assert abs((table["label"] == "all").mean() - 8491 / 12528) < 1 / len(table) + 1e-9
+    # Cell-level: subjects are shared, and the report says so.
+    assert splits.report["subject_disjoint"] is False
+    assert any("leakage" in note for note in splits.report["notes"])
+
+
+def test_write_splits(tmp_path) -> None:
+    splits = split_manifest(cnmc_like(), SplitConfig(), seed=1)
+    write_splits(splits, tmp_path / "splits", tmp_path / "report.json")
+    for name in ("train", "val", "test"):
+        table = pd.read_csv(tmp_path / "splits" / f"{name}.csv", dtype=str, keep_default_na=False)
+        assert list(table.columns) == COLUMNS + ["split"]
+        assert set(table["split"]) == {name}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["protocol"] == "subject"
+    assert "1 all" not in splits.summary_line() and splits.summary_line().startswith("split (subject)")
+
+
+def test_too_little_data_is_a_clear_error() -> None:
+    manifest = make_manifest([("fold_0", "all", "1", 3), ("fold_0", "hem", "H1", 3)])
+    with pytest.raises(CnmcError, match="split 'val' would be empty"):
+        split_manifest(manifest, SplitConfig(), seed=0)
+    with pytest.raises(CnmcError, match="no labelled images"):
+        split_manifest(make_manifest([("final", "", "", 3)]), SplitConfig(), seed=0)
