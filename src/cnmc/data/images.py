@@ -36,19 +36,21 @@ def open_rgb(source: Path | str | bytes) -> tuple[Image.Image, str]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_PIXELS:
-                raise ImageProblem(f"too large ({image.width}x{image.height} pixels, limit {MAX_PIXELS:,})")
+                size = f"{image.width}x{image.height}"
+                raise ImageProblem(f"too large ({size} pixels, limit {MAX_PIXELS:,})")
             image.load()
+            if image.width == 0 or image.height == 0:
+                raise ImageProblem("image has no pixels")
+            return _to_rgb(image), image.mode
     except ImageProblem:
         raise
     except UnidentifiedImageError:
         raise ImageProblem("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(f"too large (limit {MAX_PIXELS:,} pixels)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageProblem(f"corrupt or truncated image ({exc})") from None
-    if image.width == 0 or image.height == 0:
-        raise ImageProblem("image has no pixels")
-    return _to_rgb(image), image.mode
+    except Exception as exc:  # Pillow's format plugins raise almost any type on malformed bytes
+        reason = str(exc) or exc.__class__.__name__
+        raise ImageProblem(f"corrupt or truncated image ({reason})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

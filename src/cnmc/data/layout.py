@@ -1,0 +1,231 @@
+"""Find the C-NMC data under a folder and read what its file names say.
+
+Three layouts are recognised, searched a few levels below the folder the user names (the
+closest wins), so both ``data/`` and ``data/C-NMC_Leukemia`` work:
+
+* ``kaggle``: ``training_data/fold_N/{all,hem}``, ``validation_data/C-NMC_test_prelim_phase_data``
+  (labels CSV beside it), ``testing_data/C-NMC_test_final_phase_data``;
+* ``tcia``: ``C-NMC_training_data/fold_N/{all,hem}``, ``C-NMC_test_prelim_phase_data`` (labels
+  CSV inside it), ``C-NMC_test_final_phase_data``;
+* ``folder``: any folder holding ``all/`` and ``hem/`` class folders (a single fold folder too).
+
+Real copies are untidy, so folder names match case-insensitively and a folder nested in a
+namesake (``fold_0/fold_0/all``, as in some Kaggle mirrors) is stepped through. This module
+only looks at names; reading pixels and labels is :mod:`cnmc.data.manifest`'s job.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnmc.errors import CnmcError
+
+CLASSES = ("all", "hem")
+FOLDS = ("fold_0", "fold_1", "fold_2")
+LABELS_CSV = "C-NMC_test_prelim_phase_data_labels.csv"
+# How many folder levels below DATA_DIR a layout's root may sit.
+SEARCH_DEPTH = 3
+
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+NAME_PATTERN = "UID_<subject>_<image>_<cell>_<all|hem>"
+
+_CELL_NAME = re.compile(r"UID_(H?)(\d+)_(\d+)_(\d+)_(all|hem)", re.IGNORECASE)
+_FOLD = re.compile(r"fold_?(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CellName:
+    """What a C-NMC file name ``UID_<subject>_<image>_<cell>_<class>`` says about its cell."""
+
+    subject: str  # "11" (an ALL patient) or "H11" (a healthy donor): two different people
+    image: int
+    cell: int
+    label: str  # "all" or "hem"
+
+    @property
+    def hem_subject(self) -> bool:
+        """C-NMC marks every healthy (Hem) donor with an ``H`` prefix."""
+        return self.subject.startswith("H")
+
+
+def parse_cell_name(name: str) -> CellName | None:
+    """Parse a C-NMC cell file name (with or without an image extension), or None.
+
+    Tolerates case (``uid_h11_1_2_ALL.BMP`` is subject ``H11``, class ``all``) and surrounding
+    spaces, nothing else: a name that only half matches is not trusted.
+    """
+    name = name.strip()
+    stem, dot, extension = name.rpartition(".")
+    if not dot or f".{extension.lower()}" not in IMAGE_EXTENSIONS:
+        stem = name
+    match = _CELL_NAME.fullmatch(stem)
+    if match is None:
+        return None
+    prefix, number, image, cell, label = match.groups()
+    return CellName(
+        subject=prefix.upper() + number, image=int(image), cell=int(cell), label=label.lower()
+    )
+
+
+@dataclass(frozen=True)
+class Group:
+    """A folder whose images share a source and, for class folders, a label."""
+
+    directory: Path
+    source: str  # fold_0, fold_1, fold_2, prelim, final or folder
+    label: str  # "all"/"hem" from a class folder; "" where the folder does not say
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A recognised data set: its kind, root folder, image folders and prelim labels CSV."""
+
+    kind: str  # kaggle, tcia or folder
+    root: Path
+    groups: tuple[Group, ...]
+    labels_csv: Path | None  # None when absent, even if a prelim folder exists
+
+    @property
+    def prelim_dir(self) -> Path | None:
+        return next((g.directory for g in self.groups if g.source == "prelim"), None)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Where a C-NMC distribution keeps its three parts, relative to its root."""
+
+    kind: str
+    training: str
+    prelim: tuple[str, ...]
+    final: tuple[str, ...]
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return (self.training, self.prelim[0], self.final[0])
+
+
+_KAGGLE = _Spec(
+    "kaggle",
+    "training_data",
+    ("validation_data", "C-NMC_test_prelim_phase_data"),
+    ("testing_data", "C-NMC_test_final_phase_data"),
+)
+_TCIA = _Spec(
+    "tcia",
+    "C-NMC_training_data",
+    ("C-NMC_test_prelim_phase_data",),
+    ("C-NMC_test_final_phase_data",),
+)
+
+EXPECTED = (
+    "Kaggle (C-NMC_Leukemia/training_data/fold_N/{all,hem}, validation_data/, testing_data/), "
+    "TCIA (C-NMC_training_data/fold_N/{all,hem}, C-NMC_test_prelim_phase_data/, "
+    "C-NMC_test_final_phase_data/) or class folders (<root>/all/, <root>/hem/)"
+)
+
+
+def detect_layout(data_dir: Path) -> Layout:
+    """The one layout found closest below ``data_dir``; a :class:`CnmcError` if none or several."""
+    if not data_dir.exists():
+        raise CnmcError(f"data folder {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise CnmcError(f"data folder {data_dir} is not a folder")
+    level = [data_dir]
+    for _ in range(SEARCH_DEPTH + 1):
+        found = [layout for folder in level if (layout := _layout_at(folder)) is not None]
+        if len(found) > 1:
+            roots = "; ".join(f"{x.root} ({x.kind})" for x in found)
+            raise CnmcError(
+                f"several data sets found under {data_dir}: {roots}; point at one of them"
+            )
+        if found:
+            return found[0]
+        level = [sub for folder in level for sub in _subdirs(folder)]
+    raise CnmcError(
+        f"no C-NMC data found in {data_dir} (searched {SEARCH_DEPTH} levels down); "
+        f"expected {EXPECTED}"
+    )
+
+
+def _layout_at(folder: Path) -> Layout | None:
+    """The layout whose root is exactly ``folder``, if any."""
+    for spec in (_KAGGLE, _TCIA):
+        if any(_child(folder, name) for name in spec.markers):
+            return _cnmc_layout(folder, spec)
+    classes = _class_groups(folder, source="folder")
+    if {g.label for g in classes} == set(CLASSES):
+        return Layout("folder", folder, classes, labels_csv=None)
+    return None
+
+
+def _cnmc_layout(root: Path, spec: _Spec) -> Layout:
+    groups: list[Group] = []
+    training = _find(root, (spec.training,))
+    for fold in _subdirs(training) if training else []:
+        match = _FOLD.fullmatch(fold.name)
+        if match and f"fold_{int(match[1])}" in FOLDS:
+            groups += _class_groups(_unnest(fold), source=f"fold_{int(match[1])}")
+    prelim = _find(root, spec.prelim)
+    final = _find(root, spec.final)
+    if prelim:
+        groups.append(Group(prelim, "prelim", ""))
+    if final:
+        groups.append(Group(final, "final", ""))
+    return Layout(spec.kind, root, tuple(groups), _labels_csv(prelim) if prelim else None)
+
+
+def _labels_csv(prelim: Path) -> Path | None:
+    """The labels CSV: inside the prelim folder (TCIA) or beside it (Kaggle), wherever it is."""
+    places = [prelim]
+    while places[-1].parent.name.lower() == prelim.name.lower():
+        places.append(places[-1].parent)
+    places.append(places[-1].parent)
+    for place in places:
+        for path in sorted(place.iterdir()):
+            if path.is_file() and path.name.lower() == LABELS_CSV.lower():
+                return path
+    return None
+
+
+def _class_groups(folder: Path, source: str) -> tuple[Group, ...]:
+    return tuple(
+        Group(sub, source, sub.name.lower())
+        for sub in _subdirs(folder)
+        if sub.name.lower() in CLASSES
+    )
+
+
+def _find(root: Path, names: tuple[str, ...]) -> Path | None:
+    """Follow ``names`` down from ``root`` case-insensitively, stepping through namesake nesting."""
+    folder: Path | None = root
+    for name in names:
+        folder = _child(folder, name) if folder else None
+        folder = _unnest(folder) if folder else None
+    return folder
+
+
+def _unnest(folder: Path) -> Path:
+    """``fold_0/fold_0`` -> the inner one: some mirrors wrap a folder in its namesake."""
+    while (inner := _child(folder, folder.name)) is not None:
+        folder = inner
+    return folder
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    return next((sub for sub in _subdirs(folder) if sub.name.lower() == name.lower()), None)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """Visible subfolders in name order; macOS/hidden folders never hold data."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [e for e in entries if e.is_dir() and not is_hidden(e.name)]
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files and folders (``.DS_Store``, AppleDouble ``._x.bmp``), ``__MACOSX``: never data."""
+    return name.startswith(".") or name.lower() == "__macosx"
