@@ -1,0 +1,256 @@
+"""Binary metrics for ALL-vs-Hem, named for exactly what they average.
+
+Convention: ALL = 1 is the positive class, Hem = 0; ``prob_all`` is the predicted probability
+of ALL and a cell is called ALL when ``prob_all >= threshold``. The paper's "macro" P/R/F1 are
+really the ALL-class binary metrics (DESIGN §2), so we report ``*_all`` and ``*_macro`` apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from sklearn import metrics
+
+BOOTSTRAP_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "precision_all",
+    "recall_all",
+    "specificity",
+    "f1_all",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "f1_weighted",
+    "roc_auc",
+)
+CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")
+
+
+def _arrays(
+    y_true: ArrayLike, prob_all: ArrayLike
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Validate once, so every metric below can trust its inputs."""
+    labels = np.asarray(y_true).ravel()
+    p = np.asarray(prob_all, dtype=np.float64).ravel()
+    if labels.size == 0 or labels.size != p.size:
+        raise ValueError(
+            f"need equally long, non-empty labels and probabilities (got {labels.size}, {p.size})"
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (Hem) or 1 (ALL)")
+    y = labels.astype(np.int64)
+    if not np.isfinite(p).all():
+        raise ValueError("probabilities must be finite")
+    return y, p
+
+
+def binary_metrics(
+    y_true: ArrayLike,
+    prob_all: ArrayLike,
+    threshold: float = 0.5,
+    subjects: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """All scalar metrics at one threshold; with ``subjects``, also the mean per-subject accuracy.
+
+    With one class present, ROC AUC is NaN and balanced accuracy is that class's recall.
+    """
+    y, p = _arrays(y_true, prob_all)
+    pred = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = metrics.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    two_classes = np.unique(y).size == 2
+    out: dict[str, float] = {
+        "accuracy": float(metrics.accuracy_score(y, pred)),
+        "balanced_accuracy": float(
+            metrics.balanced_accuracy_score(y, pred)
+            if two_classes
+            else metrics.accuracy_score(y, pred)
+        ),
+        "specificity": float(metrics.recall_score(y, pred, pos_label=0, zero_division=0)),
+        "roc_auc": float(metrics.roc_auc_score(y, p)) if two_classes else float("nan"),
+    }
+    scores = {
+        "precision": metrics.precision_score,
+        "recall": metrics.recall_score,
+        "f1": metrics.f1_score,
+    }
+    for name, score in scores.items():
+        out[f"{name}_all"] = float(score(y, pred, pos_label=1, zero_division=0))
+        for average in ("macro", "weighted"):
+            out[f"{name}_{average}"] = float(
+                score(y, pred, labels=[0, 1], average=average, zero_division=0)
+            )
+    out.update(
+        n=int(y.size),
+        n_all=int(y.sum()),
+        n_hem=int(y.size - y.sum()),
+        tp=int(tp),
+        fp=int(fp),
+        tn=int(tn),
+        fn=int(fn),
+    )
+    if subjects is not None:
+        per_subject = per_subject_accuracy(y, p, subjects, threshold)
+        out["n_subjects"] = len(per_subject)
+        out["mean_subject_accuracy"] = float(np.mean([s["accuracy"] for s in per_subject.values()]))
+    return out
+
+
+def per_subject_accuracy(
+    y_true: ArrayLike, prob_all: ArrayLike, subjects: Sequence[str], threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Accuracy per subject (sorted by subject): shows whether errors pile up on a few people."""
+    y, p = _arrays(y_true, prob_all)
+    s = np.asarray(subjects, dtype=str).ravel()
+    if s.size != y.size:
+        raise ValueError(f"need one subject per cell (got {s.size} for {y.size} cells)")
+    correct = (p >= threshold).astype(np.int64) == y
+    out: dict[str, dict[str, Any]] = {}
+    for subject in np.unique(s):
+        mask = s == subject
+        labels = set(y[mask].tolist())
+        label = "mixed" if len(labels) == 2 else ("all" if labels == {1} else "hem")
+        out[str(subject)] = {
+            "n": int(mask.sum()),
+            "label": label,
+            "accuracy": float(correct[mask].mean()),
+        }
+    return out
+
+
+def _safe_div(num: NDArray[np.float64], den: NDArray[np.float64]) -> NDArray[np.float64]:
+    """num / den with 0 where den is 0 (sklearn's zero_division=0)."""
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+
+
+def _count_metrics(
+    tp: ArrayLike, fp: ArrayLike, tn: ArrayLike, fn: ArrayLike
+) -> dict[str, NDArray[np.float64]]:
+    """The confusion-count metrics, vectorised over many confusion matrices at once."""
+    tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
+    n_pos, n_neg = tp + fn, tn + fp
+    prec1, prec0 = _safe_div(tp, tp + fp), _safe_div(tn, tn + fn)
+    rec1, rec0 = _safe_div(tp, n_pos), _safe_div(tn, n_neg)
+    f1_1, f1_0 = _safe_div(2 * tp, 2 * tp + fp + fn), _safe_div(2 * tn, 2 * tn + fn + fp)
+    n = n_pos + n_neg
+    return {
+        "accuracy": _safe_div(tp + tn, n),
+        "balanced_accuracy": (rec0 + rec1) / 2,
+        "precision_all": prec1,
+        "recall_all": rec1,
+        "specificity": rec0,
+        "f1_all": f1_1,
+        "precision_macro": (prec0 + prec1) / 2,
+        "recall_macro": (rec0 + rec1) / 2,
+        "f1_macro": (f1_0 + f1_1) / 2,
+        "f1_weighted": _safe_div(n_neg * f1_0 + n_pos * f1_1, n),
+    }
+
+
+def tune_threshold(y_true: ArrayLike, prob_all: ArrayLike) -> float:
+    """The threshold that maximises macro F1; feed it VALIDATION data only, never test data.
+
+    Candidates are 0.5 and the midpoints between consecutive distinct probabilities, so the
+    result is never worse than 0.5 on these data; ties go to the candidate closest to 0.5.
+    Returns 0.5 when the data hold one class (nothing to balance).
+    """
+    y, p = _arrays(y_true, prob_all)
+    if np.unique(y).size < 2:
+        return 0.5
+    distinct = np.unique(p)
+    candidates = np.append((distinct[:-1] + distinct[1:]) / 2, 0.5)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    tp = pos.size - np.searchsorted(pos, candidates, side="left")
+    fp = neg.size - np.searchsorted(neg, candidates, side="left")
+    f1 = _count_metrics(tp, fp, neg.size - fp, pos.size - tp)["f1_macro"]
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def _resample_auc(
+    weights: NDArray[np.float64], y: NDArray[np.int64], p: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """ROC AUC per resample (a row of per-cell counts): Mann-Whitney, ties count 1/2."""
+    order = np.argsort(p, kind="stable")
+    ps, w = p[order], weights[:, order]
+    pos, neg = w * (y[order] == 1), w * (y[order] == 0)
+    cum_neg = np.cumsum(neg, axis=1)
+    first, last = np.searchsorted(ps, ps, side="left"), np.searchsorted(ps, ps, side="right") - 1
+    below = cum_neg[:, first] - neg[:, first]  # negative weight strictly below each cell's score
+    tied = cum_neg[:, last] - below
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    wins = (pos * (below + tied / 2)).sum(axis=1)
+    return np.divide(wins, pairs, out=np.full(pairs.shape, np.nan), where=pairs > 0)
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    prob_all: ArrayLike,
+    threshold: float,
+    metric_names: Sequence[str] = CI_METRICS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CI over cells: how far a metric could move on another test sample.
+
+    Cells of one subject are not independent, so for subject-level claims this is too narrow.
+    Each resample is a row of per-cell counts, so every metric is a matrix product; rows are
+    processed in chunks to bound memory.
+    """
+    unknown = set(metric_names) - set(BOOTSTRAP_METRICS)
+    if unknown:
+        raise ValueError(f"no bootstrap for {sorted(unknown)}; choose from {BOOTSTRAP_METRICS}")
+    y, p = _arrays(y_true, prob_all)
+    n = y.size
+    pred = p >= threshold
+    cells = np.stack([(y == 1) & pred, (y == 0) & pred, (y == 0) & ~pred, (y == 1) & ~pred], axis=1)
+    rng = np.random.default_rng(seed)
+    chunks: list[dict[str, NDArray[np.float64]]] = []
+    rows_per_chunk = max(1, 2_000_000 // n)
+    for start in range(0, n_boot, rows_per_chunk):
+        rows = min(rows_per_chunk, n_boot - start)
+        draws = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
+        weights = np.bincount(draws.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+        values = _count_metrics(*(weights @ cells.astype(np.float64)).T)
+        if "roc_auc" in metric_names:
+            values["roc_auc"] = _resample_auc(weights, y, p)
+        chunks.append(values)
+    tail = (1 - level) / 2 * 100
+    out: dict[str, tuple[float, float]] = {}
+    for name in metric_names:
+        samples = np.concatenate([chunk[name] for chunk in chunks])
+        samples = samples[np.isfinite(samples)]
+        low, high = np.percentile(samples, [tail, 100 - tail]) if samples.size else (np.nan, np.nan)
+        out[name] = (float(low), float(high))
+    return out
+
+
+def evaluate_split(
+    y_true: ArrayLike,
+    prob_all: ArrayLike,
+    subjects: Sequence[str],
+    val_threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything the trainer logs for one split: metrics at 0.5 (the paper's argmax) and at the
+    validation-tuned threshold, per-subject accuracy, and 95% bootstrap CIs (``n_boot=0``: none)."""
+    out: dict[str, Any] = {
+        "at_0.5": binary_metrics(y_true, prob_all, 0.5, subjects),
+        "at_tuned": binary_metrics(y_true, prob_all, val_threshold, subjects),
+        "threshold": float(val_threshold),
+        "per_subject": per_subject_accuracy(y_true, prob_all, subjects, val_threshold),
+    }
+    if n_boot > 0:
+        out["ci95"] = {
+            key: {
+                name: list(ci)
+                for name, ci in bootstrap_ci(y_true, prob_all, t, n_boot=n_boot, seed=seed).items()
+            }
+            for key, t in (("at_0.5", 0.5), ("at_tuned", val_threshold))
+        }
+    return out

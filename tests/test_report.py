@@ -1,0 +1,98 @@
+"""The Table-2 comparison: paper rows beside ours, files written, bad inputs named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cnmc.errors import CnmcError
+from cnmc.evaluate import evaluate_split
+from cnmc.report import build_report
+
+
+def write_metrics(path: Path, backbone: str, protocol: str = "subject", seed: int = 0) -> dict:
+    """A metrics file as the trainer writes it, from evaluate_split on synthetic predictions."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(300) < 2 / 3).astype(int)
+    p = np.clip(0.4 * y + 0.6 * rng.random(300), 0, 1)
+    test = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], val_threshold=0.45, n_boot=100)
+    payload = {
+        "backbone": backbone, "protocol": protocol, "data_hash": f"hash-{protocol}",
+        "threshold": 0.45, "test": test, "best_epoch": 7, "epochs_run": 12, "train_seconds": 61.5,
+    }
+    path.write_text(json.dumps(payload))
+    return payload
+
+
+def test_report_puts_paper_rows_beside_ours(tmp_path: Path) -> None:
+    b3 = write_metrics(tmp_path / "b3.json", "efficientnet_b3")
+    write_metrics(tmp_path / "lite0.json", "tf_efficientnet_lite0", seed=1)
+    report = build_report([tmp_path / "lite0.json", tmp_path / "b3.json"], tmp_path / "out")
+
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert md == report.markdown and str(report) in md
+    for paper_value in ("92.02", "91.36", "97.40", "94.30", "94.79"):
+        assert paper_value in md
+    ours = b3["test"]["at_0.5"]
+    assert f"{ours['f1_all'] * 100:.2f}" in md and f"{ours['f1_macro'] * 100:.2f}" in md
+    assert "ALL-class" in md and "subject-disjoint: test = unseen subjects" in md
+    assert "| Model | Result | Accuracy | Precision (ALL) | Recall (ALL) | F1 (ALL) | AUC |" in md
+    lite_paper = [r for r in md.splitlines() if r.startswith("| tf_efficientnet_lite0 | paper")]
+    assert lite_paper[0].count("—") == 8  # no paper numbers: 7 metrics + the CI column
+    assert md.index("| efficientnet_b3 |") < md.index("| tf_efficientnet_lite0 |")  # paper's first
+    assert report.warnings == []
+
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert {
+        "protocol", "backbone", "result", "threshold", "accuracy", "precision_all", "recall_all",
+        "f1_all", "roc_auc", "f1_macro", "balanced_accuracy", "f1_all_ci_low", "f1_all_ci_high",
+        "data_hash", "best_epoch", "metrics_file",
+    } <= set(table.columns)
+    assert len(table) == 6
+    tuned = table[(table["backbone"] == "efficientnet_b3") & (table["threshold"] == 0.45)].iloc[0]
+    assert tuned["f1_all"] == round(b3["test"]["at_tuned"]["f1_all"] * 100, 2)
+
+    png = tmp_path / "out" / "comparison.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mixed_protocols_are_grouped_and_warned(tmp_path: Path) -> None:
+    write_metrics(tmp_path / "a.json", "efficientnet_b3", protocol="paper")
+    write_metrics(tmp_path / "b.json", "efficientnet_b3", protocol="subject")
+    report = build_report([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "out")
+    assert any("mixed protocols" in w for w in report.warnings)
+    md = report.markdown
+    assert md.index("Protocol `subject`") < md.index("Protocol `paper`")
+    assert "subjects shared — optimistic" in md and "**Warning:** mixed protocols" in md
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot read"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps({"backbone": "resnet50"}), "lacks"),
+    ],
+)
+def test_bad_metrics_file_is_named(tmp_path: Path, content: str, message: str) -> None:
+    bad = tmp_path / "broken.json"
+    bad.write_text(content)
+    with pytest.raises(CnmcError, match=message) as err:
+        build_report([bad], tmp_path / "out")
+    assert "broken.json" in str(err.value)
+
+
+def test_missing_file_and_bad_metric_are_named(tmp_path: Path) -> None:
+    with pytest.raises(CnmcError, match="absent.json"):
+        build_report([tmp_path / "absent.json"], tmp_path / "out")
+    payload = write_metrics(tmp_path / "m.json", "resnet50")
+    payload["test"]["at_tuned"]["f1_all"] = "high"
+    (tmp_path / "m.json").write_text(json.dumps(payload))
+    with pytest.raises(CnmcError, match="m.json: test.at_tuned lacks numbers for f1_all"):
+        build_report([tmp_path / "m.json"], tmp_path / "out")
+    with pytest.raises(CnmcError, match="no metrics files"):
+        build_report([], tmp_path / "out")
