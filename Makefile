@@ -24,6 +24,7 @@ data: install
 
 demo: data
 	$(BIN)/dvc repro
+	@cat outputs/report/comparison.md
 
 test: install
 	$(BIN)/python -m pytest

@@ -61,7 +61,8 @@ def test_subject_protocol_without_prelim_holds_out_subjects_for_test() -> None:
             if a < b:
                 assert not subjects(splits, a) & subjects(splits, b)
     assert set(splits.tables["test"]["label"]) == {"all", "hem"}
-    assert len(splits.tables["train"]) + len(splits.tables["val"]) + len(splits.tables["test"]) == (manifest["label"] != "").sum()
+    total = sum(len(splits.tables[name]) for name in ("train", "val", "test"))
+    assert total == (manifest["label"] != "").sum()
 
 
 def test_subject_in_folds_and_prelim_is_kept_out_of_training() -> None:
@@ -134,3 +135,12 @@ def test_too_little_data_is_a_clear_error() -> None:
         split_manifest(manifest, SplitConfig(), seed=0)
     with pytest.raises(CnmcError, match="no labelled images"):
         split_manifest(make_manifest([("final", "", "", 3)]), SplitConfig(), seed=0)
+
+
+def test_a_separate_test_manifest_is_the_test_set() -> None:
+    own = cnmc_like(prelim=False)
+    extra = make_manifest([("folder", "all", "img:a", 1), ("folder", "hem", "img:b", 1), ("folder", "", "", 1)])
+    splits = split_manifest(own, SplitConfig(), seed=0, test_manifest=extra)
+    assert set(splits.tables["test"]["subject"]) == {"img:a", "img:b"}
+    assert len(splits.tables["train"]) + len(splits.tables["val"]) == (own["label"] != "").sum()
+    assert splits.report["unlabelled_images_left_out"] == 3 + 1

@@ -7,12 +7,14 @@ mistake ends in one line on stderr (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cnmc import __version__
+from cnmc.atomic import atomic_write_text
 from cnmc.config import PARAMS_FILE, PROFILES, Params, load_params, profile_params, render_params
 from cnmc.errors import CnmcError
 
@@ -32,6 +34,16 @@ def _with_overrides(params: Params, section: str, **values: object) -> Params:
     else:
         raw.update(given)
     return parse_params(raw, source="command-line flags")
+
+
+def _optional(convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type where an empty value means "not given" (MLproject parameters default to "")."""
+
+    def parse(text: str) -> object:
+        return None if text == "" else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -64,7 +76,7 @@ def cmd_manifest(args: argparse.Namespace) -> None:
 
     manifest = build_manifest(Path(args.data_dir), progress=not args.quiet)
     write_manifest(manifest, Path(args.output), Path(args.report))
-    print(manifest.summary_line())
+    print(manifest.summary_line(args.report))
 
 
 def cmd_split(args: argparse.Namespace) -> None:
@@ -99,6 +111,64 @@ def cmd_augment(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(summary)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from cnmc.experiment import RunPaths, train_and_log
+    from cnmc.prepare import prepare_work_dir, store_matches
+
+    params = _with_overrides(
+        load_params(args.params), "train",
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
+        pretrained=args.pretrained, device=args.device,
+    )
+    params = _with_overrides(params, "augment", strength=args.aug_strength, image_size=args.image_size)
+    if args.seed is not None:
+        params = _with_overrides(params, "", seed=args.seed)
+    if args.data:
+        root = Path(args.work_dir)
+        prepare_work_dir(Path(args.data), root, params, Path(args.test_data) if args.test_data else None,
+                         progress=not args.quiet)
+    elif store_matches(Path("outputs/images"), params):
+        root = Path("outputs")
+    else:  # no store yet, or flags changed its settings: prepare a matching one beside it
+        root = Path("outputs/prepared")
+        prepare_work_dir(Path(params.data_dir), root, params, progress=not args.quiet)
+    document = train_and_log(params, args.backbone, RunPaths(root, args.backbone), resume=args.resume,
+                             weights_path=args.weights_path, progress=not args.quiet)
+    if args.metrics_out:
+        atomic_write_text(Path(args.metrics_out), json.dumps(document, indent=2) + "\n")
+    _print_result(document)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from cnmc.experiment import RunPaths, evaluate_saved
+
+    document = evaluate_saved(load_params(args.params), args.backbone, RunPaths(Path(args.root), args.backbone),
+                              progress=not args.quiet)
+    if args.metrics_out:
+        atomic_write_text(Path(args.metrics_out), json.dumps(document, indent=2) + "\n")
+    _print_result(document)
+
+
+def _print_result(document: dict) -> None:
+    tuned = document["test"]["at_tuned"]
+    print(f"{document['backbone']}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
+          f"AUC {tuned['roc_auc']:.4f} at threshold {document['threshold']:.3f}; MLflow run {document['run_id']}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from cnmc.report import build_report
+
+    backbones = load_params(args.params).train.backbones
+    files = [Path(args.metrics_dir) / f"{name}.json" for name in backbones]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        log.warning("no metrics yet for %s", ", ".join(missing))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise CnmcError(f"{args.metrics_dir}: no metrics files (run `cnmc train` or `dvc repro` first)")
+    print(build_report(files, Path(args.out_dir)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, help="override augment.strength (0..1)")
     p.add_argument("--workers", type=int, help="override augment.workers (0 = all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = add("train", cmd_train, "Fine-tune one backbone, evaluate it on the test split and log the run to MLflow.")
+    add_params(p)
+    p.add_argument("--backbone", required=True, help="timm backbone, e.g. efficientnet_b3 or tf_efficientnet_lite0")
+    p.add_argument("--epochs", type=_optional(int), help="override train.epochs")
+    p.add_argument("--patience", type=int, help="override train.patience")
+    p.add_argument("--lr", type=_optional(float), help="override train.lr")
+    p.add_argument("--batch-size", type=_optional(int), help="override train.batch_size")
+    p.add_argument("--aug-strength", type=_optional(float), help="override augment.strength (re-prepares data)")
+    p.add_argument("--image-size", type=_optional(int), help="override augment.image_size (re-prepares data)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="start from ImageNet weights (override train.pretrained)")
+    p.add_argument("--weights-path", help="local weights file for the backbone (.pth or .safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--data", help="train on this data folder directly (any supported layout), not the DVC outputs")
+    p.add_argument("--test-data", help="with --data: a separate labelled test folder")
+    p.add_argument("--work-dir", default="outputs/direct", help="with --data: working folder (default: %(default)s)")
+    p.add_argument("--metrics-out", help="also write the test metrics JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = add("evaluate", cmd_evaluate, "Re-evaluate a trained backbone's saved weights on the test split (a new run).")
+    p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    p.add_argument("--backbone", required=True, help="backbone whose outputs/models/<backbone> to evaluate")
+    p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
+    p.add_argument("--metrics-out", help="also write the metrics JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = add("report", cmd_report, "Compare the trained backbones with the paper's Table 2 (markdown, CSV, bar chart).")
+    p.add_argument("--params", default=PARAMS_FILE, help="params file naming the backbones (default: %(default)s)")
+    p.add_argument("--metrics-dir", default="outputs/metrics", help="metrics JSON files (default: %(default)s)")
+    p.add_argument("--out-dir", default="outputs/report", help="where the report goes (default: %(default)s)")
     return parser
 
 

@@ -61,6 +61,22 @@ class AugmentConfig(_Section):
     preview_images: int = Field(6, ge=1, description="originals shown in the preview grid")
 
 
+class TrainConfig(_Section):
+    """Fine-tuning one backbone (``cnmc train``); ``backbones`` is the DVC training matrix."""
+
+    backbones: list[str] = Field(["tf_efficientnet_lite0"], min_length=1, description="backbones the DVC matrix trains")
+    pretrained: bool = Field(True, description="start from ImageNet weights (false: random init)")
+    weights_dir: str = Field("", description="folder with <backbone>.pth/.safetensors weights ('' = hub cache)")
+    epochs: int = Field(8, ge=1, description="maximum epochs (paper: 50)")
+    patience: int = Field(4, ge=1, description="early stopping: epochs without better val macro F1 (paper: 15)")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate (paper: 1e-4)")
+    batch_size: int = Field(32, ge=1, description="images per step")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    num_workers: int = Field(-1, ge=-1, description="data-loader workers (-1 = auto: 0 on CPU, 8 on CUDA)")
+    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+
+
 class Params(_Section):
     """Everything ``params.yaml`` holds."""
 
@@ -69,6 +85,7 @@ class Params(_Section):
     demo: DemoConfig = DemoConfig()
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

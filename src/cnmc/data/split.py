@@ -51,12 +51,25 @@ class Splits:
         return f"split ({self.protocol}): " + ", ".join(parts)
 
 
-def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig, seed: int) -> Splits:
-    """Split the labelled rows of ``manifest``; unlabelled (final-phase) rows are left out."""
-    labelled = manifest[manifest["label"].isin(LABELS)].reset_index(drop=True)
+def split_manifest(
+    manifest: pd.DataFrame, cfg: SplitConfig, seed: int, test_manifest: pd.DataFrame | None = None
+) -> Splits:
+    """Split the labelled rows of ``manifest``; unlabelled (final-phase) rows are left out.
+
+    With ``test_manifest`` (a user's separate test data), its labelled rows are the test set and
+    ``manifest`` only gives train and validation.
+    """
+    labelled = _labelled(manifest)
     if labelled.empty:
         raise CnmcError("manifest has no labelled images (label 'all' or 'hem') to split")
-    if cfg.protocol == "paper":
+    unlabelled = len(manifest) - len(labelled)
+    if test_manifest is not None:
+        test = _labelled(test_manifest)
+        if test.empty:
+            raise CnmcError("test data has no labelled images (label 'all' or 'hem')")
+        unlabelled += len(test_manifest) - len(test)
+        tables, notes = _fixed_test_split(labelled, test, cfg, seed)
+    elif cfg.protocol == "paper":
         tables, notes = _paper_split(labelled, cfg, seed)
     else:
         tables, notes = _subject_split(labelled, cfg, seed)
@@ -70,10 +83,14 @@ def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig, seed: int) -> Split
     tables = {
         name: tables[name].sort_values("path").assign(split=name).reset_index(drop=True) for name in SPLITS
     }
-    report = _report(tables, cfg, seed, notes, unlabelled=len(manifest) - len(labelled))
+    report = _report(tables, cfg, seed, notes, unlabelled=unlabelled)
     if cfg.protocol == "subject" and report["subject_overlap"]:
         raise CnmcError(f"subject-disjoint split failed: subjects in two splits {report['subject_overlap']}")
     return Splits(cfg.protocol, tables, report)
+
+
+def _labelled(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest[manifest["label"].isin(LABELS)].reset_index(drop=True)
 
 
 def write_splits(splits: Splits, out_dir: Path, report_path: Path) -> None:
@@ -84,30 +101,44 @@ def write_splits(splits: Splits, out_dir: Path, report_path: Path) -> None:
 
 
 def _subject_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[dict, list[str]]:
-    rng = random.Random(seed)
-    notes: list[str] = []
     prelim = labelled[labelled["source"] == "prelim"]
     pool = labelled[labelled["source"] != "prelim"]
     if not prelim.empty:
-        clash = sorted(set(pool["subject"]) & set(prelim["subject"]))
-        if clash:
-            log.warning("subjects %s are in both the training folds and the preliminary set: "
-                        "their training-fold cells are left out", clash)
-            notes.append(f"left out training-fold cells of subjects also in the test set: {clash}")
-            pool = pool[~pool["subject"].isin(clash)]
-        val_subjects = _pick_subjects(pool, cfg.val_fraction, rng)
-        notes.append("test = the labelled preliminary-phase set (unseen subjects), as in ISBI 2019")
-        test = prelim
-    else:
-        test_subjects = _pick_subjects(pool, cfg.test_fraction, rng)
-        test = pool[pool["subject"].isin(test_subjects)]
-        pool = pool[~pool["subject"].isin(test_subjects)]
-        val_subjects = _pick_subjects(pool, cfg.val_fraction / (1 - cfg.test_fraction), rng)
-        notes.append("no preliminary set: test = held-out subjects of the training data")
+        tables, notes = _fixed_test_split(pool, prelim, cfg, seed)
+        return tables, ["test = the labelled preliminary-phase set (unseen subjects), as in ISBI 2019", *notes]
+    rng = random.Random(seed)
+    test_subjects = _pick_subjects(pool, cfg.test_fraction, rng)
+    test = pool[pool["subject"].isin(test_subjects)]
+    pool = pool[~pool["subject"].isin(test_subjects)]
+    val_subjects = _pick_subjects(pool, cfg.val_fraction / (1 - cfg.test_fraction), rng)
+    notes = ["no preliminary set: test = held-out subjects of the training data",
+             "validation = whole held-out training subjects, stratified by class"]
+    return _train_val(pool, val_subjects) | {"test": test}, notes
+
+
+def _fixed_test_split(
+    pool: pd.DataFrame, test: pd.DataFrame, cfg: SplitConfig, seed: int
+) -> tuple[dict, list[str]]:
+    """Train/val from ``pool`` around a given test set; no test subject may stay in training."""
+    notes: list[str] = []
+    clash = sorted(set(pool["subject"]) & set(test["subject"]))
+    if clash:
+        log.warning("subjects %s are in both the training data and the test set: "
+                    "their training cells are left out", clash)
+        notes.append(f"left out training cells of subjects also in the test set: {clash}")
+        pool = pool[~pool["subject"].isin(clash)]
+    if cfg.protocol == "paper":
+        train, val = train_test_split(pool.sort_values("path"), test_size=cfg.val_fraction,
+                                      stratify=pool.sort_values("path")["label"], random_state=seed)
+        notes.append(f"validation = a stratified {cfg.val_fraction:.0%} of the training cells")
+        return {"train": train, "val": val, "test": test}, notes
     notes.append("validation = whole held-out training subjects, stratified by class")
-    val = pool[pool["subject"].isin(val_subjects)]
-    train = pool[~pool["subject"].isin(val_subjects)]
-    return {"train": train, "val": val, "test": test}, notes
+    val_subjects = _pick_subjects(pool, cfg.val_fraction, random.Random(seed))
+    return _train_val(pool, val_subjects) | {"test": test}, notes
+
+
+def _train_val(pool: pd.DataFrame, val_subjects: set[str]) -> dict[str, pd.DataFrame]:
+    return {"train": pool[~pool["subject"].isin(val_subjects)], "val": pool[pool["subject"].isin(val_subjects)]}
 
 
 def _pick_subjects(pool: pd.DataFrame, fraction: float, rng: random.Random) -> set[str]:

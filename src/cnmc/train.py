@@ -1,0 +1,241 @@
+"""Fine-tune one backbone on the image store: Adam + cross-entropy, early stopping on
+validation macro F1, a checkpoint every epoch and exact resume.
+
+The loop knows nothing of MLflow: it reports each epoch to a callback, so tracking,
+tuning (pruning) and tests can all drive it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cnmc.config import TrainConfig
+from cnmc.data.store import ImageStore, StoreDataset, batch_loader
+from cnmc.errors import CnmcError
+from cnmc.evaluate import binary_metrics
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    """What training produced: the best weights (by validation macro F1) and the history."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_f1_macro: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CnmcError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def config_fingerprint(payload: dict[str, Any]) -> str:
+    """A short hash of what must not change between an interrupted run and its resume."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so a killed job still leaves its last checkpoint intact."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+    """One training run of ``model`` on ``train``/``val`` stores."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        train: ImageStore,
+        val: ImageStore,
+        cfg: TrainConfig,
+        seed: int,
+        checkpoint_path: Path,
+        fingerprint: str,
+        train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        progress: bool = True,
+    ):
+        self.device = resolve_device(cfg)
+        self.cuda = self.device.type == "cuda"
+        self.model = model.to(self.device)
+        if self.cuda and cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.cfg, self.seed, self.progress = cfg, seed, progress
+        self.train_ds = StoreDataset(train, mean, std, transform=train_transform)
+        self.val_ds = StoreDataset(val, mean, std)
+        self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.loss_fn = nn.CrossEntropyLoss()
+        amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype if self.cuda and cfg.mixed_precision else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, os.cpu_count() or 1) if self.cuda else 0)
+        self.loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": self.cuda}
+        if workers:
+            self.loader_kwargs["persistent_workers"] = True
+
+    # -- one epoch -----------------------------------------------------------------------
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=self.cuda)
+        if self.cuda and self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(self.device, non_blocking=self.cuda)
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        loader = batch_loader(
+            self.train_ds, batch_size=self.cfg.batch_size, shuffle=True, seed=self.seed * 1000 + epoch,
+            **self.loader_kwargs,
+        )
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.progress)
+        for images, targets in bar:
+            images, targets = self._to_device(images, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss = self.loss_fn(self.model(images), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}")
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total += loss.item() * len(targets)
+            count += len(targets)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
+        """Probabilities of ALL for every image of ``dataset``, in order, and the mean loss."""
+        self.model.eval()
+        loader = batch_loader(dataset, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
+        probs, total = [], 0.0
+        for images, targets in loader:
+            images, targets = self._to_device(images, targets)
+            with self._autocast():
+                logits = self.model(images)
+            logits = logits.float()
+            total += self.loss_fn(logits, targets).item() * len(targets)
+            probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        return np.concatenate(probs) if probs else np.empty(0), total / max(len(dataset), 1)
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self, resume: bool = False, on_epoch: EpochCallback | None = None) -> FitResult:
+        """Train until ``epochs`` or early stopping; with ``resume``, continue from the checkpoint."""
+        state = self._load_checkpoint() if resume else None
+        if state is None:
+            result = FitResult(copy.deepcopy(self.model.state_dict()), -1, -1.0)
+            start, bad_epochs = 0, 0
+        else:
+            result, start, bad_epochs = state
+            for row in result.history:  # replay, so trackers see the whole curve
+                if on_epoch:
+                    on_epoch(row)
+        began = time.perf_counter() - result.seconds
+        epochs = tqdm(range(start, self.cfg.epochs), desc="training", unit="epoch", disable=not self.progress,
+                      initial=start, total=self.cfg.epochs)
+        with sigterm_as_interrupt():
+            for epoch in epochs:
+                if bad_epochs >= self.cfg.patience:
+                    break
+                torch.manual_seed(self.seed * 1000 + epoch)  # dropout etc.: same draws after a resume
+                train_loss = self.train_epoch(epoch)
+                val_prob, val_loss = self.predict(self.val_ds)
+                val = binary_metrics(self.val_ds.store.targets, val_prob)
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                       "val_f1_macro": val["f1_macro"], "val_roc_auc": val["roc_auc"]}
+                result.history.append(row)
+                if val["f1_macro"] > result.best_val_f1_macro:
+                    result.best_val_f1_macro, result.best_epoch = val["f1_macro"], epoch + 1
+                    result.best_state = copy.deepcopy(self.model.state_dict())
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
+                result.seconds = time.perf_counter() - began
+                self._save_checkpoint(result, epoch + 1, bad_epochs)
+                epochs.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['f1_macro']:.4f}",
+                                   best=f"{result.best_val_f1_macro:.4f}")
+                if on_epoch:
+                    on_epoch(row)
+        result.stopped_early = bad_epochs >= self.cfg.patience and len(result.history) < self.cfg.epochs
+        self.model.load_state_dict(result.best_state)
+        return result
+
+    def _save_checkpoint(self, result: FitResult, next_epoch: int, bad_epochs: int) -> None:
+        payload = {
+            "fingerprint": self.fingerprint, "next_epoch": next_epoch, "bad_epochs": bad_epochs,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "best_state": result.best_state,
+            "best_epoch": result.best_epoch, "best_val_f1_macro": result.best_val_f1_macro,
+            "history": result.history, "seconds": result.seconds,
+        }
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.checkpoint_path)  # a kill mid-save never corrupts the last checkpoint
+
+    def _load_checkpoint(self) -> tuple[FitResult, int, int] | None:
+        path = self.checkpoint_path
+        if not path.is_file():
+            log.warning("no checkpoint at %s: starting from scratch", path)
+            return None
+        try:
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise CnmcError(
+                f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it to start over"
+            ) from exc
+        if payload.get("fingerprint") != self.fingerprint:
+            raise CnmcError(
+                f"{path}: checkpoint was made with other settings or data; delete it or drop --resume"
+            )
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        result = FitResult(payload["best_state"], payload["best_epoch"], payload["best_val_f1_macro"],
+                           list(payload["history"]), seconds=payload["seconds"])
+        log.info("resuming %s from epoch %d", path, payload["next_epoch"] + 1)
+        return result, payload["next_epoch"], payload["bad_epochs"]

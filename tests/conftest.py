@@ -1,0 +1,138 @@
+"""Shared fixtures: a tiny prepared image store (made once per session through the real
+pipeline functions) and a temporary SQLite MLflow store (migrated once, copied per test)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SEED = 42
+
+# 3 training subjects per class (one per fold), 1 preliminary-test subject per class.
+TINY_DEMO = {
+    "train_subjects_per_class": 3,
+    "prelim_subjects_per_class": 1,
+    "all_cells_per_subject": 4,
+    "hem_cells_per_subject": 3,
+    "final_images": 1,
+    "image_size": 96,
+}
+TINY_AUGMENT = {"image_size": 32, "per_class": 16, "workers": 1}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models on a small, shared CPU: one intra-op thread is several times faster than
+    two threads that wait on each other when other processes hold the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No model hub, and MLflow never pointed at the project's own ``mlflow.db``.
+
+    The default URI is a (lazily created) database under the test's ``tmp_path``; ``mlflow_db``
+    replaces it with a copy of the session's migrated one. Whatever a test did to MLflow's
+    process-wide state (an active run, ``set_tracking_uri``) is undone afterwards. MLflow is
+    only touched once some test has imported it (importing it takes seconds).
+    """
+    # set_tracking_uri(None) also unsets MLFLOW_TRACKING_URI: forget any in-process URI first.
+    _reset_mlflow()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow-default.db'}")
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    _reset_mlflow()  # then monkeypatch restores the environment
+
+
+def _reset_mlflow() -> None:
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    while mlflow.active_run() is not None:
+        mlflow.end_run(status="KILLED")
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny demo data set in the Kaggle C-NMC layout (96 px BMPs)."""
+    from cnmc.config import DemoConfig
+    from cnmc.data.demo import write_demo_dataset
+
+    data = tmp_path_factory.mktemp("tiny-data") / "data"
+    write_demo_dataset(data, DemoConfig(**TINY_DEMO), seed=SEED)
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared pipeline folder laid out like ``outputs/`` (``RunPaths(root, backbone)``
+    works on it): images/{train,val,test}, data_report.json, split_report.json,
+    plots/augment_preview.png. Read-only: copy it (``copy_store``) before writing into it."""
+    from cnmc.config import AugmentConfig, SplitConfig
+    from cnmc.data.augment import prepare_dataset
+    from cnmc.data.manifest import build_manifest, write_manifest
+    from cnmc.data.split import split_manifest, write_splits
+
+    root = tmp_path_factory.mktemp("tiny-store") / "outputs"
+    manifest = build_manifest(tiny_data, workers=1)
+    write_manifest(manifest, root / "manifest.csv", root / "data_report.json")
+    splits = split_manifest(manifest.table, SplitConfig(), seed=SEED)
+    write_splits(splits, root / "splits", root / "split_report.json")
+    prepare_dataset(
+        root / "splits",
+        root / "images",
+        AugmentConfig(**TINY_AUGMENT),
+        seed=SEED,
+        preview_path=root / "plots" / "augment_preview.png",
+        progress=False,
+    )
+    return root
+
+
+@pytest.fixture
+def copy_store(tiny_store: Path, tmp_path: Path) -> Path:
+    """A writable copy of ``tiny_store`` under this test's ``tmp_path``."""
+    return Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite store (migrations take seconds: do them once)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    path = folder / "mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the Default experiment's ./mlruns resolves here, not in the project
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(mlflow_db_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A private copy of the migrated store; ``MLFLOW_TRACKING_URI`` points at it. Returns the URI.
+
+    The working directory becomes ``tmp_path``: MLflow resolves a new experiment's default
+    artifact root (``./mlruns``) against it.
+    """
+    import mlflow
+
+    copy = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_db_template, copy)
+    uri = f"sqlite:///{copy}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    return uri

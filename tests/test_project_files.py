@@ -1,0 +1,47 @@
+"""The top-level files users rely on are present and valid."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import yaml
+from mlflow.projects import _project_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_files_exist() -> None:
+    for name in ("MLproject", "dvc.yaml", "params.yaml", "data.dvc", "conda.yaml", "README.md",
+                 "pyproject.toml", "Makefile", ".ci/run"):
+        assert (ROOT / name).is_file(), name
+
+
+def test_mlproject_is_valid() -> None:
+    project = _project_spec.load_project(str(ROOT))
+    assert project.name == "cnmc"
+    assert {"main", "prepare"} <= set(project._entry_points)
+
+
+def test_conda_env_lists_the_pyproject_dependencies() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert [d for d in pip if not d.startswith("-e")] == deps
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_dvc_yaml_stages_read_params_that_exist() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert list(stages)[:3] == ["manifest", "split", "augment"]
+    for stage in stages.values():
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"dvc.yaml names param {key}, absent from params.yaml"
+                node = node[part]
+
+
+def test_ci_runs_make_test() -> None:
+    assert "make test" in (ROOT / ".ci/run").read_text()
