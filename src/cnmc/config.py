@@ -77,6 +77,30 @@ class TrainConfig(_Section):
     channels_last: bool = Field(True, description="channels-last memory format on CUDA")
 
 
+class PromoteConfig(_Section):
+    """Which run becomes the registered ``champion`` (``cnmc promote``)."""
+
+    model_name: str = Field("cnmc-classifier", description="registered model name")
+    alias: str = Field("champion", description="alias moved to the best version")
+    metric: str = Field("f1_all", description="test metric to maximise (at the tuned threshold)")
+    tie_breaker: str = Field("roc_auc", description="second metric for ties")
+
+
+class TuneConfig(_Section):
+    """Optuna search over learning rate and augmentation strength (``cnmc tune``)."""
+
+    backbone: str = Field("tf_efficientnet_lite0", description="backbone every trial trains")
+    n_trials: int = Field(6, ge=1, description="trials per `cnmc tune` call (adds to the study)")
+    epochs: int = Field(3, ge=1, description="epochs per trial")
+    lr_min: float = Field(1e-5, gt=0, description="learning-rate search range, log-uniform")
+    lr_max: float = Field(1e-3, gt=0, description="upper end of the learning-rate range")
+    strength_min: float = Field(0.0, ge=0, le=1, description="augmentation-strength search range")
+    strength_max: float = Field(1.0, ge=0, le=1, description="upper end of the strength range")
+    pruner: Literal["median", "none"] = Field("median", description="prune trials worse than the median")
+    storage: str = Field("sqlite:///optuna.db", description="Optuna RDB storage URL (shared by workers)")
+    study_name: str = Field("cnmc-tune", description="study to create or resume")
+
+
 class Params(_Section):
     """Everything ``params.yaml`` holds."""
 
@@ -86,6 +110,8 @@ class Params(_Section):
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    promote: PromoteConfig = PromoteConfig()
+    tune: TuneConfig = TuneConfig()
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
