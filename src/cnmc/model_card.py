@@ -1,0 +1,281 @@
+"""The model card of a registered version: what the model is, what data and protocol its test
+numbers come from, those numbers with bootstrap 95% intervals, and what it must not be used for.
+
+``cnmc promote`` attaches it to the version (description), to the run (``model_card.md``) and
+writes it next to ``registry/champion.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cnmc.atomic import atomic_write_text
+from cnmc.evaluate import CI_METRICS, binary_metrics, bootstrap_ci
+
+if TYPE_CHECKING:
+    from cnmc.registry import PromotionResult
+
+log = logging.getLogger(__name__)
+
+# ``data.dvc`` as committed: the deterministic demo set (DESIGN §4).
+DEMO_DATA_HASH = "697bd38f8df4dc3c1582496ff0022a7f"
+SMALL_TEST_SET = 500  # cells; below this the card warns that the intervals are wide
+ROWS = (
+    ("f1_all", "F1 (ALL)"),
+    ("roc_auc", "ROC AUC"),
+    ("f1_macro", "Macro F1"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("precision_all", "Precision (ALL)"),
+    ("recall_all", "Sensitivity (ALL recall)"),
+    ("specificity", "Specificity (Hem recall)"),
+)
+PROTOCOLS = {
+    "subject": (
+        "**subject-disjoint** (`subject`): no person's cells are on both sides of a split. Validation "
+        "holds out whole subjects of the training folds; the test set is the labelled preliminary-phase "
+        "set (unseen subjects), as in the ISBI 2019 challenge, or held-out subjects without one. The "
+        "test numbers estimate performance on cells of new people."
+    ),
+    "paper": (
+        "**the paper's protocol** (`paper`): training folds and preliminary set merged and split 90/10 "
+        "at the cell level (Ahmed et al. 2025). Cells of one person land in both train and test, so "
+        "the model is tested partly on people it has seen: the test numbers are optimistic (subject "
+        "leakage) and comparable with the paper's Table 2, not an estimate for new patients."
+    ),
+}
+
+
+def load_metrics_document(client: MlflowClient, run: Run) -> dict[str, Any]:
+    """The run's metrics JSON artifact (``<backbone>.json``), completed where parts are missing.
+
+    Without its ``test.ci95`` (or without the file), the metrics and intervals are recomputed
+    from the run's ``predictions.csv`` at the run's threshold; without that either, the card
+    shows the run's logged test metrics and no intervals. ``ci_source`` says which.
+    """
+    backbone = run.data.tags.get("backbone", "")
+    doc = _download_json(client, run.info.run_id, f"{backbone}.json") if backbone else None
+    doc = dict(doc or {})
+    test = dict(doc.get("test") or {})
+    threshold = doc.get("threshold", test.get("threshold", run.data.metrics.get("threshold", 0.5)))
+    doc["threshold"] = threshold
+    if test.get("ci95") and test.get("at_tuned") and test.get("at_0.5"):
+        doc["test"], doc["ci_source"] = test, "metrics artifact"
+        return doc
+    predictions = _download_csv(client, run.info.run_id, "predictions.csv")
+    if predictions is not None and {"label", "prob_all"} <= set(predictions.columns) and len(predictions):
+        y = (predictions["label"].astype(str).str.lower() == "all").astype(int).to_numpy()
+        p = predictions["prob_all"].to_numpy(dtype=float)
+        subjects = list(predictions["subject"].astype(str)) if "subject" in predictions else None
+        for key, t in (("at_tuned", threshold), ("at_0.5", 0.5)):
+            test.setdefault(key, binary_metrics(y, p, t, subjects))
+        test["ci95"] = {key: {name: list(ci) for name, ci in bootstrap_ci(y, p, t).items()}
+                        for key, t in (("at_tuned", threshold), ("at_0.5", 0.5))}
+        doc["test"], doc["ci_source"] = test, "recomputed from predictions.csv"
+        return doc
+    metrics = run.data.metrics
+    test.setdefault("at_tuned", {k.removeprefix("test_"): v for k, v in metrics.items()
+                                 if k.startswith("test_") and not k.startswith("test_t0.5_")})
+    test.setdefault("at_0.5", {k.removeprefix("test_t0.5_"): v for k, v in metrics.items()
+                               if k.startswith("test_t0.5_")})
+    doc["test"], doc["ci_source"] = test, "none"
+    return doc
+
+
+def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, Any]) -> str:
+    """The card as Markdown."""
+    tags, params = run.data.tags, run.data.params
+    test = metrics_doc.get("test") or {}
+    tuned, at_half = test.get("at_tuned") or {}, test.get("at_0.5") or {}
+    ci = test.get("ci95") or {}
+    threshold = float(metrics_doc.get("threshold", run.data.metrics.get("threshold", 0.5)))
+    started = datetime.fromtimestamp((run.info.start_time or 0) / 1000, tz=UTC)
+    n, n_subjects = tuned.get("n"), tuned.get("n_subjects")
+    demo = result.data_hash == DEMO_DATA_HASH
+
+    lines = [
+        f"# Model card: {result.name} v{result.version}",
+        "",
+        "ALL-vs-Hem classifier for single segmented white-blood-cell images (C-NMC 2019): "
+        "probability that a cell is a leukemic blast (ALL) rather than a normal B-lymphocyte (Hem).",
+        "",
+        "## Model",
+        f"- Registered model: `{result.name}`, version {result.version} (`models:/{result.name}/{result.version}`)",
+        f"- Backbone: `{result.backbone}` ({_pretrained(params)}), fine-tuned end to end",
+        f"- MLflow run: `{result.run_id}` ({tags.get('mlflow.runName', 'unnamed')}, started "
+        f"{started:%Y-%m-%d %H:%M} UTC)",
+        f"- Git commit: `{tags.get('git_commit', 'unknown')}`",
+        f"- Training: {_training(params)}",
+        f"- Selected by: test {result.metric} at the tuned threshold = {_fmt(result.value)}",
+        "",
+        "## Data and protocol",
+        f"- Data hash (`data.dvc` md5 of `data/`): `{result.data_hash}`"
+        + (" (the synthetic demo set)" if demo else ""),
+        f"- Split protocol: {PROTOCOLS.get(result.protocol, f'`{result.protocol}`')}",
+        f"- Test set: {_count(n, 'cell')}" + (f" from {_count(n_subjects, 'subject')}" if n_subjects else "")
+        + (f" ({tuned.get('n_all')} ALL, {tuned.get('n_hem')} Hem)" if "n_all" in tuned else ""),
+        "",
+        "## Test metrics",
+        f"Positive class: ALL. Bootstrap 95% intervals over cells ({_ci_note(metrics_doc)}).",
+        "",
+        f"| Metric | At the tuned threshold ({threshold:.3f}) | At 0.5 (the paper's argmax) |",
+        "|---|---|---|",
+    ]
+    for key, label in ROWS:
+        if key in tuned or key in at_half:
+            lines.append(f"| {label} | {_cell(tuned, ci.get('at_tuned'), key)} | "
+                         f"{_cell(at_half, ci.get('at_0.5'), key)} |")
+    if "mean_subject_accuracy" in tuned:
+        lines += ["", f"Mean per-subject accuracy at the tuned threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
+    lines += [
+        "",
+        "## Decision threshold",
+        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. The threshold maximises macro F1 on the "
+        "validation split (never on test); 0.5 is the paper's argmax rule. The served model applies the "
+        "tuned threshold and returns `prob_all`, so a user can apply another one.",
+        "",
+        "## Intended use",
+        "- Research and teaching: reproducing and extending the C-NMC / Ahmed et al. 2025 experiments, "
+        "comparing backbones and protocols.",
+        "- **Not for clinical diagnosis or any decision about a patient.** It is not a medical device, "
+        "was not validated clinically, and classifies pre-segmented single cells, not a patient.",
+        "- Input: one segmented cell on a black background per image (as in C-NMC), base64-encoded.",
+        "",
+        "## Known limitations",
+        "- Single-cell crops from one data set (C-NMC 2019), one lab and scanner, with its staining and "
+        "segmentation: other labs, stains, microscopes or segmenters are a domain shift the numbers do "
+        "not cover.",
+        "- Stain and domain shift also act between people: per-subject stain differs, so accuracy varies "
+        "by subject.",
+        "- Subject leakage under the paper protocol: cells of one person in train and test inflate the "
+        "scores" + (" (this version was evaluated that way)." if result.protocol == "paper"
+                    else "; this version uses the subject-disjoint protocol, which avoids it."),
+        "- The bootstrap intervals resample cells, but cells of one subject are correlated: the intervals "
+        "ignore subject clustering and are too narrow for claims about new patients.",
+    ]
+    if demo:
+        lines.append("- **Demo data**: this data hash is the small synthetic demo set; the numbers show that "
+                     "the pipeline runs and say nothing about real cells.")
+    if isinstance(n, (int, float)) and n < SMALL_TEST_SET:
+        lines.append(f"- Small test set ({_count(n, 'cell')}): the intervals are wide.")
+    lines += [
+        "",
+        "## How to use",
+        "```python",
+        "import base64, mlflow, pandas as pd",
+        f'model = mlflow.pyfunc.load_model("models:/{result.name}@{result.alias}")'
+        f"  # this version: models:/{result.name}/{result.version}",
+        'image = base64.b64encode(open("cell.bmp", "rb").read()).decode()',
+        'model.predict(pd.DataFrame({"image": [image]}))  # columns: label, prob_all, threshold',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, Any], path: Path | str) -> Path:
+    """Render the card and write it to ``path``."""
+    path = Path(path)
+    atomic_write_text(path, render_model_card(result, run, metrics_doc))
+    return path
+
+
+def _download(client: MlflowClient, run_id: str, name: str, dst: str) -> Path | None:
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # one small file: no progress bar in the CLI's output
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        return Path(client.download_artifacts(run_id, name, dst_path=dst))
+    except (MlflowException, OSError) as exc:
+        log.info("run %s has no artifact %s (%s)", run_id, name, exc.__class__.__name__)
+        return None
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _download_json(client: MlflowClient, run_id: str, name: str) -> dict[str, Any] | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _download(client, run_id, name, tmp)
+        if path is None or not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return data if isinstance(data, dict) else None
+
+
+def _download_csv(client: MlflowClient, run_id: str, name: str) -> pd.DataFrame | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _download(client, run_id, name, tmp)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return pd.read_csv(path)
+        except (ValueError, pd.errors.ParserError):
+            return None
+
+
+def _fmt(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if math.isnan(number) else f"{number:.3f}"
+
+
+def _cell(values: dict[str, Any], cis: dict[str, Any] | None, key: str) -> str:
+    if key not in values:
+        return "n/a"
+    text = _fmt(values[key])
+    interval = (cis or {}).get(key)
+    if interval and len(interval) == 2 and text != "n/a":
+        low, high = interval
+        if not (math.isnan(float(low)) or math.isnan(float(high))):
+            text += f" [{float(low):.3f}, {float(high):.3f}]"
+    return text
+
+
+def _ci_note(doc: dict[str, Any]) -> str:
+    source = doc.get("ci_source", "metrics artifact")
+    if source == "none":
+        return "not available: the run logged neither its metrics file nor its predictions"
+    metrics = ", ".join(CI_METRICS)
+    return f"for {metrics}; {source}"
+
+
+def _count(n: Any, noun: str) -> str:
+    if not isinstance(n, (int, float)) or (isinstance(n, float) and math.isnan(n)):
+        return f"unknown number of {noun}s"
+    return f"{int(n)} {noun}{'' if int(n) == 1 else 's'}"
+
+
+def _pretrained(params: dict[str, str]) -> str:
+    weights = params.get("weights")
+    if params.get("train.pretrained") == "False" or weights == "random":
+        return "random initialisation"
+    return f"ImageNet-pretrained, weights: {weights}" if weights else "ImageNet-pretrained"
+
+
+def _training(params: dict[str, str]) -> str:
+    parts = [f"{label} {params[key]}" for key, label in (
+        ("train.epochs", "max epochs"), ("train.lr", "Adam lr"), ("train.batch_size", "batch"),
+        ("augment.image_size", "image size"), ("augment.per_class", "images per class after balancing"),
+        ("augment.strength", "augmentation strength"), ("seed", "seed"),
+    ) if key in params]
+    return ", ".join(parts) if parts else "settings not logged"

@@ -1,0 +1,258 @@
+"""Promotion to the registered ``champion``: which run is picked, when the alias moves, the
+version's tags and model card, ``champion.json``; on a temporary SQLite MLflow store.
+
+Most runs here are made with the client alone (tags, metrics, a metrics document and an empty
+logged model): promotion reads nothing else. One test promotes a real ``train_and_log`` run and
+serves it through ``models:/cnmc-classifier@champion``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from cnmc.config import Params, PromoteConfig
+from cnmc.errors import CnmcError
+from cnmc.evaluate import bootstrap_ci
+from cnmc.model_card import DEMO_DATA_HASH, load_metrics_document, render_model_card
+from cnmc.registry import PromotionResult, promote, write_promotion
+
+CFG = PromoteConfig()
+NAME = CFG.model_name
+DATA = "d" * 32
+OTHER_DATA = "e" * 32
+_clock = itertools.count(1_700_000_000_000, 60_000)  # distinct, increasing run start times
+
+
+def fake_run(
+    client: MlflowClient,
+    f1: float,
+    roc_auc: float = 0.8,
+    data_hash: str = DATA,
+    protocol: str = "subject",
+    experiment: str | None = None,
+    model: bool = True,
+    status: str = "FINISHED",
+    document: dict[str, Any] | None = None,
+    predictions: pd.DataFrame | None = None,
+) -> str:
+    """A run as ``train_and_log`` leaves it, as far as promotion looks; returns its id."""
+    name = experiment or f"cnmc-{protocol}"
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    tags = {"backbone": "fake", "protocol": protocol, "data_hash": data_hash, "git_commit": "c0ffee"}
+    run_id = client.create_run(experiment_id, start_time=next(_clock), tags=tags).info.run_id
+    metrics = {"test_f1_all": f1, "test_roc_auc": roc_auc, "test_f1_macro": f1 - 0.05,
+               "test_accuracy": f1 - 0.02, "test_t0.5_f1_all": f1 - 0.1, "threshold": 0.4}
+    client.log_batch(run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
+    if document is not None:
+        client.log_dict(run_id, document, "fake.json")
+    if predictions is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
+            client.log_artifact(run_id, str(Path(tmp) / "predictions.csv"))
+    if model:
+        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+        client.finalize_logged_model(logged.model_id, "READY")
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def document(f1: float = 0.9) -> dict[str, Any]:
+    """A metrics document like ``train_and_log``'s, with bootstrap intervals."""
+    tuned = {"f1_all": f1, "roc_auc": 0.8, "f1_macro": f1 - 0.05, "accuracy": f1 - 0.02,
+             "n": 40, "n_all": 25, "n_hem": 15, "n_subjects": 4, "mean_subject_accuracy": 0.77}
+    half = {**tuned, "f1_all": f1 - 0.1}
+    ci = {"f1_all": [0.812, 0.951], "roc_auc": [0.701, 0.877], "f1_macro": [0.7, 0.9], "accuracy": [0.6, 0.9]}
+    return {"backbone": "fake", "threshold": 0.4,
+            "test": {"at_tuned": tuned, "at_0.5": half, "ci95": {"at_tuned": ci, "at_0.5": ci}}}
+
+
+@pytest.fixture
+def client(mlflow_db: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=mlflow_db)
+
+
+def champion(client: MlflowClient) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+def versions(client: MlflowClient) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+
+
+# -- the alias --------------------------------------------------------------------------------------
+def test_better_run_moves_the_alias_and_a_worse_one_leaves_it(client: MlflowClient) -> None:
+    first = fake_run(client, f1=0.70)
+    result = promote(CFG, "subject", DATA, client)
+    assert (result.version, result.run_id, result.promoted) == ("1", first, True)
+    assert "no 'champion' yet" in result.reason
+    assert champion(client) == "1"
+
+    better = fake_run(client, f1=0.80)
+    result = promote(CFG, "subject", DATA, client)
+    assert (result.version, result.run_id, result.promoted) == ("2", better, True)
+    assert result.value == 0.80 and result.champion_version == "2"
+    assert "beats champion v1" in result.reason and "0.8000 > 0.7000" in result.reason
+    assert champion(client) == "2"
+
+    # The champion's run is deleted (it stays registered); a worse new run is the best left.
+    client.delete_run(better)
+    worse = fake_run(client, f1=0.75)
+    result = promote(CFG, "subject", DATA, client)
+    assert (result.version, result.run_id, result.promoted) == ("3", worse, False)
+    assert result.champion_version == "2" and champion(client) == "2"
+    assert result.reason.startswith("champion v2 (f1_all 0.8000) is at least as good as run")
+    assert "(0.7500)" in result.reason
+
+
+def test_ties_go_to_the_tie_breaker_then_the_newest_run(client: MlflowClient) -> None:
+    fake_run(client, f1=0.8, roc_auc=0.7)
+    high_auc = fake_run(client, f1=0.8, roc_auc=0.9)
+    fake_run(client, f1=0.8, roc_auc=0.6)
+    assert promote(CFG, "subject", DATA, client).run_id == high_auc
+    newest = fake_run(client, f1=0.8, roc_auc=0.9)
+    result = promote(CFG, "subject", DATA, client)
+    assert result.run_id == newest and not result.promoted  # equal to the champion: alias stays
+    assert champion(client) == "1" and "at least as good" in result.reason
+
+
+def test_repromoting_the_same_run_reuses_its_version(client: MlflowClient) -> None:
+    run_id = fake_run(client, f1=0.8, document=document(0.8))
+    first = promote(CFG, "subject", DATA, client)
+    again = promote(CFG, "subject", DATA, client)
+    assert versions(client) == ["1"]
+    assert (again.version, again.run_id, again.promoted) == ("1", run_id, True)
+    assert "already 'champion'; nothing changed" in again.reason
+    assert again.model_card == first.model_card
+
+
+def test_other_data_and_unfinished_or_modelless_runs_do_not_compete(client: MlflowClient) -> None:
+    same = fake_run(client, f1=0.70)
+    fake_run(client, f1=0.99, data_hash=OTHER_DATA)  # better, but on other data
+    fake_run(client, f1=0.95, protocol="paper", experiment="cnmc-subject")  # other protocol
+    fake_run(client, f1=0.98, model=False)  # no logged model
+    fake_run(client, f1=0.97, status="FAILED")
+    result = promote(CFG, "subject", DATA, client)
+    assert result.run_id == same and champion(client) == "1"
+    # The other data's best doesn't take the alias from a same-data champion ...
+    assert promote(CFG, "subject", DATA, client).champion_version == "1"
+
+    # ... but promoting for the new data: the old champion is not comparable, the best run takes it.
+    result = promote(CFG, "subject", OTHER_DATA, client)
+    assert result.promoted and result.version == "2" and champion(client) == "2"
+    assert result.data_hash == OTHER_DATA and result.value == 0.99
+    assert "not comparable" in result.reason and DATA[:8] in result.reason
+    # And then the first data's run does not beat it back by comparison: it is again not comparable.
+    assert promote(CFG, "subject", DATA, client).champion_version == "1"
+
+
+def test_no_candidate_is_a_one_line_error(client: MlflowClient) -> None:
+    with pytest.raises(CnmcError, match=r"no experiment 'cnmc-paper'.*cnmc train"):
+        promote(CFG, "paper", DATA, client)
+    fake_run(client, f1=0.9, data_hash=OTHER_DATA)
+    fake_run(client, f1=0.9, model=False)
+    with pytest.raises(CnmcError) as info:
+        promote(CFG, "subject", DATA, client)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in ("'cnmc-subject'", "'test_f1_all'", "protocol 'subject'", DATA[:12], "cnmc train"):
+        assert part in message
+
+
+# -- tags, card, champion.json ------------------------------------------------------------------------
+def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Path) -> None:
+    run_id = fake_run(client, f1=0.9, document=document(0.9))
+    result = promote(CFG, "subject", DATA, client)
+    version = client.get_model_version(NAME, result.version)
+    tags = version.tags
+    assert float(tags["test_f1_all"]) == 0.9 and float(tags["test_roc_auc"]) == 0.8
+    assert float(tags["test_f1_macro"]) == pytest.approx(0.85) and "test_accuracy" in tags
+    assert "test_t0.5_f1_all" not in tags and float(tags["threshold"]) == 0.4
+    assert tags["protocol"] == "subject" and tags["data_hash"] == DATA
+    assert tags["run_id"] == run_id and tags["backbone"] == "fake" and tags["git_commit"] == "c0ffee"
+
+    card = result.model_card
+    assert version.description == card
+    assert client.download_artifacts(run_id, "model_card.md", str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "model_card.md").read_text() == card
+    for section in ("# Model card: cnmc-classifier v1", "## Model", "## Data and protocol", "## Test metrics",
+                    "## Decision threshold", "## Intended use", "## Known limitations", "## How to use"):
+        assert section in card, section
+    assert "Not for clinical diagnosis" in card
+    assert f"`{run_id}`" in card and "`c0ffee`" in card and DATA in card and "subject-disjoint" in card
+    assert "| F1 (ALL) | 0.900 [0.812, 0.951] | 0.800 [0.812, 0.951] |" in card
+    assert "| ROC AUC | 0.800 [0.701, 0.877]" in card
+    assert "prob_all >= 0.4000" in card
+    assert "ignore subject clustering" in card and "Subject leakage under the paper protocol" in card
+    assert "scanner" in card and "domain shift" in card
+    assert "Small test set (40 cells)" in card and "Demo data" not in card  # not the demo's hash
+
+    path = write_promotion(result, tmp_path / "registry")
+    assert path == tmp_path / "registry" / "champion.json"
+    assert json.loads(path.read_text()) == {
+        "name": NAME, "version": "1", "run_id": run_id, "metric": "f1_all", "value": 0.9,
+        "data_hash": DATA, "protocol": "subject", "backbone": "fake", "promoted": True,
+        "reason": result.reason, "alias": "champion", "champion_version": "1",
+    }
+    assert (tmp_path / "registry" / "model_card.md").read_text() == card
+
+
+def test_card_recomputes_intervals_from_predictions_without_a_metrics_file(client: MlflowClient) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array(["all"] * 30 + ["hem"] * 20)
+    prob = np.clip(np.where(labels == "all", 0.7, 0.3) + rng.normal(0, 0.2, 50), 0, 1)
+    predictions = pd.DataFrame({"path": [f"{i}.bmp" for i in range(50)], "subject": ["s1", "s2"] * 25,
+                                "label": labels, "prob_all": prob})
+    run_id = fake_run(client, f1=0.8, data_hash=DEMO_DATA_HASH, protocol="paper", predictions=predictions)
+    run = client.get_run(run_id)
+    doc = load_metrics_document(client, run)
+    assert doc["ci_source"] == "recomputed from predictions.csv"
+    low, high = bootstrap_ci((labels == "all").astype(int), prob, 0.4)["f1_all"]
+    result = PromotionResult(NAME, "7", run_id, "f1_all", 0.8, DEMO_DATA_HASH, "paper", "fake", True, "test")
+    card = render_model_card(result, run, doc)
+    assert f"[{low:.3f}, {high:.3f}]" in card
+    assert "recomputed from predictions.csv" in card
+    assert "Demo data" in card and "(the synthetic demo set)" in card
+    assert "this version was evaluated that way" in card and "optimistic" in card
+
+
+# -- a real training run, served from the registry ---------------------------------------------------
+def test_real_run_is_promoted_and_served_from_the_alias(
+    copy_store: Path, mlflow_db: str, tmp_path: Path
+) -> None:
+    from cnmc.experiment import RunPaths, train_and_log
+    from cnmc.serving import encode_file
+
+    base = Params()
+    params = base.model_copy(update={
+        "train": base.train.model_copy(update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
+        "augment": base.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+    })
+    paths = RunPaths(copy_store, "test_resnet")
+    doc = train_and_log(params, "test_resnet", paths, progress=False)
+    client = MlflowClient(tracking_uri=mlflow_db)
+    result = promote(CFG, "subject", doc["data_hash"], client)
+    assert (result.run_id, result.version, result.promoted) == (doc["run_id"], "1", True)
+    assert result.backbone == "test_resnet" and result.value == pytest.approx(doc["test"]["at_tuned"]["f1_all"])
+
+    low, high = doc["test"]["ci95"]["at_tuned"]["f1_all"]
+    assert f"[{low:.3f}, {high:.3f}]" in result.model_card and "metrics artifact" in result.model_card
+
+    expected = pd.read_csv(paths.model_dir / "predictions.csv").head(4)
+    shutil.rmtree(paths.model_dir)  # the registry, not the local files, serves it
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = model.predict(pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]}))
+    np.testing.assert_allclose(out["prob_all"], expected["prob_all"], atol=1e-5)
+    assert list(out["label"]) == list(expected["predicted"])
