@@ -4,6 +4,15 @@ A client sends encoded image bytes (base64 in a column ``image``) and gets back 
 ``prob_all`` and the decision ``threshold``. Preprocessing is the exact path the training
 images took (:func:`cnmc.data.images.open_rgb`, then the stage's resize and normalisation),
 so served and evaluated predictions agree.
+
+Serving (``mlflow models serve -m <uri> --env-manager local``): the signature has one string
+column ``image``, so a request is ``{"dataframe_split": {"columns": ["image"], "data": [[b64]]}}``,
+``{"dataframe_records": [{"image": b64}]}`` or ``{"inputs": [b64, ...]}`` (MLflow's server maps a
+plain JSON list onto the signature's single column). Every problem with a value (not base64, not
+an image, empty, truncated, too large, not a string) raises :class:`InvalidInput`, which
+``predict`` turns into ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with a message
+naming the row and the problem, never a stack trace. Values are only ever bytes: no request can
+make the model open a file or unpickle anything.
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +38,9 @@ from cnmc.data.transforms import resize_transform
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 32
+# Encoded bytes per image: a 450x450 BMP is 0.6 MB; 64 MiB holds an uncompressed 22 M-pixel RGB image.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+_DATA_URL = re.compile(r"data:[\w.+/-]*;base64,", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -64,20 +78,46 @@ def decode_base64_images(values: Sequence[Any], image_size: int) -> np.ndarray:
     """Base64 strings (or raw bytes) -> a (N, S, S, 3) uint8 batch; raises :class:`InvalidInput`."""
     out = np.empty((len(values), image_size, image_size, 3), dtype=np.uint8)
     for row, value in enumerate(values):
-        if isinstance(value, str):
-            try:
-                data = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidInput(f"row {row}: '{IMAGE_COLUMN}' is not valid base64") from None
-        elif isinstance(value, bytes):
-            data = value
-        else:
-            raise InvalidInput(f"row {row}: '{IMAGE_COLUMN}' must be a base64 string, got {type(value).__name__}")
+        data = value_bytes(value, row)
         try:
             out[row] = decode_image(data, image_size)
         except ImageProblem as exc:
             raise InvalidInput(f"row {row}: {exc}") from None
+        except Exception as exc:  # nothing a client sends may end in a stack trace
+            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+            raise InvalidInput(f"row {row}: could not decode the image ({reason})") from None
     return out
+
+
+def value_bytes(value: Any, row: int = 0) -> bytes:
+    """One request value -> the encoded image bytes; :class:`InvalidInput` names the problem.
+
+    A string is base64 (whitespace, as in line-wrapped ``base64`` output, and a
+    ``data:image/...;base64,`` prefix are allowed); raw ``bytes`` are taken as they are.
+    Nothing else is accepted: a string is never taken as a file path.
+    """
+    where = f"row {row}: '{IMAGE_COLUMN}'"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = "".join(value.split())
+        if match := _DATA_URL.match(text):
+            text = text[match.end():]
+        if not text:
+            raise InvalidInput(f"{where} is empty (expected base64-encoded image bytes)")
+        if len(text) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
+            raise InvalidInput(f"{where} is too large (over {MAX_IMAGE_BYTES:,} bytes of image data)")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{where} is not valid base64") from None
+    elif value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        raise InvalidInput(f"{where} is missing (null); expected a base64 string")
+    else:
+        raise InvalidInput(f"{where} must be a base64 string, got {type(value).__name__}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidInput(f"{where} is too large ({len(data):,} bytes, limit {MAX_IMAGE_BYTES:,})")
+    return data
 
 
 class LeukemiaClassifier(mlflow.pyfunc.PythonModel):

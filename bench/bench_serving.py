@@ -1,0 +1,320 @@
+"""Serving latency and throughput: ``mlflow models serve`` over HTTP vs the pyfunc in process.
+
+Goal measured: HTTP p50 latency for one 450x450 BMP (base64 in ``dataframe_split``) at most 2x
+the in-process ``pyfunc.predict`` p50 of the same request, i.e. the scoring server (JSON parse,
+schema check, response) adds less than the model's own work (decode, resize, forward). Also
+printed: the bare model forward on the already-preprocessed tensor, images/second with batches
+of 32 (as ``dataframe_split`` and as ``inputs``), and a bounded load test: ``--clients``
+concurrent clients (threads with keep-alive connections, loopback only) x ``--requests``
+requests each; zero errors expected, p50/p95 and errors reported.
+
+Without ``--model`` it logs a random-weight pyfunc of ``--backbone`` (default the pipeline's
+``tf_efficientnet_lite0``; ``test_resnet`` for a quick run) to a temporary SQLite store: a
+random head (or body) costs the same time as a trained one. The image is a real C-NMC cell from
+``../shared/data/cnmc-sample`` when present, else random noise. The server and this process
+use ``--threads`` torch threads each (default 1: steady numbers on a small shared machine);
+the server is measured while the in-process model is idle and vice versa. The server is
+stopped at the end, whatever happens.
+
+Run (from the project root):
+    .venv/bin/python bench/bench_serving.py [--backbone test_resnet] [--requests 200] [--model URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CANDIDATES = (ROOT.parent / "shared" / "data" / "cnmc-sample", Path("../shared/data/cnmc-sample"))
+
+
+def sample_bmp(tmp: Path) -> tuple[bytes, str]:
+    """A real 450x450 C-NMC cell's BMP bytes if the shared sample is there, else a noise BMP."""
+    for root in SAMPLE_CANDIDATES:
+        found = sorted(root.rglob("*.bmp")) if root.is_dir() else []
+        if found:
+            return found[0].read_bytes(), f"real C-NMC cell {found[0].name}"
+    pixels = np.random.default_rng(0).integers(0, 256, size=(450, 450, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="BMP")
+    return buffer.getvalue(), "random-noise 450x450 BMP"
+
+
+def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) -> tuple[str, str]:
+    """A random-weight pyfunc of ``backbone`` in a fresh SQLite store; returns (tracking URI, model URI)."""
+    import mlflow
+
+    from cnmc.models.backbones import create_backbone
+    from cnmc.serving import ModelSpec, log_pyfunc
+
+    model_dir = tmp / "model"
+    model_dir.mkdir()
+    torch.manual_seed(0)
+    net = create_backbone(backbone, pretrained=False)
+    torch.save(net.model.state_dict(), model_dir / "weights.pt")
+    ModelSpec(backbone, image_size, net.mean, net.std, threshold=0.5).save(model_dir / "model.json")
+    (tmp / "example.bmp").write_bytes(example)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("bench-serving")
+    with mlflow.start_run():
+        info = log_pyfunc(model_dir, tmp / "example.bmp")
+    return uri, info.model_uri
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_uri: str, tracking_uri: str | None, port: int, threads: int, cwd: Path,
+                 log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with log.open("w") as sink:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"the server did not answer /ping in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group (mlflow and its uvicorn); SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+class Client:
+    """One keep-alive HTTP connection to the loopback server."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        try:
+            self.connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+            response = self.connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            self.connection.close()  # reconnects on the next request
+            raise
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def latencies(call: Callable[[], object], n: int, warmup: int = 3) -> np.ndarray:
+    for _ in range(warmup):
+        call()
+    out = np.empty(n)
+    for i in range(n):
+        start = time.perf_counter()
+        call()
+        out[i] = time.perf_counter() - start
+    return out * 1000.0
+
+
+def pct(ms: np.ndarray) -> str:
+    return f"p50 {np.percentile(ms, 50):7.2f} ms   p95 {np.percentile(ms, 95):7.2f} ms"
+
+
+def load_test(port: int, body: bytes, clients: int, requests: int, max_seconds: float) -> dict[str, object]:
+    """``clients`` threads x ``requests`` sequential requests each; stops early at ``max_seconds``."""
+    deadline = time.monotonic() + max_seconds
+    times: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[list[str]] = [[] for _ in range(clients)]
+
+    def work(k: int) -> None:
+        client = Client(port)
+        try:
+            for _ in range(requests):
+                if time.monotonic() > deadline:
+                    break
+                start = time.perf_counter()
+                try:
+                    status, payload = client.post(body)
+                    if status != 200 or b'"predictions"' not in payload:
+                        errors[k].append(f"HTTP {status}: {payload[:200]!r}")
+                except Exception as exc:  # counted, never fatal: the test reports them
+                    errors[k].append(f"{exc.__class__.__name__}: {exc}")
+                times[k].append(time.perf_counter() - start)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    all_ms = np.array([t for ts in times for t in ts]) * 1000.0
+    all_errors = [e for es in errors for e in es]
+    return {"sent": len(all_ms), "wall": wall, "ms": all_ms, "errors": all_errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="serve this model URI (default: log a random-weight one)")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0",
+                        help="backbone of the logged random model (default tf_efficientnet_lite0)")
+    parser.add_argument("--image-size", type=int, default=128, help="model input side (params.yaml: 128)")
+    parser.add_argument("--latency-samples", type=int, default=40, help="timed single requests per path")
+    parser.add_argument("--batches", type=int, default=4, help="timed batches of --batch-size per path")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients in the load test")
+    parser.add_argument("--requests", type=int, default=200, help="requests per client in the load test")
+    parser.add_argument("--max-load-seconds", type=float, default=90.0, help="load test stops after this")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server and here (default 1)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    warnings.filterwarnings("ignore", message=".*type hints.*")
+    torch.set_num_threads(args.threads)
+
+    import mlflow
+
+    from cnmc.data.store import normalize_batch
+    from cnmc.serving import decode_base64_images
+
+    with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp_name:
+        tmp = Path(tmp_name)
+        image, what = sample_bmp(tmp)
+        t0 = time.perf_counter()
+        if args.model:
+            tracking_uri, model_uri = os.environ.get("MLFLOW_TRACKING_URI"), args.model
+            made = f"given model {model_uri}"
+        else:
+            tracking_uri, model_uri = log_random_model(tmp, args.backbone, args.image_size, image)
+            made = (f"random-weight {args.backbone} pyfunc ({args.image_size} px), "
+                    f"logged in {time.perf_counter() - t0:.1f} s")
+        port = free_port()
+        log = tmp / "server.log"
+        proc = start_server(model_uri, tracking_uri, port, args.threads, tmp, log)
+        try:
+            up = wait_until_up(f"http://127.0.0.1:{port}", proc, log)
+            model = mlflow.pyfunc.load_model(model_uri)
+            pyfunc = model.unwrap_python_model()
+            spec, net = pyfunc.spec, pyfunc.model
+            print(f"image: {what} ({len(image):,} bytes); model: {made}")
+            print(f"server: mlflow models serve on 127.0.0.1:{port}, up in {up:.1f} s; "
+                  f"torch threads {args.threads}; cpus {os.cpu_count()}")
+
+            b64 = base64.b64encode(image).decode("ascii")
+            frame = pd.DataFrame({"image": [b64]})
+            one_body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64]]}}).encode()
+            batch_body = json.dumps({"inputs": [b64] * args.batch_size}).encode()
+            batch_split = json.dumps({"dataframe_split": {"columns": ["image"],
+                                                          "data": [[b64]] * args.batch_size}}).encode()
+            batch_frame = pd.DataFrame({"image": [b64] * args.batch_size})
+            tensor = normalize_batch(torch.from_numpy(decode_base64_images([b64], spec.image_size)),
+                                     spec.mean, spec.std)
+            batch_tensor = tensor.repeat(args.batch_size, 1, 1, 1)
+
+            client = Client(port)
+
+            def http_one() -> None:
+                status, payload = client.post(one_body)
+                assert status == 200, payload[:500]
+
+            def http_batch(body: bytes) -> Callable[[], None]:
+                def call() -> None:
+                    status, payload = client.post(body)
+                    assert status == 200, payload[:500]
+
+                return call
+
+            http_answer = json.loads(client.post(one_body)[1])["predictions"][0]
+            local_answer = model.predict(frame).iloc[0].to_dict()
+            assert abs(http_answer["prob_all"] - local_answer["prob_all"]) < 1e-5, (http_answer, local_answer)
+
+            with torch.no_grad():
+                n = args.latency_samples
+                rows = {
+                    "HTTP (mlflow models serve)": latencies(http_one, n),
+                    "pyfunc.predict in process": latencies(lambda: model.predict(frame), n),
+                    "bare model forward": latencies(lambda: net(tensor), n),
+                }
+                batch_times = {
+                    "HTTP, dataframe_split": latencies(http_batch(batch_split), args.batches, warmup=1),
+                    "HTTP, inputs=[b64, ...]": latencies(http_batch(batch_body), args.batches, warmup=1),
+                    "pyfunc.predict in process": latencies(lambda: model.predict(batch_frame), args.batches, 1),
+                    "bare model forward": latencies(lambda: net(batch_tensor), args.batches, 1),
+                }
+            client.close()
+
+            print(f"\nlatency, one image ({n} sequential requests after 3 warm-up):")
+            for name, ms in rows.items():
+                print(f"  {name:30s} {pct(ms)}")
+            ratio = np.percentile(rows["HTTP (mlflow models serve)"], 50) / np.percentile(
+                rows["pyfunc.predict in process"], 50)
+            verdict = "met" if ratio <= 2.0 else "NOT met"
+            print(f"  HTTP p50 / in-process predict p50 = {ratio:.2f}x (goal <= 2x: {verdict})")
+            print(f"\nthroughput, batches of {args.batch_size} ({args.batches} timed batches):")
+            for name, ms in batch_times.items():
+                per_s = args.batch_size / (np.median(ms) / 1000.0)
+                print(f"  {name:30s} {per_s:8.1f} images/s   ({np.median(ms):.1f} ms per batch)")
+
+            result = load_test(port, one_body, args.clients, args.requests, args.max_load_seconds)
+            ms, errors = result["ms"], result["errors"]
+            planned = args.clients * args.requests
+            print(f"\nload test: {args.clients} clients x {args.requests} requests (one image each), loopback:")
+            print(f"  sent {result['sent']}/{planned} in {result['wall']:.1f} s "
+                  f"({result['sent'] / result['wall']:.1f} req/s); {pct(ms)}; errors {len(errors)}")
+            for error in errors[:5]:
+                print(f"    {error}")
+            if result["sent"] < planned:
+                print(f"  (stopped at --max-load-seconds {args.max_load_seconds:.0f})")
+        finally:
+            stop_server(proc)
+        print(f"\nserver stopped (exit {proc.returncode}); total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Batch prediction: ``cnmc predict --model URI PATH... -o predictions.csv``.
+
+Inputs are image files, folders (searched recursively for image extensions) and glob patterns.
+Every file gets one output row, in input order: a predicted ``label``, ``prob_all`` and
+``threshold``, or an ``error`` naming why it couldn't be used (unreadable, not an image,
+truncated, too large). A bad file never stops the batch: each file is read and decoded first
+with the serving code's own checks, then the good ones go through the loaded pyfunc in batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cnmc.atomic import atomic_write_text
+from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.errors import CnmcError
+from cnmc.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+COLUMNS = ["path", "label", "prob_all", "threshold", "error"]
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What :func:`predict_paths` did; ``counts`` maps each predicted label to its number of files."""
+
+    out_csv: Path
+    total: int
+    predicted: int
+    failed: int
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
+        return (f"{self.total} files: {self.predicted} predicted ({labels}), {self.failed} failed "
+                f"-> {self.out_csv} ({self.seconds:.1f} s)")
+
+
+def predict_paths(model_uri: str, inputs: list[str], out_csv: Path, batch_size: int = 32,
+                  progress: bool = True) -> PredictSummary:
+    """Predict every image that ``inputs`` name with the pyfunc at ``model_uri``; write ``out_csv``.
+
+    Raises :class:`CnmcError` (one line) when an input matches nothing or the model can't be loaded.
+    """
+    if batch_size < 1:
+        raise CnmcError(f"batch size must be at least 1, got {batch_size}")
+    start = time.perf_counter()
+    files = find_images(inputs)
+    model = load_image_model(model_uri)
+    rows: list[dict[str, Any]] = []
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(files), unit="img", desc="predict", disable=not progress) as bar:
+        for chunk_start in range(0, len(files), batch_size):
+            chunk = files[chunk_start : chunk_start + batch_size]
+            rows.extend(_predict_chunk(model, chunk))
+            bar.update(len(chunk))
+
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    out_csv = Path(out_csv)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    atomic_write_text(out_csv, buffer.getvalue())
+    ok = table["error"].isna()
+    summary = PredictSummary(
+        out_csv=out_csv,
+        total=len(table),
+        predicted=int(ok.sum()),
+        failed=int((~ok).sum()),
+        counts=dict(Counter(table.loc[ok, "label"])),
+        seconds=time.perf_counter() - start,
+    )
+    log.info("%s", summary.line())
+    return summary
+
+
+def find_images(inputs: Iterable[str]) -> list[Path]:
+    """Files named by ``inputs`` in order, without duplicates; :class:`CnmcError` if one matches nothing.
+
+    A file is taken as it is (a non-image becomes an error row); a folder gives its image files
+    (recursively, by extension); a pattern with ``* ? [`` is expanded (``**`` recurses), its
+    folders like folders.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    inputs = list(inputs)
+    if not inputs:
+        raise CnmcError("no input: give image files, folders or glob patterns")
+    for text in inputs:
+        text = str(text)
+        path = Path(text)
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = _images_under(path)
+            if not matches:
+                raise CnmcError(f"{text}: folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        elif _GLOB_CHARS & set(text):
+            matches = []
+            for hit in sorted(glob.glob(text, recursive=True)):
+                hit_path = Path(hit)
+                matches.extend(_images_under(hit_path) if hit_path.is_dir() else [hit_path])
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise CnmcError(f"{text}: no file matches this pattern")
+        else:
+            raise CnmcError(f"{text}: no such file or folder")
+        for match in matches:
+            key = match.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(match)
+    return found
+
+
+def load_image_model(model_uri: str) -> Any:
+    """``mlflow.pyfunc.load_model`` of a cnmc image model, or a one-line :class:`CnmcError`."""
+    import mlflow
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # MLflow raises many types for bad URIs, missing runs, bad stores
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+        raise CnmcError(f"cannot load model {model_uri!r}: {first}") from None
+    schema = model.metadata.get_input_schema()
+    if schema is None or IMAGE_COLUMN not in (schema.input_names() if schema.has_input_names() else []):
+        raise CnmcError(f"model {model_uri!r} does not take an '{IMAGE_COLUMN}' column: not a cnmc image model")
+    return model
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _predict_chunk(model: Any, files: list[Path]) -> list[dict[str, Any]]:
+    """Rows for ``files``: decode each (errors become rows), then predict the good ones together."""
+    rows: list[dict[str, Any]] = []
+    good: list[tuple[int, bytes]] = []
+    for path in files:
+        rows.append({"path": str(path), "label": None, "prob_all": None, "threshold": None, "error": None})
+        try:
+            data = _read_image(path)
+        except CnmcError as exc:
+            rows[-1]["error"] = str(exc)
+            continue
+        good.append((len(rows) - 1, data))
+    if not good:
+        return rows
+    from mlflow.exceptions import MlflowException
+
+    try:
+        out = _predict_bytes(model, [data for _, data in good])
+        for (index, _), result in zip(good, out.to_dict("records"), strict=True):
+            rows[index].update(_result(result))
+    except MlflowException:  # a file the model refuses (its serving code may be older): keep the rest
+        for index, data in good:
+            try:
+                rows[index].update(_result(_predict_bytes(model, [data]).to_dict("records")[0]))
+            except MlflowException as exc:
+                rows[index]["error"] = _reason(exc)
+    return rows
+
+
+def _read_image(path: Path) -> bytes:
+    """The file's bytes if it decodes as an image (the checks the served model makes), else CnmcError."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_IMAGE_BYTES:
+            raise CnmcError(f"too large ({size:,} bytes, limit {MAX_IMAGE_BYTES:,})")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CnmcError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        open_rgb(data)
+    except ImageProblem as exc:
+        raise CnmcError(str(exc)) from None
+    except Exception as exc:  # Pillow plugins raise almost anything on malformed bytes
+        raise CnmcError(f"could not decode the image ({exc.__class__.__name__}: {exc})"[:300]) from None
+    return data
+
+
+def _predict_bytes(model: Any, images: list[bytes]) -> pd.DataFrame:
+    import base64
+
+    request = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(data).decode("ascii") for data in images]})
+    return model.predict(request)
+
+
+def _result(record: dict[str, Any]) -> dict[str, Any]:
+    return {"label": record["label"], "prob_all": float(record["prob_all"]),
+            "threshold": float(record["threshold"])}
+
+
+def _reason(exc: Exception) -> str:
+    message = (getattr(exc, "message", None) or str(exc)).strip() or exc.__class__.__name__
+    return message.splitlines()[-1].removeprefix("Error: ").removeprefix("row 0: ")[:300]

@@ -1,0 +1,164 @@
+"""Batch prediction (``cnmc.predict.predict_paths``) with a model from a real tiny run: every file
+gets a row, bad files are reported and don't stop the batch, globs and folders expand."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cnmc.config import Params
+from cnmc.errors import CnmcError
+from cnmc.experiment import RunPaths, train_and_log
+from cnmc.predict import COLUMNS, find_images, predict_paths
+from cnmc.serving import encode_file
+
+BACKBONE = "test_resnet"
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    tracking_uri: str
+    model_uri: str
+    threshold: float
+
+
+def tiny_params() -> Params:
+    params = Params()
+    return params.model_copy(update={
+        "train": params.train.model_copy(
+            update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
+        "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """A one-epoch ``train_and_log`` run of the tiny test backbone, logged to its own SQLite store."""
+    work = tmp_path_factory.mktemp("predict-run")
+    root = Path(shutil.copytree(tiny_store, work / "outputs"))
+    db = work / "mlflow.db"
+    shutil.copyfile(mlflow_db_template, db)
+    uri = f"sqlite:///{db}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(work)
+        try:
+            document = train_and_log(tiny_params(), BACKBONE, RunPaths(root, BACKBONE), progress=False)
+        finally:
+            mlflow.set_tracking_uri(None)
+    return TinyModel(uri, f"runs:/{document['run_id']}/model", document["threshold"])
+
+
+@pytest.fixture
+def model(tiny_model: TinyModel, monkeypatch: pytest.MonkeyPatch) -> TinyModel:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_model.tracking_uri)
+    return tiny_model
+
+
+def write_images(folder: Path) -> dict[str, Path]:
+    """Good images in several formats (one nested), a truncated BMP, a non-image .png, a text file."""
+    rng = np.random.default_rng(0)
+    (folder / "nested").mkdir(parents=True)
+    files = {}
+    for i, (name, fmt) in enumerate([("a.bmp", "BMP"), ("b.png", "PNG"), ("nested/c.jpg", "JPEG"),
+                                     ("nested/d.TIF", "TIFF"), ("e.png", "PNG")]):
+        pixels = rng.integers(0, 256, size=(40 + i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name, format=fmt)
+        files[name] = folder / name
+    full = (folder / "a.bmp").read_bytes()
+    (folder / "truncated.bmp").write_bytes(full[: len(full) // 2])
+    (folder / "text.png").write_bytes(b"this is not an image at all")
+    (folder / "notes.txt").write_text("not an image extension: skipped in folders")
+    files["truncated.bmp"] = folder / "truncated.bmp"
+    files["text.png"] = folder / "text.png"
+    return files
+
+
+def test_predict_folder_reports_bad_files_and_predicts_the_rest(model: TinyModel, tmp_path: Path) -> None:
+    files = write_images(tmp_path / "images")
+    out = tmp_path / "out" / "predictions.csv"
+    summary = predict_paths(model.model_uri, [str(tmp_path / "images")], out, batch_size=3, progress=False)
+
+    table = pd.read_csv(out)
+    assert list(table.columns) == COLUMNS
+    assert sorted(table["path"]) == sorted(str(p) for p in files.values())  # notes.txt skipped
+    assert (summary.total, summary.predicted, summary.failed) == (7, 5, 2)
+    assert sum(summary.counts.values()) == 5 and summary.out_csv == out
+
+    errors = table.set_index("path")["error"]
+    assert "truncated" in errors[str(files["truncated.bmp"])]
+    assert "not an image" in errors[str(files["text.png"])]
+    good = table[table["error"].isna()]
+    assert len(good) == 5
+    assert good["prob_all"].between(0, 1).all()
+    np.testing.assert_allclose(good["threshold"], model.threshold)
+    assert (good["label"] == np.where(good["prob_all"] >= good["threshold"], "all", "hem")).all()
+    bad = table[table["error"].notna()]
+    assert bad[["label", "prob_all", "threshold"]].isna().all().all()
+
+    # Batched through the pyfunc == the pyfunc on each file's bytes, as a client sends them.
+    loaded = mlflow.pyfunc.load_model(model.model_uri)
+    direct = loaded.predict(pd.DataFrame({"image": [encode_file(Path(p)) for p in good["path"]]}))
+    np.testing.assert_allclose(good["prob_all"], direct["prob_all"], atol=1e-6)
+
+
+def test_predict_glob_and_explicit_files(model: TinyModel, tmp_path: Path) -> None:
+    files = write_images(tmp_path / "images")
+    out = tmp_path / "glob.csv"
+    pattern = str(tmp_path / "images" / "**" / "*.png")
+    summary = predict_paths(model.model_uri, [pattern, str(files["a.bmp"]), str(files["b.png"])], out,
+                            progress=False)
+    table = pd.read_csv(out)
+    expected = [files["b.png"], files["e.png"], files["text.png"], files["a.bmp"]]  # b.png once
+    assert list(table["path"]) == [str(p) for p in expected]
+    assert (summary.predicted, summary.failed) == (3, 1)
+
+
+def test_find_images_and_predict_refuse_what_matches_nothing(model: TinyModel, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CnmcError, match="no file matches"):
+        find_images([str(tmp_path / "*.bmp")])
+    with pytest.raises(CnmcError, match="no such file"):
+        find_images([str(tmp_path / "missing.bmp")])
+    with pytest.raises(CnmcError, match="no image files"):
+        find_images([str(tmp_path / "empty")])
+    with pytest.raises(CnmcError, match="no input"):
+        find_images([])
+    out = tmp_path / "never.csv"
+    with pytest.raises(CnmcError, match="no file matches"):
+        predict_paths(model.model_uri, [str(tmp_path / "nothing-*.png")], out, progress=False)
+    assert not out.exists()
+
+
+def test_predict_refuses_a_model_it_cannot_load(model: TinyModel, tmp_path: Path) -> None:
+    files = write_images(tmp_path / "images")
+    for uri in ("runs:/0123456789abcdef0123456789abcdef/model", str(tmp_path / "no-model-here")):
+        with pytest.raises(CnmcError, match="cannot load model") as info:
+            predict_paths(uri, [str(files["a.bmp"])], tmp_path / "x.csv", progress=False)
+        assert "\n" not in str(info.value)
+
+
+def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
+    model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the pre-check lets a file through (e.g. a model logged with older serving code that is
+    stricter), the batch is retried file by file: the refused one gets the model's reason."""
+    import cnmc.predict
+
+    files = write_images(tmp_path / "images")
+    monkeypatch.setattr(cnmc.predict, "open_rgb", lambda data: None)  # no pre-check
+    out = tmp_path / "p.csv"
+    summary = predict_paths(model.model_uri, [str(files["a.bmp"]), str(files["text.png"]), str(files["b.png"])],
+                            out, progress=False)
+    table = pd.read_csv(out)
+    assert (summary.predicted, summary.failed) == (2, 1)
+    assert table["error"].isna().tolist() == [True, False, True]
+    assert table["error"][1] == "not an image (unrecognised format)"

@@ -1,0 +1,416 @@
+"""The served model over HTTP: a real ``mlflow models serve`` (one per module) for a tiny run's
+pyfunc takes base64 image bytes as ``dataframe_split``, ``dataframe_records`` or ``inputs`` and
+answers every bad input with a 4xx JSON message naming the problem (never a stack trace), then
+goes on serving. The decode path behind those messages is also checked in process (fast)."""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from cnmc.config import Params
+from cnmc.data.images import MAX_PIXELS
+from cnmc.experiment import RunPaths, train_and_log
+from cnmc.serving import InvalidInput, LeukemiaClassifier, ModelSpec, decode_base64_images
+
+BIN = Path(sys.executable).parent
+BACKBONE = "test_resnet"
+
+
+# -- images, good and bad -------------------------------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def cell_image(seed: int = 0, size: int = 60) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = (200, 60, 160)
+    return Image.fromarray(pixels)
+
+
+def png_header_bomb(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
+    """A valid PNG of ``width`` x ``height`` all-zero pixels: 20000x20000 1-bit is ~50 KB of bytes
+    but 400 million pixels (1.2 GB as RGB) once decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width * bit_depth + 7) // 8)  # filter byte + packed pixels
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    palette = chunk(b"PLTE", b"\0\0\0\xff\xff\xff") if color_type == 3 else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + palette + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+class _Exploit:
+    """Unpickling this would write a marker file: proof that nothing unpickles request bytes."""
+
+    marker = ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path(self.marker).write_text, ("unpickled",))
+
+
+@pytest.fixture(scope="module")
+def good_bmp() -> bytes:
+    return encoded(cell_image(), "BMP")
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    return png_header_bomb(20000, 20000)
+
+
+def bad_values(good: bytes, bomb: bytes, marker: Path) -> dict[str, tuple[Any, str]]:
+    """name -> (value in the ``image`` column, part of the message that names the problem)."""
+    exploit = _Exploit()
+    exploit.marker = str(marker)
+    return {
+        "not-base64": ("%%% not base64 %%%", "is not valid base64"),
+        "non-image": (b64(b"just some text, no image at all"), "not an image"),
+        "empty": ("", "is empty"),
+        "truncated": (b64(good[: len(good) // 2]), "corrupt or truncated"),
+        "huge-dimensions": (b64(bomb), "too large"),
+        "file-path": ("/etc/passwd", "is not valid base64"),
+        "pickle": (b64(pickle.dumps(exploit)), "not an image"),
+        "integer": (5, "must be a base64 string, got int"),
+        "null": (None, "is missing (null)"),
+    }
+
+
+# -- in process: the decode path and the pyfunc's error mapping (fast) ---------------------------
+@pytest.fixture(scope="module")
+def classifier() -> LeukemiaClassifier:
+    """The pyfunc class with a random tiny model, without MLflow's load."""
+    from cnmc.models.backbones import create_backbone
+
+    net = create_backbone(BACKBONE, pretrained=False)
+    pyfunc = LeukemiaClassifier()
+    pyfunc.spec = ModelSpec(BACKBONE, 32, net.mean, net.std, threshold=0.4)
+    pyfunc.model = net.model.eval()
+    return pyfunc
+
+
+def test_decode_accepts_every_format_and_base64_style(good_bmp: bytes) -> None:
+    image = cell_image()
+    formats = [encoded(image, fmt) for fmt in ("BMP", "PNG", "TIFF", "JPEG")]
+    values = [b64(data) for data in formats] + [
+        "data:image/png;base64," + b64(formats[1]),  # a browser's data URL
+        base64.encodebytes(formats[0]).decode(),  # line-wrapped, as `base64 file` prints
+        formats[2],  # raw bytes (in-process callers)
+    ]
+    batch = decode_base64_images(values, 32)
+    assert batch.shape == (7, 32, 32, 3) and batch.dtype == np.uint8
+    for lossless in (1, 2, 4, 5, 6):
+        np.testing.assert_array_equal(batch[lossless], batch[0])
+    assert np.abs(batch[3].astype(int) - batch[0].astype(int)).mean() < 20  # JPEG
+
+
+def test_decode_refuses_each_bad_input_naming_row_and_problem(
+    good_bmp: bytes, bomb_png: bytes, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    for name, (value, message) in bad_values(good_bmp, bomb_png, marker).items():
+        with pytest.raises(InvalidInput, match=re.escape(message)) as info:
+            decode_base64_images([b64(good_bmp), value], 32)
+        assert str(info.value).startswith("row 1: "), name
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("size", [(20000, 20000, 1, 0), (8000, 8000, 8, 3), (9500, 9500, 8, 3)])
+def test_huge_dimensions_are_refused_before_any_pixel_is_decoded(
+    size: tuple[int, int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above MAX_PIXELS (our check), above Pillow's bomb warning and above its bomb error: all
+    refused from the header alone, and Pillow's DecompressionBomb* become a plain 'too large'."""
+    from PIL import ImageFile
+
+    width, height, depth, color = size
+    assert width * height > MAX_PIXELS
+    data = png_header_bomb(width, height, depth, color)
+    assert len(data) < 200_000
+
+    def never(self: Any) -> None:
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    with pytest.raises(InvalidInput, match=r"^row 0: too large \("):
+        decode_base64_images([b64(data)], 32)
+
+
+def test_truncated_images_of_every_format_are_refused() -> None:
+    image = cell_image(size=120)
+    for fmt in ("BMP", "PNG", "JPEG", "TIFF"):
+        data = encoded(image, fmt)
+        with pytest.raises(InvalidInput, match="corrupt or truncated|not an image"):
+            decode_base64_images([b64(data[: len(data) // 2])], 32)
+
+
+def test_a_string_is_never_opened_as_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tmp_path / "cell.png"
+    cell_image().save(real)
+    opened: list[str] = []
+    for module, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        original = getattr(module, name)
+
+        def spy(file: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            opened.append(str(file))
+            return _original(file, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    for value in ("/etc/passwd", str(real), f"file://{real}", "AAAA" + str(real).replace("/", "")):
+        with pytest.raises(InvalidInput):
+            decode_base64_images([value], 32)
+    assert not any("passwd" in f or "cell.png" in f for f in opened), opened
+
+
+def test_too_many_bytes_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch, good_bmp: bytes) -> None:
+    import cnmc.serving
+
+    monkeypatch.setattr(cnmc.serving, "MAX_IMAGE_BYTES", 1000)
+    with pytest.raises(InvalidInput, match="too large"):
+        decode_base64_images([b64(good_bmp)], 32)
+    with pytest.raises(InvalidInput, match="too large"):
+        decode_base64_images([good_bmp], 32)
+
+
+def test_pyfunc_maps_bad_input_to_invalid_parameter_value(classifier: LeukemiaClassifier, good_bmp: bytes) -> None:
+    out = classifier.predict(None, pd.DataFrame({"image": [b64(good_bmp)] * 2}))
+    assert list(out.columns) == ["label", "prob_all", "threshold"]
+    assert (out["threshold"] == 0.4).all() and out["prob_all"].between(0, 1).all()
+    for model_input, message in [
+        (pd.DataFrame({"image": [b64(good_bmp), "%%%"]}), "row 1: 'image' is not valid base64"),
+        (pd.DataFrame({"other": [b64(good_bmp)]}), "missing column 'image'"),
+        (pd.DataFrame({"image": []}), "no images"),
+        ({"image": np.array([b64(b"text")])}, "row 0: not an image"),
+    ]:
+        with pytest.raises(MlflowException, match=message) as info:
+            classifier.predict(None, model_input)
+        assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert info.value.get_http_status_code() == 400
+
+
+def test_unexpected_decode_errors_become_invalid_input(
+    monkeypatch: pytest.MonkeyPatch, good_bmp: bytes
+) -> None:
+    import cnmc.serving
+
+    def broken(data: bytes, size: int) -> np.ndarray:
+        raise RuntimeError("resize exploded")
+
+    monkeypatch.setattr(cnmc.serving, "decode_image", broken)
+    with pytest.raises(InvalidInput, match=r"row 0: could not decode the image \(RuntimeError: resize exploded\)"):
+        decode_base64_images([b64(good_bmp)], 32)
+
+
+# -- over HTTP: one real `mlflow models serve` per module ----------------------------------------
+@dataclass(frozen=True)
+class Server:
+    url: str
+    threshold: float
+    log: Path
+
+
+def tiny_params() -> Params:
+    params = Params()
+    return params.model_copy(update={
+        "train": params.train.model_copy(
+            update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
+        "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+    })
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the server did not answer /ping within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group (mlflow and its uvicorn), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A one-epoch run's pyfunc served by ``mlflow models serve`` on a free loopback port."""
+    work = tmp_path_factory.mktemp("serving")
+    root = Path(shutil.copytree(tiny_store, work / "outputs"))
+    db = work / "mlflow.db"
+    shutil.copyfile(mlflow_db_template, db)
+    uri = f"sqlite:///{db}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(work)
+        try:
+            document = train_and_log(tiny_params(), BACKBONE, RunPaths(root, BACKBONE), progress=False)
+        finally:
+            mlflow.set_tracking_uri(None)
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri,
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    log = work / "server.log"
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{document['run_id']}/model",
+               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, proc, log)
+        yield Server(url, document["threshold"], log)
+    finally:
+        stop(proc)
+
+
+def post(server: Server, body: Any, content_type: str = "application/json") -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{server.url}/invocations", data=data,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read().decode()
+        try:
+            return error.code, json.loads(text)
+        except json.JSONDecodeError:
+            return error.code, text
+
+
+def assert_predictions(server: Server, status: int, body: Any, n: int) -> list[dict[str, Any]]:
+    assert status == 200, body
+    rows = body["predictions"]
+    assert len(rows) == n
+    for row in rows:
+        assert set(row) == {"label", "prob_all", "threshold"}
+        assert row["label"] == ("all" if row["prob_all"] >= row["threshold"] else "hem")
+        assert 0.0 <= row["prob_all"] <= 1.0 and row["threshold"] == pytest.approx(server.threshold)
+    return rows
+
+
+def assert_refused(status: int, body: Any, message: str) -> None:
+    assert 400 <= status < 500, (status, body)
+    assert isinstance(body, dict), body  # JSON, not a plain-text error page
+    assert message in body["message"], body["message"][-500:]
+    assert "stack_trace" not in body and "Traceback" not in body["message"]
+
+
+@pytest.mark.slow
+def test_served_model_answers_split_records_and_inputs(server: Server, good_bmp: bytes) -> None:
+    value = b64(good_bmp)
+    split = assert_predictions(server, *post(server, {"dataframe_split": {"columns": ["image"], "data": [[value]]}}), 1)
+    records = assert_predictions(server, *post(server, {"dataframe_records": [{"image": value}]}), 1)
+    image = cell_image()
+    formats = [b64(encoded(image, fmt)) for fmt in ("BMP", "PNG", "JPEG", "TIFF")]
+    inputs = assert_predictions(server, *post(server, {"inputs": formats}), 4)
+    assert split == records == inputs[:1]
+    assert inputs[1] == inputs[3] == inputs[0]  # lossless formats: the very same pixels
+    assert abs(inputs[2]["prob_all"] - inputs[0]["prob_all"]) < 0.1  # JPEG
+
+
+@pytest.mark.slow
+def test_served_model_refuses_bad_values_with_400_and_goes_on(
+    server: Server, good_bmp: bytes, bomb_png: bytes, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    good = {"dataframe_split": {"columns": ["image"], "data": [[b64(good_bmp)]]}}
+    for name, (value, message) in bad_values(good_bmp, bomb_png, marker).items():
+        status, body = post(server, {"dataframe_split": {"columns": ["image"], "data": [[b64(good_bmp)], [value]]}})
+        assert status == 400, (name, body)
+        assert_refused(status, body, message)
+        assert "row 1: " in body["message"], name
+        assert_predictions(server, *post(server, good), 1)  # still serving
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_served_model_refuses_bad_requests_with_json_4xx(
+    server: Server, good_bmp: bytes, bomb_png: bytes, tmp_path: Path
+) -> None:
+    value = b64(good_bmp)
+    real_file = tmp_path / "cell.bmp"
+    real_file.write_bytes(good_bmp)
+    cases = [
+        ({"dataframe_split": {"columns": ["picture"], "data": [[value]]}}, "missing inputs ['image']"),
+        ({"dataframe_records": [{"img": value}]}, "missing inputs ['image']"),
+        ({"inputs": [value, "%%%"]}, "row 1: 'image' is not valid base64"),
+        ({"inputs": [b64(bomb_png)]}, "row 0: too large"),
+        ({"inputs": [str(real_file)]}, "row 0: 'image' is not valid base64"),  # a path is not read
+        ({"inputs": []}, "no images in the request"),
+        ({"dataframe_records": [{"image": 3.5}]}, "must be a base64 string, got float"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[["nested"]]]}}, "must be a base64 string, got list"),
+        ({"image": value}, "exactly one of the input fields"),
+        (b"{not json", "valid JSON"),
+    ]
+    for body, message in cases:
+        status, answer = post(server, body)
+        assert_refused(status, answer, message)
+    assert_predictions(server, *post(server, {"inputs": [value]}), 1)
+
+
+@pytest.mark.slow
+def test_served_model_logs_no_traceback_for_bad_input(server: Server) -> None:
+    """The server's own log: refusals are warnings at most, never an unhandled exception."""
+    log = server.log.read_text()
+    assert "Exception in ASGI application" not in log
+    assert "Internal Server Error" not in log
