@@ -9,10 +9,15 @@ One folder per split::
 
 Reading a batch is one slice of the memmap and a few whole-batch torch ops, with no
 image decoding or resizing: that is what makes input fast (see ``bench/bench_input_throughput.py``).
+
+``ImageStore.subset(rows, transform_mask)`` is a view of chosen rows (repeats allowed) over the
+same memmap; the mask says which of its rows an on-the-fly transform applies to (tuning uses it
+to replay the augment stage's balancing with fresh draws of T, see :mod:`cnmc.tune`).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -82,8 +87,45 @@ class _BatchBuffers:
             return base.view(shape)
 
 
+class _RowsView:
+    """Rows ``rows`` of an (N, S, S, 3) array, read like an (len(rows), S, S, 3) array.
+
+    Indexing gathers from the base array on access; nothing is copied up front.
+    """
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray):
+        self.base, self.rows = base, rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            return self.base[(self.rows[key[0]], *key[1:])]
+        return self.base[self.rows[key]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.base[self.rows], dtype=dtype)
+
+
 class ImageStore:
-    """One split of the store: ``images`` (memmap, N x S x S x 3 uint8), ``index``, ``targets``."""
+    """One split of the store: ``images`` (memmap, N x S x S x 3 uint8), ``index``, ``targets``.
+
+    ``transform_mask`` (None = every row) marks the rows an on-the-fly transform applies to;
+    only views made by :meth:`subset` set it.
+    """
 
     def __init__(self, split_dir: Path | str):
         self.split_dir = Path(split_dir)
@@ -112,6 +154,8 @@ class ImageStore:
         if not np.isin(self.targets, (0, 1)).all():
             raise CnmcError(f"{index_path}: 'target' must be 0 or 1")
         self._images: np.ndarray | None = None
+        self._rows: np.ndarray | None = None  # a view's rows of the file (see subset)
+        self.transform_mask: np.ndarray | None = None
         self._buffers = _BatchBuffers()
         images = self.images  # open now, so a bad array fails here
         if (
@@ -132,14 +176,55 @@ class ImageStore:
 
     @property
     def images(self) -> np.ndarray:
-        """The (N, S, S, 3) uint8 images, memory-mapped read-only (reopened after unpickling)."""
+        """The (N, S, S, 3) uint8 images, memory-mapped read-only (reopened after unpickling).
+
+        For a :meth:`subset` view, an array-like of the view's rows (gathered on indexing).
+        """
         if self._images is None:
             path = self.split_dir / IMAGES_FILE
             try:
                 self._images = np.load(path, mmap_mode="r")
             except (ValueError, OSError) as exc:
                 raise CnmcError(f"{path}: not a readable .npy array ({exc})") from exc
+        if self._rows is not None:
+            return _RowsView(self._images, self._rows)  # type: ignore[return-value]
         return self._images
+
+    def subset(
+        self, rows: Sequence[int] | np.ndarray, transform_mask: Sequence[bool] | np.ndarray | None = None
+    ) -> ImageStore:
+        """A view of rows ``rows`` of this split, in that order (repeats allowed), sharing its memmap.
+
+        ``index`` and ``targets`` follow the rows. ``transform_mask`` (one bool per row of the view;
+        default: the parent's mask for those rows, i.e. all) picks the rows that an on-the-fly
+        ``transform`` of :meth:`load_batch` / :class:`StoreDataset` applies to; the rest pass
+        through untouched.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be one-dimensional, got shape {rows.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows must be in [0, {len(self)}), got {rows.min()}..{rows.max()}")
+        if transform_mask is not None:
+            mask: np.ndarray | None = np.asarray(transform_mask, dtype=bool)
+            if mask.shape != rows.shape:
+                raise ValueError(f"transform_mask has shape {mask.shape}, rows {rows.shape}")
+        else:
+            mask = None if self.transform_mask is None else self.transform_mask[rows]
+        view = copy.copy(self)  # shallow: the memmap is shared
+        view.index = self.index.iloc[rows].reset_index(drop=True)
+        view.targets = self.targets[rows]
+        view._rows = rows if self._rows is None else self._rows[rows]
+        view.transform_mask = mask
+        view._buffers = _BatchBuffers()
+        return view
+
+    def transformed(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Whether an on-the-fly transform applies to each of ``indices`` (all, unless masked)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self.transform_mask is None:
+            return np.ones(idx.shape, dtype=bool)
+        return self.transform_mask[idx]
 
     @property
     def image_size(self) -> int:
@@ -149,7 +234,8 @@ class ImageStore:
         return len(self.index)
 
     def __repr__(self) -> str:
-        return f"ImageStore({str(self.split_dir)!r}, n={len(self)}, size={self.image_size})"
+        view = "" if self._rows is None else ", view"
+        return f"ImageStore({str(self.split_dir)!r}, n={len(self)}, size={self.image_size}{view})"
 
     # Pickling (DataLoader workers under spawn) must not copy the whole memmap: reopen it instead.
     def __getstate__(self) -> dict[str, Any]:
@@ -179,7 +265,10 @@ class ImageStore:
         batch = torch.from_numpy(raw)
         if transform is not None:
             chw = batch.permute(0, 3, 1, 2)
-            batch = torch.stack([transform(img) for img in chw]).permute(0, 2, 3, 1)
+            apply = self.transformed(idx)
+            batch = torch.stack(
+                [transform(img) if on else img for img, on in zip(chw, apply, strict=True)]
+            ).permute(0, 2, 3, 1)
         n, h, w, _ = batch.shape
         out = self._buffers.get((n, 3, h, w))
         return normalize_batch(batch, mean, std, out=out), torch.from_numpy(self.targets[idx])
@@ -237,7 +326,8 @@ class StoreDataset(Dataset):
     """A torch ``Dataset`` over an :class:`ImageStore`.
 
     ``ds[i]`` gives ``(float tensor (3, S, S) normalised, int target)``; ``transform`` (e.g. T at a
-    trial's strength) is applied to the uint8 (3, S, S) tensor before normalisation.
+    trial's strength) is applied to the uint8 (3, S, S) tensor before normalisation, on the rows
+    the store's ``transform_mask`` selects (all rows of a plain store).
     ``ds[[i, j, ...]]`` gives a whole batch ``(float (B, 3, S, S), int64 (B,))`` in one memmap
     slice: use it through :func:`batch_loader`, the fast path.
     """
@@ -260,7 +350,7 @@ class StoreDataset(Dataset):
     def __getitem__(self, item: Any) -> tuple[torch.Tensor, Any]:
         if isinstance(item, (int, np.integer)):
             image = torch.from_numpy(np.array(self.store.images[int(item)])).permute(2, 0, 1)
-            if self.transform is not None:
+            if self.transform is not None and self.store.transformed([int(item)])[0]:
                 image = self.transform(image)
             return normalize_image(image, self.mean, self.std), int(self.store.targets[int(item)])
         return self.store.load_batch(item, self.mean, self.std, self.transform)
