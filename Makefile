@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo data test test-fast lint clean
+.PHONY: install demo data test test-fast lint serve clean
+PORT ?= 5001
 
 install: $(STAMP)
 
@@ -34,6 +35,11 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check src tests bench
+
+# Serve the registered champion over HTTP on 127.0.0.1:$(PORT) (uvicorn must be on PATH: it is, here).
+serve: install
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow models serve \
+		-m models:/cnmc-classifier@champion --env-manager local --host 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf outputs dvc.lock .dvc/tmp

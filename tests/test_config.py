@@ -54,3 +54,15 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.Capt
 def test_cli_flags_override_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["augment", "--params", str(ROOT / "params.yaml"), "--strength", "3"]) == 2
     assert "augment.strength" in capsys.readouterr().err
+
+
+def test_params_from_layers_a_partial_file(tmp_path: Path) -> None:
+    from cnmc.config import merge_params_file
+
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("# from cnmc tune\ntrain:\n  lr: 0.0003\naugment:\n  strength: 0.4\n")
+    merged = merge_params_file(Params(), tuned)
+    assert (merged.train.lr, merged.augment.strength, merged.train.epochs) == (3e-4, 0.4, Params().train.epochs)
+    tuned.write_text("train:\n  lr: -1\n")
+    with pytest.raises(CnmcError, match="train.lr"):
+        merge_params_file(Params(), tuned)

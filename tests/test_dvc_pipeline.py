@@ -4,6 +4,7 @@ remote push/pull round trip. Real DVC, real git, the real `cnmc` CLI on a small 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -79,6 +80,9 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(project: Path) -> No
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
     assert sorted(r.data.tags["backbone"] for r in runs) == ["test_efficientnet", "test_resnet"]
+    champion = json.loads((project / "registry/champion.json").read_text())
+    assert champion["version"] == "1" and champion["promoted"] is True
+    assert client.get_model_version_by_alias("cnmc-classifier", "champion").run_id == champion["run_id"]
     second = run([str(BIN / "dvc"), "repro"], project)
     assert "didn't change, skipping" in second or "up to date" in second
     assert "Running stage" not in second

@@ -15,7 +15,15 @@ from pathlib import Path
 
 from cnmc import __version__
 from cnmc.atomic import atomic_write_text
-from cnmc.config import PARAMS_FILE, PROFILES, Params, load_params, profile_params, render_params
+from cnmc.config import (
+    PARAMS_FILE,
+    PROFILES,
+    Params,
+    load_params,
+    merge_params_file,
+    profile_params,
+    render_params,
+)
 from cnmc.errors import CnmcError
 
 log = logging.getLogger("cnmc")
@@ -117,8 +125,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cnmc.experiment import RunPaths, train_and_log
     from cnmc.prepare import prepare_work_dir, store_matches
 
+    params = load_params(args.params)
+    if args.params_from:
+        params = merge_params_file(params, Path(args.params_from))
     params = _with_overrides(
-        load_params(args.params), "train",
+        params, "train",
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
         pretrained=args.pretrained, device=args.device,
     )
@@ -155,6 +166,36 @@ def _print_result(document: dict) -> None:
     tuned = document["test"]["at_tuned"]
     print(f"{document['backbone']}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
           f"AUC {tuned['roc_auc']:.4f} at threshold {document['threshold']:.3f}; MLflow run {document['run_id']}")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from cnmc.registry import promote, write_promotion
+    from cnmc.tracking import data_hash
+
+    params = load_params(args.params)
+    result = promote(params.promote, params.split.protocol, data_hash())
+    write_promotion(result, Path(args.out_dir))
+    print(f"{result.name} v{result.version} ({result.backbone}, {result.metric} {result.value:.4f}): {result.reason}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from cnmc.predict import predict_paths
+
+    summary = predict_paths(args.model, args.inputs, Path(args.output), batch_size=args.batch_size,
+                            progress=not args.quiet)
+    print(summary.line())
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cnmc.tune import run_study, write_tuned_params
+
+    params = _with_overrides(load_params(args.params), "tune", n_trials=args.n_trials, epochs=args.epochs,
+                             study_name=args.study_name, storage=args.storage, backbone=args.backbone)
+    summary = run_study(params, Path(args.store), progress=not args.quiet)
+    print(summary)
+    if summary.best_trial is not None:
+        write_tuned_params(summary, Path(args.output))
+        print(f"best parameters written to {args.output}: use `cnmc train --params-from {args.output}`")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -254,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from ImageNet weights (override train.pretrained)")
     p.add_argument("--weights-path", help="local weights file for the backbone (.pth or .safetensors)")
+    p.add_argument("--params-from", help="YAML of values layered over --params, e.g. tuned.yaml from `cnmc tune`")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--data", help="train on this data folder directly (any supported layout), not the DVC outputs")
     p.add_argument("--test-data", help="with --data: a separate labelled test folder")
@@ -266,6 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="backbone whose outputs/models/<backbone> to evaluate")
     p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
     p.add_argument("--metrics-out", help="also write the metrics JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = add("promote", cmd_promote,
+            "Register the best run (test F1 of the ALL class) and move the 'champion' alias if it is better.")
+    p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    p.add_argument("--out-dir", default="registry", help="champion.json and model_card.md (default: %(default)s)")
+
+    p = add("predict", cmd_predict,
+            "Classify image files, folders or globs with a logged model; unreadable files are listed, not fatal.")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--model", default="models:/cnmc-classifier@champion", help="model URI (default: %(default)s)")
+    p.add_argument("-o", "--output", default="predictions.csv", help="output CSV (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = add("tune", cmd_tune, "Tune learning rate and augmentation strength with Optuna (validation macro F1).")
+    add_params(p)
+    p.add_argument("--n-trials", type=_optional(int), help="override tune.n_trials (trials added by this call)")
+    p.add_argument("--epochs", type=_optional(int), help="override tune.epochs (per trial)")
+    p.add_argument("--study-name", type=_optional(str), help="override tune.study_name (resumed if it exists)")
+    p.add_argument("--storage", type=_optional(str),
+                   help="override tune.storage, e.g. sqlite:///optuna.db or postgresql://user@host/db")
+    p.add_argument("--backbone", help="override tune.backbone")
+    p.add_argument("--store", default="outputs/images", help="image store from `cnmc augment` (default: %(default)s)")
+    p.add_argument("-o", "--output", default="outputs/tuned.yaml", help="best parameters file (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = add("report", cmd_report, "Compare the trained backbones with the paper's Table 2 (markdown, CSV, bar chart).")

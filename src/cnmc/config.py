@@ -138,6 +138,19 @@ def parse_params(raw: Any, source: str) -> Params:
         raise CnmcError(f"{source}: {key}: {first['msg']}") from exc
 
 
+def merge_params_file(params: Params, path: Path) -> Params:
+    """``params`` with the values of a partial params file (e.g. ``tuned.yaml``) layered over it."""
+    if not path.is_file():
+        raise CnmcError(f"{path}: file not found")
+    try:
+        overrides = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CnmcError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(overrides, dict):
+        raise CnmcError(f"{path}: expected a mapping of settings at the top level")
+    return parse_params(_deep_merge(params.model_dump(), overrides), source=str(path))
+
+
 def profile_params(name: str) -> Params:
     """The params of a named profile: the defaults, plus the profile's overrides."""
     if name not in PROFILES:
