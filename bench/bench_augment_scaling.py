@@ -26,24 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
 from PIL import Image
 
 from cnmc.config import AugmentConfig
 from cnmc.data.augment import REQUIRED_COLUMNS, prepare_dataset
-
-SAMPLE_CANDIDATES = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnmc-sample",
-    Path("../shared/data/cnmc-sample"),
-)
-
-
-def sample_bmps() -> list[Path]:
-    for root in SAMPLE_CANDIDATES:
-        if root.is_dir():
-            found = sorted(root.rglob("*.bmp"))
-            if found:
-                return found
-    return []
 
 
 def make_splits(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) -> tuple[Path, str]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -43,20 +44,6 @@ from cnmc.data.augment import REQUIRED_COLUMNS, prepare_dataset
 from cnmc.data.store import IMAGENET_MEAN, IMAGENET_STD, ImageStore, StoreDataset, batch_loader
 
 SIZE = 224
-SAMPLE_CANDIDATES = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnmc-sample",
-    Path("../shared/data/cnmc-sample"),
-)
-
-
-def sample_bmps() -> list[Path]:
-    """Real 450x450 C-NMC cells if the shared sample is there, else []."""
-    for root in SAMPLE_CANDIDATES:
-        if root.is_dir():
-            found = sorted(root.rglob("*.bmp"))
-            if found:
-                return found
-    return []
 
 
 def make_image_folder(root: Path, n: int, seed: int = 0) -> tuple[list[dict[str, str]], str]:

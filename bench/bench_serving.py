@@ -43,19 +43,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
 from PIL import Image
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CANDIDATES = (ROOT.parent / "shared" / "data" / "cnmc-sample", Path("../shared/data/cnmc-sample"))
 
 
 def sample_bmp(tmp: Path) -> tuple[bytes, str]:
     """A real 450x450 C-NMC cell's BMP bytes if the shared sample is there, else a noise BMP."""
-    for root in SAMPLE_CANDIDATES:
-        found = sorted(root.rglob("*.bmp")) if root.is_dir() else []
-        if found:
-            return found[0].read_bytes(), f"real C-NMC cell {found[0].name}"
+    found = sample_bmps()
+    if found:
+        return found[0].read_bytes(), f"real C-NMC cell {found[0].name}"
     pixels = np.random.default_rng(0).integers(0, 256, size=(450, 450, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="BMP")

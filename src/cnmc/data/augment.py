@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from cnmc.config import AugmentConfig
 from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.data.manifest import MANIFEST_COLUMNS
 from cnmc.data.store import IMAGES_FILE, INDEX_FILE, LABELS, TARGETS
 from cnmc.data.transforms import paper_transform, resize_transform
 from cnmc.errors import CnmcError
@@ -44,18 +45,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 OPTIONAL_SPLITS = ("test",)
-REQUIRED_COLUMNS = (
-    "path",
-    "label",
-    "subject",
-    "source",
-    "sha256",
-    "width",
-    "height",
-    "original_mode",
-    "original_name",
-    "split",
-)
+REQUIRED_COLUMNS = (*MANIFEST_COLUMNS, "split")
 STORE_COLUMNS = ("target", "augmented", "origin", "aug_seed")
 REPORT_FILE = "augment_report.json"
 PREVIEW_AUGMENTATIONS = 5

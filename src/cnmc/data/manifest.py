@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from cnmc.atomic import atomic_write_text
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.layout import (
     CLASSES,
@@ -495,28 +495,8 @@ def _count(n: int, noun: str) -> str:
 
 def write_manifest(manifest: Manifest, csv_path: Path, report_path: Path) -> None:
     """Write the manifest CSV and the data report JSON, each atomically."""
-    _write_atomic(csv_path, manifest.table.to_csv(index=False, lineterminator="\n"))
-    _write_atomic(report_path, json.dumps(manifest.report(), indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader (or DVC) never sees half a file: write a sibling temp file, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-        encoding="utf-8",
-        newline="",
-    ) as tmp:
-        tmp.write(text)
-    try:
-        os.replace(tmp.name, path)
-    except OSError:
-        os.unlink(tmp.name)
-        raise
+    atomic_write_text(csv_path, manifest.table.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(report_path, json.dumps(manifest.report(), indent=2) + "\n")
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
