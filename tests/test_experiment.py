@@ -197,6 +197,38 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
     )
 
 
+def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) -> None:
+    from cnmc.serving import ModelSpec
+
+    document, paths = tracking.document, tracking.paths
+    calibration = document["calibration"]
+    assert set(calibration) >= {"temperature", "test_ece_before", "test_ece_after", "test_nll_before",
+                                "test_nll_after"}
+    temperature = calibration["temperature"]
+    assert temperature > 0 and all(np.isfinite(v) for v in calibration.values())
+    assert calibration["val_nll_after"] <= calibration["val_nll_before"] + 1e-9  # fitted on validation
+    # The served spec carries the fitted temperature and the threshold tuned after it.
+    spec = ModelSpec.load(paths.model_dir / "model.json")
+    assert spec.temperature == temperature and spec.threshold == document["threshold"]
+    tta = document["test_tta"]
+    assert {"at_0.5", "at_tuned", "ci95"} <= set(tta) and tta["threshold"] == document["threshold"]
+    assert tta["at_tuned"]["n"] == document["test"]["at_tuned"]["n"]
+
+    metrics = tracking.client.get_run(tracking.run_id).data.metrics
+    assert metrics["test_tta_f1_all"] == pytest.approx(tta["at_tuned"]["f1_all"])
+    for name in ("temperature", "test_ece_before", "test_ece_after", "test_nll_before", "test_nll_after"):
+        assert metrics[name] == pytest.approx(calibration[name]), name
+    assert "plots/reliability.png" in artifact_files(tracking.client, tracking.run_id)
+
+    # The served model with params {"tta": true} gives predictions.csv's TTA probabilities.
+    expected = pd.read_csv(paths.model_dir / "predictions.csv").head(4)
+    model = mlflow.pyfunc.load_model(f"runs:/{tracking.run_id}/model")
+    request = pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]})
+    out = model.predict(request, params={"tta": True})
+    assert list(out.columns) == ["label", "prob_all", "threshold"]
+    np.testing.assert_allclose(out["prob_all"], expected["prob_all_tta"], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

@@ -96,3 +96,31 @@ def test_missing_file_and_bad_metric_are_named(tmp_path: Path) -> None:
         build_report([tmp_path / "m.json"], tmp_path / "out")
     with pytest.raises(CnmcError, match="no metrics files"):
         build_report([], tmp_path / "out")
+
+
+def test_tta_rows_and_calibration_table(tmp_path: Path) -> None:
+    payload = write_metrics(tmp_path / "b3.json", "efficientnet_b3")
+    rng = np.random.default_rng(5)
+    y = (rng.random(300) < 2 / 3).astype(int)
+    p = np.clip(0.45 * y + 0.55 * rng.random(300), 0, 1)
+    payload["test_tta"] = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], 0.45, n_boot=50)
+    payload["calibration"] = {"temperature": 1.84, "test_ece_before": 0.1234, "test_ece_after": 0.0456,
+                              "test_nll_before": 0.61, "test_nll_after": 0.42}
+    (tmp_path / "b3.json").write_text(json.dumps(payload))
+    report = build_report([tmp_path / "b3.json"], tmp_path / "out")
+
+    md = report.markdown
+    tta_rows = [r for r in md.splitlines() if r.startswith("| efficientnet_b3 | ours + TTA, t=0.45 (val-tuned)")]
+    assert len(tta_rows) == 1
+    assert f"{payload['test_tta']['at_tuned']['f1_all'] * 100:.2f}" in tta_rows[0]
+    assert md.index("(val-tuned) |") < md.index("ours + TTA")  # right under the plain tuned row
+    assert "| efficientnet_b3 | 1.840 | 0.123 | 0.046 | 0.610 | 0.420 |" in md
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert len(table) == 4 and table["tta"].tolist() == [False, False, False, True]
+    row = table[table["tta"]].iloc[0]
+    assert row["f1_all"] == round(payload["test_tta"]["at_tuned"]["f1_all"] * 100, 2)
+
+    payload["test_tta"]["at_tuned"]["f1_all"] = "high"
+    (tmp_path / "b3.json").write_text(json.dumps(payload))
+    with pytest.raises(CnmcError, match="test_tta.at_tuned lacks numbers for f1_all"):
+        build_report([tmp_path / "b3.json"], tmp_path / "out")

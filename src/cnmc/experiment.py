@@ -24,6 +24,7 @@ import torch
 
 from cnmc import plots
 from cnmc.atomic import atomic_write_text
+from cnmc.calibration import expected_calibration_error, fit_temperature, nll, prob_all
 from cnmc.config import Params
 from cnmc.data.store import ImageStore, StoreDataset
 from cnmc.errors import CnmcError
@@ -166,13 +167,37 @@ def _start_run(params: Params, backbone: str, resume_run: str | None, extra_para
 
 def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: ModelSpec, params: Params,
                       paths: RunPaths) -> dict[str, Any]:
-    """Tune the threshold on validation, evaluate on test, save and log artifacts and the pyfunc."""
-    val_prob, _ = trainer.predict(StoreDataset(stores["val"], spec.mean, spec.std))
-    threshold = tune_threshold(stores["val"].targets, val_prob)
-    spec = replace(spec, threshold=threshold)
-    test = stores["test"]
-    test_prob, _ = trainer.predict(StoreDataset(test, spec.mean, spec.std))
-    result = evaluate_split(test.targets, test_prob, list(test.index["subject"]), threshold)
+    """Calibrate and tune the threshold on validation, evaluate on test (plain and with TTA),
+    save and log artifacts and the pyfunc.
+
+    The temperature is fitted on the raw validation logits, the threshold is tuned on the
+    calibrated validation probabilities, and every test number (``test``, ``predictions.csv``,
+    the served model) is at calibrated probabilities. ``test_tta`` is the same evaluation with
+    the probabilities averaged over the 8 D4 views, at the same temperature and threshold.
+    """
+    val, test = stores["val"], stores["test"]
+    val_logits, _ = trainer.predict_logits(StoreDataset(val, spec.mean, spec.std))
+    temperature = fit_temperature(val_logits, val.targets)
+    threshold = tune_threshold(val.targets, prob_all(val_logits, temperature))
+    spec = replace(spec, threshold=threshold, temperature=temperature)
+    # One pass over the test set gives the logits of every view; view 0 is the plain image.
+    test_views, _ = trainer.predict_logits(StoreDataset(test, spec.mean, spec.std), tta=True)
+    test_logits = test_views[:, 0]
+    test_prob, tta_prob = prob_all(test_logits, temperature), prob_all(test_views, temperature)
+    subjects = list(test.index["subject"])
+    result = evaluate_split(test.targets, test_prob, subjects, threshold)
+    tta_result = evaluate_split(test.targets, tta_prob, subjects, threshold)
+    raw_prob = prob_all(test_logits)
+    calibration = {
+        "temperature": temperature,
+        "test_ece_before": expected_calibration_error(test.targets, raw_prob),
+        "test_ece_after": expected_calibration_error(test.targets, test_prob),
+        "test_nll_before": nll(test_logits, test.targets),
+        "test_nll_after": nll(test_logits, test.targets, temperature),
+        "test_tta_ece": expected_calibration_error(test.targets, tta_prob),
+        "val_nll_before": nll(val_logits, val.targets),
+        "val_nll_after": nll(val_logits, val.targets, temperature),
+    }
 
     y_pred = (test_prob >= threshold).astype(int)
     plots_dir, model_dir, name = _mkdir(paths.plots_dir), _mkdir(paths.model_dir), spec.backbone
@@ -181,9 +206,11 @@ def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: Mod
     plots.confusion_matrix_json(test.targets, y_pred, plots_dir / "confusion.json")
     plots.roc_png(test.targets, test_prob, plots_dir / "roc.png", f"{name}: test ROC")
     plots.roc_csv(test.targets, test_prob, plots_dir / "roc.csv")
+    plots.reliability_png(test.targets, raw_prob, test_prob, plots_dir / "reliability.png",
+                          f"{name}: test, temperature {temperature:.3g}")
     pd.DataFrame({
         "path": test.index["path"], "subject": test.index["subject"], "label": test.index["label"],
-        "prob_all": test_prob, "predicted": np.where(y_pred == 1, "all", "hem"),
+        "prob_all": test_prob, "predicted": np.where(y_pred == 1, "all", "hem"), "prob_all_tta": tta_prob,
     }).to_csv(model_dir / "predictions.csv", index=False)
     torch.save(trainer.model.state_dict(), model_dir / "weights.pt")
     spec.save(model_dir / "model.json")
@@ -197,9 +224,11 @@ def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: Mod
     # Headline metrics at the validation-tuned threshold; the paper's argmax rule (0.5) beside them.
     mlflow.log_metrics({f"test_{k}": v for k, v in result["at_tuned"].items() if isinstance(v, float)})
     mlflow.log_metrics({f"test_t0.5_{k}": v for k, v in result["at_0.5"].items() if isinstance(v, float)})
+    mlflow.log_metrics({f"test_tta_{k}": v for k, v in tta_result["at_tuned"].items() if isinstance(v, float)})
+    mlflow.log_metrics(calibration)
     mlflow.log_metric("threshold", threshold)
     return {"backbone": name, "protocol": params.split.protocol, "data_hash": data_hash(),
-            "threshold": threshold, "test": result}
+            "threshold": threshold, "test": result, "test_tta": tta_result, "calibration": calibration}
 
 
 def _open_stores(paths: RunPaths) -> dict[str, ImageStore]:

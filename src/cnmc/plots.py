@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike
 from sklearn import metrics
 
 from cnmc.atomic import atomic_write_text
+from cnmc.calibration import expected_calibration_error, reliability_bins
 
 CLASS_NAMES = ("hem", "all")  # index = label: Hem = 0, ALL = 1
 BAR_METRICS = {
@@ -122,6 +123,37 @@ def roc_png(y_true: ArrayLike, prob_all: ArrayLike, path: Path | str, title: str
         title=title,
     )
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def reliability_png(
+    y_true: ArrayLike,
+    prob_before: ArrayLike,
+    prob_after: ArrayLike,
+    path: Path | str,
+    title: str,
+    n_bins: int = 15,
+) -> Path:
+    """Reliability diagram: accuracy vs confidence of the predicted class, per confidence bin,
+    before and after calibration, each with its ECE in the legend; below, cells per bin."""
+    fig = Figure(figsize=(5, 6))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    width = 1 / n_bins
+    for k, (name, prob) in enumerate((("before", prob_before), ("after", prob_after))):
+        bins = reliability_bins(y_true, prob, n_bins)
+        used = bins.count > 0
+        ece = expected_calibration_error(y_true, prob, n_bins)
+        ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=4, color=f"C{k}",
+                label=f"{name}: ECE {ece:.4f}")
+        centres = bins.edges[:-1] + width / 2
+        hist.bar(centres + (k - 0.5) * width / 2, bins.count, width / 2, color=f"C{k}", label=name)
+    # Two classes: the predicted class's confidence is never below 0.5.
+    ax.set(xlim=(0.45, 1.0), ylim=(0, 1.01), ylabel="Accuracy of the predicted class", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set(xlabel="Confidence of the predicted class", ylabel="Cells")
+    hist.legend(fontsize=7)
     return _save(fig, path)
 
 

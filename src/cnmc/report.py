@@ -54,7 +54,9 @@ Test-set metrics in %. Precision, recall and F1 are those of the ALL (positive) 
 calls its P/R/F1 "macro", but its numbers are the ALL-class binary metrics (with 847 ALL / 406 Hem
 test cells, B3's numbers imply TP 825, FN 22, FP 78; its true macro F1 would be about 90.5%).
 F1 (macro) and balanced accuracy are ours only. "t=0.5" is the paper's argmax rule; the tuned
-threshold was chosen on validation data only.
+threshold was chosen on validation data only, on temperature-scaled probabilities (T fitted on
+validation). "+ TTA" rows average the probabilities over the 8 flips and 90° rotations of each
+image, at the same temperature and threshold.
 
 The paper's protocol splits cells, not subjects, so one person's cells can be in train and test:
 its scores are optimistic. Under `subject` the test set holds unseen subjects.
@@ -74,7 +76,14 @@ SplitMetrics = TypedDict(
 )
 
 
-class MetricsFile(TypedDict):
+class _OptionalMetrics(TypedDict, total=False):
+    """Keys of newer metrics files; the report works without them."""
+
+    test_tta: SplitMetrics  # the same evaluation with test-time augmentation (same threshold)
+    calibration: dict[str, float]  # temperature, test_ece_before/after, test_nll_before/after
+
+
+class MetricsFile(_OptionalMetrics):
     """What the trainer writes per model (e.g. ``outputs/metrics/<backbone>.json``).
 
     ``test`` is ``cnmc.evaluate.evaluate_split`` on the test set (extra keys such as
@@ -118,13 +127,17 @@ def load_metrics_file(path: Path) -> MetricsFile:
         raise CnmcError(f"{path}: metrics file lacks {', '.join(sorted(missing))}")
     if not isinstance(data["threshold"], int | float):
         raise CnmcError(f"{path}: threshold must be a number, not {data['threshold']!r}")
-    for key in THRESHOLD_KEYS:
-        metrics = data["test"].get(key) if isinstance(data["test"], dict) else None
-        if not isinstance(metrics, dict):
-            raise CnmcError(f"{path}: metrics file lacks test.{key}")
-        bad = [name for name in COLUMNS if not isinstance(metrics.get(name, ""), _NUMBER)]
-        if bad:
-            raise CnmcError(f"{path}: test.{key} lacks numbers for {', '.join(bad)}")
+    for section in ("test", "test_tta") if "test_tta" in data else ("test",):
+        for key in THRESHOLD_KEYS:
+            metrics = data[section].get(key) if isinstance(data[section], dict) else None
+            if not isinstance(metrics, dict):
+                raise CnmcError(f"{path}: metrics file lacks {section}.{key}")
+            bad = [name for name in COLUMNS if not isinstance(metrics.get(name, ""), _NUMBER)]
+            if bad:
+                raise CnmcError(f"{path}: {section}.{key} lacks numbers for {', '.join(bad)}")
+    calibration = data.get("calibration", {})
+    if not isinstance(calibration, dict) or not all(isinstance(v, _NUMBER) for v in calibration.values()):
+        raise CnmcError(f"{path}: calibration must map names to numbers")
     return data  # type: ignore[return-value]
 
 
@@ -133,27 +146,34 @@ def _percent(value: Any) -> float:
 
 
 def _rows(path: Path, run: MetricsFile) -> list[dict[str, Any]]:
-    """The paper's row (NaN where it lacks the backbone), ours at 0.5 and at the tuned threshold."""
+    """The paper's row (NaN where it lacks the backbone), ours at 0.5 and at the tuned threshold,
+    and, when the run has it, ours with TTA at the tuned threshold."""
     common = {"protocol": run["protocol"], "backbone": run["backbone"]}
     paper = PAPER_TABLE2.get(run["backbone"], {})
     rows = [
         {
             **common,
             "result": "paper",
+            "tta": False,
             "threshold": 0.5 if paper else math.nan,
             **{key: paper.get(key, math.nan) for key in COLUMNS},
         }
     ]
-    ci95 = run["test"].get("ci95", {})
-    for key, threshold in (("at_0.5", 0.5), ("at_tuned", float(run["threshold"]))):
-        metrics = run["test"][key]
-        low, high = ci95.get(key, {}).get("f1_all", (None, None))
+    tuned = float(run["threshold"])
+    ours = [("test", "at_0.5", 0.5, "ours, t=0.50"),
+            ("test", "at_tuned", tuned, f"ours, t={tuned:.2f} (val-tuned)")]
+    if "test_tta" in run:
+        ours.append(("test_tta", "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} (val-tuned)"))
+    for section, key, threshold, result in ours:
+        split: dict[str, Any] = run[section]  # type: ignore[literal-required]
+        low, high = split.get("ci95", {}).get(key, {}).get("f1_all", (None, None))
         rows.append(
             {
                 **common,
-                "result": f"ours, t={threshold:.2f}" + ("" if key == "at_0.5" else " (val-tuned)"),
+                "result": result,
+                "tta": section == "test_tta",
                 "threshold": threshold,
-                **{name: _percent(metrics[name]) for name in COLUMNS},
+                **{name: _percent(split[key][name]) for name in COLUMNS},
                 "f1_all_ci_low": _percent(low),
                 "f1_all_ci_high": _percent(high),
                 "data_hash": run["data_hash"],
@@ -181,6 +201,23 @@ def _markdown_table(rows: pd.DataFrame) -> str:
             ci = (row["f1_all_ci_low"], row["f1_all_ci_high"])
             cells.append("—" if math.isnan(ci[0]) else f"{ci[0]:.2f}–{ci[1]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _calibration_table(runs: list[tuple[Path, MetricsFile]]) -> str:
+    """Temperature and test ECE / NLL before and after scaling, for the runs that have them."""
+    rows = [run for _, run in runs if run.get("calibration")]
+    if not rows:
+        return ""
+    lines = ["Calibration on test (temperature T fitted on validation; ECE: 15 bins, top-label):", "",
+             "| Model | T | ECE before | ECE after | NLL before | NLL after |", "|---|---:|---:|---:|---:|---:|"]
+    for run in rows:
+        c = run["calibration"]
+        values = [c.get(k) for k in ("temperature", "test_ece_before", "test_ece_after",
+                                     "test_nll_before", "test_nll_after")]
+        cells = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+                 for v in values]
+        lines.append(f"| {run['backbone']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -223,9 +260,11 @@ def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
     sections = []
     for protocol, rows in table.groupby("protocol", sort=False):
         hashes = ", ".join(sorted(rows["data_hash"].dropna().unique()))
+        calibration = _calibration_table([item for item in runs if item[1]["protocol"] == protocol])
         sections.append(
             f"### Protocol `{protocol}` — {PROTOCOLS.get(protocol, 'unknown protocol')}\n\n"
             f"Data hash: `{hashes}`\n\n{_markdown_table(rows)}"
+            + (f"\n\n{calibration}" if calibration else "")
         )
     tables_text = "\n\n".join(sections + [f"**Warning:** {message}" for message in warnings])
     markdown = f"{NOTES}\n{tables_text}\n"

@@ -13,6 +13,12 @@ an image, empty, truncated, too large, not a string) raises :class:`InvalidInput
 ``predict`` turns into ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with a message
 naming the row and the problem, never a stack trace. Values are only ever bytes: no request can
 make the model open a file or unpickle anything.
+
+Probabilities are temperature-scaled (``ModelSpec.temperature``, fitted on validation logits by
+:mod:`cnmc.calibration`). One inference parameter, ``tta`` (bool, default false), averages them
+over the 8 flips and 90° rotations (:mod:`cnmc.tta`): ``{"dataframe_split": ..., "params":
+{"tta": true}}`` over HTTP, ``model.predict(df, params={"tta": True})`` in process. The
+threshold is the same either way.
 """
 
 from __future__ import annotations
@@ -35,11 +41,14 @@ import torch
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.store import normalize_batch
 from cnmc.data.transforms import resize_transform
+from cnmc.tta import predict_tta
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 32
 # Encoded bytes per image: a 450x450 BMP is 0.6 MB; 64 MiB holds an uncompressed 22 M-pixel RGB image.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# Inference parameters a request may send (``"params"``); their values here are the defaults.
+INFERENCE_PARAMS: dict[str, Any] = {"tta": False}
 _DATA_URL = re.compile(r"data:[\w.+/-]*;base64,", re.IGNORECASE)
 
 
@@ -134,6 +143,7 @@ class LeukemiaClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
         try:
+            tta = _tta_param(params)
             values = _image_values(model_input)
             images = decode_base64_images(values, self.spec.image_size)
         except InvalidInput as exc:
@@ -141,12 +151,20 @@ class LeukemiaClassifier(mlflow.pyfunc.PythonModel):
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        prob = predict_proba(self.model, images, self.spec)
+        prob = predict_proba(self.model, images, self.spec, tta=tta)
         return pd.DataFrame({
             "label": np.where(prob >= self.spec.threshold, "all", "hem"),
             "prob_all": prob,
             "threshold": np.full(len(prob), self.spec.threshold),
         })
+
+
+def _tta_param(params: dict[str, Any] | None) -> bool:
+    """The ``tta`` inference parameter (MLflow has checked its type against the signature)."""
+    value = (params or {}).get("tta", False)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidInput(f"parameter 'tta' must be true or false, got {value!r}"[:200])
 
 
 def _image_values(model_input: Any) -> list[Any]:
@@ -166,14 +184,19 @@ def _image_values(model_input: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Probability of ALL for a uint8 (N, S, S, 3) batch, in chunks, on the model's device."""
+def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool = False) -> np.ndarray:
+    """Probability of ALL for a uint8 (N, S, S, 3) batch, in chunks, on the model's device:
+    ``softmax(logits / spec.temperature)``; with ``tta``, its mean over the 8 D4 views."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), BATCH_SIZE):
         batch = normalize_batch(torch.from_numpy(images[start : start + BATCH_SIZE]), spec.mean, spec.std)
-        logits = model(batch.to(device)).float() / spec.temperature
-        out.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        batch = batch.to(device)
+        if tta:
+            prob = predict_tta(model, batch, spec.temperature)
+        else:
+            prob = torch.softmax(model(batch).float() / spec.temperature, dim=1)
+        out.append(prob[:, 1].cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -195,7 +218,7 @@ def log_pyfunc(model_dir: Path, example_image: Path, registered_model_name: str 
         python_model=LeukemiaClassifier(),
         artifacts={"weights": str(model_dir / "weights.pt"), "spec": str(model_dir / "model.json")},
         code_paths=[str(Path(cnmc.__file__).parent)],
-        signature=infer_signature(example, output),
+        signature=infer_signature(example, output, params=INFERENCE_PARAMS),
         input_example=example,
         pip_requirements=_requirements(),
         registered_model_name=registered_model_name,

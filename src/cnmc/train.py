@@ -29,6 +29,7 @@ from cnmc.config import TrainConfig
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.errors import CnmcError
 from cnmc.evaluate import binary_metrics
+from cnmc.tta import VIEW_NAMES, tta_views
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +151,29 @@ class Trainer:
     @torch.no_grad()
     def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
         """Probabilities of ALL for every image of ``dataset``, in order, and the mean loss."""
+        logits, loss = self.predict_logits(dataset)
+        return torch.softmax(torch.from_numpy(logits), dim=1)[:, 1].numpy(), loss
+
+    @torch.no_grad()
+    def predict_logits(self, dataset: StoreDataset, tta: bool = False) -> tuple[np.ndarray, float]:
+        """Raw logits (N, 2) float32 for every image of ``dataset``, in order, and the mean loss.
+
+        With ``tta``: (N, V, 2), one logit pair per view of :func:`cnmc.tta.tta_views` (view 0 is
+        the plain image, so ``[:, 0]`` equals the logits without TTA); the loss is that of view 0.
+        """
         self.model.eval()
         loader = batch_loader(dataset, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
-        probs, total = [], 0.0
+        out, total = [], 0.0
         for images, targets in loader:
             images, targets = self._to_device(images, targets)
-            with self._autocast():
-                logits = self.model(images)
-            logits = logits.float()
-            total += self.loss_fn(logits, targets).item() * len(targets)
-            probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
-        return np.concatenate(probs) if probs else np.empty(0), total / max(len(dataset), 1)
+            views = []
+            for view in tta_views(images) if tta else [images]:
+                with self._autocast():
+                    views.append(self.model(view).float())
+            total += self.loss_fn(views[0], targets).item() * len(targets)
+            out.append((torch.stack(views, dim=1) if tta else views[0]).cpu().numpy())
+        empty = np.empty((0, len(VIEW_NAMES), 2) if tta else (0, 2), dtype=np.float32)
+        return np.concatenate(out) if out else empty, total / max(len(dataset), 1)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False, on_epoch: EpochCallback | None = None) -> FitResult:
