@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo data test test-fast lint serve clean
+.PHONY: install demo data test test-fast lint serve ui clean
 PORT ?= 5001
+UI_PORT ?= 5000
 
 install: $(STAMP)
 
@@ -40,6 +41,10 @@ lint: install
 serve: install
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow models serve \
 		-m models:/cnmc-classifier@champion --env-manager local --host 127.0.0.1 -p $(PORT)
+
+# The MLflow UI on the project's runs: open http://127.0.0.1:$(UI_PORT) (README: comparing backbones).
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
 	rm -rf outputs dvc.lock .dvc/tmp

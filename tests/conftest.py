@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,68 @@ def mlflow_db(mlflow_db_template: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """One real ``train_and_log`` run (1 epoch, random init) in the shared ``tiny_runs`` store."""
+
+    tracking_uri: str
+    backbone: str
+    run_id: str
+    run_name: str
+    experiment_id: str
+    threshold: float
+
+    @property
+    def model_uri(self) -> str:
+        return f"runs:/{self.run_id}/model"
+
+
+class TinyRuns:
+    """Trains tiny runs on demand, one per backbone, into one temporary SQLite store (cached)."""
+
+    def __init__(self, store: Path, db_template: Path, work: Path):
+        self.work = work
+        self.root = Path(shutil.copytree(store, work / "outputs"))
+        self.db = work / "mlflow.db"
+        shutil.copyfile(db_template, self.db)
+        self.tracking_uri = f"sqlite:///{self.db}"
+        self._runs: dict[str, TinyRun] = {}
+
+    def __call__(self, backbone: str) -> TinyRun:
+        if backbone not in self._runs:
+            self._runs[backbone] = self._train(backbone)
+        return self._runs[backbone]
+
+    def _train(self, backbone: str) -> TinyRun:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        from cnmc.config import Params
+        from cnmc.experiment import RunPaths, train_and_log
+
+        params = Params()
+        params = params.model_copy(update={
+            "train": params.train.model_copy(
+                update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
+            "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+        })
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
+            mp.delenv("MLFLOW_RUN_ID", raising=False)
+            mp.chdir(self.work)  # ./mlruns (the artifact root) lands here
+            try:
+                document = train_and_log(params, backbone, RunPaths(self.root, backbone), progress=False)
+            finally:
+                mlflow.set_tracking_uri(None)
+        run = MlflowClient(tracking_uri=self.tracking_uri).get_run(document["run_id"])
+        return TinyRun(self.tracking_uri, backbone, run.info.run_id, run.info.run_name,
+                       run.info.experiment_id, float(document["threshold"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
+    """``tiny_runs("test_resnet")``: a finished tiny run of that backbone (trained on first use),
+    all in one temporary SQLite store (``tiny_runs.tracking_uri``) under ``tiny_runs.work``."""
+    return TinyRuns(tiny_store, mlflow_db_template, tmp_path_factory.mktemp("tiny-runs"))

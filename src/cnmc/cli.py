@@ -198,6 +198,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
         print(f"best parameters written to {args.output}: use `cnmc train --params-from {args.output}`")
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from cnmc.explain import explain_images
+
+    for path in explain_images(args.model, args.inputs, Path(args.out_dir)):
+        print(path)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from cnmc.report import build_report
 
@@ -334,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="outputs/images", help="image store from `cnmc augment` (default: %(default)s)")
     p.add_argument("-o", "--output", default="outputs/tuned.yaml", help="best parameters file (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = add("explain", cmd_explain, "Write Grad-CAM overlays showing what the model looked at in each image.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p.add_argument("--model", default="models:/cnmc-classifier@champion", help="model URI (default: %(default)s)")
+    p.add_argument("-o", "--out-dir", default="explanations", help="where the overlays go (default: %(default)s)")
 
     p = add("report", cmd_report, "Compare the trained backbones with the paper's Table 2 (markdown, CSV, bar chart).")
     p.add_argument("--params", default=PARAMS_FILE, help="params file naming the backbones (default: %(default)s)")

@@ -29,6 +29,7 @@ from cnmc.config import Params
 from cnmc.data.store import ImageStore, StoreDataset
 from cnmc.errors import CnmcError
 from cnmc.evaluate import evaluate_split, tune_threshold
+from cnmc.explain import log_gradcam_grid
 from cnmc.models.backbones import create_backbone
 from cnmc.serving import ModelSpec, log_pyfunc
 from cnmc.tracking import data_hash, experiment_name, git_commit, tracking_uri
@@ -215,6 +216,7 @@ def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: Mod
     torch.save(trainer.model.state_dict(), model_dir / "weights.pt")
     spec.save(model_dir / "model.json")
 
+    log_gradcam_grid(trainer.model, spec, test, test_prob, threshold, plots_dir / "gradcam.png")
     mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
     mlflow.log_artifact(str(model_dir / "predictions.csv"))
     for report in paths.data_reports:

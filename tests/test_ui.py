@@ -1,0 +1,129 @@
+"""The MLflow UI (``make ui``) shows the project's runs: two real tiny runs of different backbones
+in a temporary SQLite store, an ``mlflow server`` on a free 127.0.0.1 port, and headless Chromium
+(Debian's ``chromium``; ``.ci/run`` installs it) rendering the experiment's runs page."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+BACKBONES = ("test_resnet", "test_efficientnet")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-quic",
+]
+# Let the React app fetch and render before the DOM is dumped or the screenshot taken.
+RENDER = ["--virtual-time-budget=15000", "--window-size=1600,1000"]
+SERVER_START_S = 120  # mlflow server imports for a while on 2 busy cores
+PAGE_RENDER_S = 90
+
+
+@pytest.fixture
+def browser() -> str:
+    """Chromium's path; the test skips, saying why, where it isn't installed."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("headless Chromium not installed: the MLflow UI check needs it "
+                "(Debian: apt-get install chromium; .ci/run installs it before `make test`)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(browser: str, tiny_runs, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """``mlflow server`` (what ``make ui`` runs) on the tiny runs' store: its base URL."""
+    port = free_port()
+    log = tmp_path / "mlflow-server.log"
+    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", tiny_runs.tracking_uri,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def stop() -> None:  # the whole group: the server's own workers too
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    request.addfinalizer(stop)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server not up on {url} after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+
+
+def run_chromium(browser: str, args: list[str], profile: Path,
+                 timeout: float = PAGE_RENDER_S) -> subprocess.CompletedProcess:
+    shutil.rmtree(profile, ignore_errors=True)  # a fresh profile every time: no state carried over
+    return subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def visible_text(html: str) -> str:
+    html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S | re.I)
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lists_runs_of_both_backbones(browser: str, tiny_runs, mlflow_ui: str, tmp_path: Path,
+                                                record_property: Callable[[str, object], None]) -> None:
+    runs = [tiny_runs(backbone) for backbone in BACKBONES]
+    assert len({run.experiment_id for run in runs}) == 1
+    page = f"{mlflow_ui}/#/experiments/{runs[0].experiment_id}/runs?workflowType=machine_learning"
+
+    # The UI is a React app: --dump-dom after the page settled gives the rendered DOM. On a slow
+    # machine the first try can come back before the runs request answered: try a few times.
+    text = ""
+    for attempt in range(3):
+        result = run_chromium(browser, [*RENDER, "--dump-dom", page], tmp_path / f"profile-dom-{attempt}")
+        text = visible_text(result.stdout)
+        if all(run.run_name in text for run in runs):
+            break
+        time.sleep(2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for run in runs:
+        assert run.run_name in text, f"run {run.run_name} not on the page; page text: {text[:1500]}"
+    assert "2 matching runs" in text
+
+    shot = tmp_path / "ui.png"
+    result = run_chromium(browser, [*RENDER, f"--screenshot={shot}", page], tmp_path / "profile-shot")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    record_property("screenshot", str(shot))  # in --junitxml reports
+    print(f"\nMLflow UI screenshot ({browser}): {shot}")  # shown with -s or -rP
