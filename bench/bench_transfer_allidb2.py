@@ -1,0 +1,348 @@
+"""Transfer learning on real cells: ImageNet-pretrained vs random-init ``tf_efficientnet_lite0``.
+
+What it measures: test macro F1, ALL-class F1 and ROC AUC of ``tf_efficientnet_lite0`` fine-tuned
+on the real ALL-IDB2 crops in ``../shared/data/allidb2-dev`` (65 ALL, 65 Hem, ~103x103 JPEG),
+once from the offline ImageNet weights (``create_backbone(..., pretrained=True)``) and once from
+random init (``pretrained=False``), both trained the same way through the project's own pipeline:
+split CSVs -> ``prepare_dataset`` (resize + the paper's class-balancing augmentation T up to M
+images per class) -> ``Trainer`` (Adam, early stopping on validation macro F1) -> a threshold
+tuned on validation with ``tune_threshold`` -> ``binary_metrics`` on the held-out test blocks.
+A backbone that has really learned ImageNet features should separate the two classes from a
+few dozen cells, and clearly beat the same network from random init.
+
+Why blocks: the images are numbered ImNNN in blocks of five consecutive numbers (ALL 1-5,
+11-15, ...; Hem 131-135, 141-145, ...), and the images of one block often come from one slide
+and look alike, while slides differ a lot. Holding out single images would let the model
+recognise a slide it trained on and overstate the score, so every split here is by block: the
+block is the "subject" column of the split CSVs (``all-blk03``), and cross-validation runs over
+blocks: fold k's test = blocks k, k+folds, k+2*folds, ... of each class (interleaved, so that
+every training set holds both kinds of slide: ALL blocks 0-7 are small dark blasts, 8-12 large
+pale ones); validation = 2 blocks per class spread over the rest; training = the remaining
+blocks. No block is ever in two splits of a fold.
+
+The settings (image size, M, epochs, lr, patience, validation blocks) were chosen on the
+validation scores, with both models trained identically; the test blocks of a fold are only
+used for the final numbers.
+
+Run (from the project root; about 5-10 minutes on 2 CPU cores with the defaults, longer when
+the cores are shared):
+    .venv/bin/python bench/bench_transfer_allidb2.py [--folds 3] [--epochs 8] [--image-size 128]
+        [--per-class 100] [--seed 0] [--lr 3e-4] [--verbose]
+
+If the data folder is absent (a fresh clone) it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network: the lite0 weights come from pip
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cnmc.config import AugmentConfig, TrainConfig  # noqa: E402
+from cnmc.data.augment import REQUIRED_COLUMNS, prepare_dataset  # noqa: E402
+from cnmc.data.store import ImageStore, StoreDataset  # noqa: E402
+from cnmc.evaluate import binary_metrics, tune_threshold  # noqa: E402
+from cnmc.models.backbones import create_backbone  # noqa: E402
+from cnmc.train import Trainer  # noqa: E402
+
+BACKBONE = "tf_efficientnet_lite0"
+ROOT = Path(__file__).resolve().parents[1]
+DATA_CANDIDATES = (
+    ROOT.parent / "shared" / "data" / "allidb2-dev",
+    Path("../shared/data/allidb2-dev"),
+)
+CLASSES = ("all", "hem")
+BLOCK = 5  # consecutive image numbers per block
+VARIANTS = (("pretrained", True), ("random", False))
+NAME_RE = re.compile(r"^Im(\d+)\.jpe?g$", re.IGNORECASE)
+
+
+def find_data(explicit: str | None) -> Path | None:
+    candidates = (Path(explicit),) if explicit else DATA_CANDIDATES
+    for path in candidates:
+        if all((path / c).is_dir() for c in CLASSES):
+            return path.resolve()
+    return None
+
+
+def catalogue(data: Path) -> pd.DataFrame:
+    """One row per image with the split-CSV columns (``split`` left empty) and its block."""
+    rows = []
+    for label in CLASSES:
+        files = sorted(p for p in (data / label).iterdir() if NAME_RE.match(p.name))
+        raw_blocks = sorted({(int(NAME_RE.match(p.name).group(1)) - 1) // BLOCK for p in files})
+        block_id = {b: i for i, b in enumerate(raw_blocks)}  # renumber 0.. within the class
+        for p in files:
+            number = int(NAME_RE.match(p.name).group(1))
+            with Image.open(p) as im:
+                width, height, mode = im.width, im.height, im.mode
+            rows.append(
+                {
+                    "path": str(p),
+                    "label": label,
+                    "subject": f"{label}-blk{block_id[(number - 1) // BLOCK]:02d}",
+                    "source": "allidb2-dev",
+                    "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                    "width": width,
+                    "height": height,
+                    "original_mode": mode,
+                    "original_name": p.name,
+                    "split": "",
+                }
+            )
+    return pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS))
+
+
+def block_folds(df: pd.DataFrame, folds: int, val_blocks: int) -> list[dict[str, list[str]]]:
+    """Per fold, the blocks of train/val/test, per class and in block-number order.
+
+    Test = every ``folds``-th block (blocks k, k+folds, ...); val = ``val_blocks`` blocks evenly
+    spread over the remaining ones; train = the rest. Spreading systematically over the numbers
+    is stratification by slide: the slides come in runs of blocks (ALL blocks 0-7 hold small
+    dark blasts, 8-12 large pale ones), and a random draw of 4-5 of 13 blocks can leave a slide
+    type out of training altogether, which tests "an unseen kind of slide" rather than transfer.
+    """
+    out = []
+    for k in range(folds):
+        plan: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+        for label in CLASSES:
+            blocks = sorted(df.loc[df["label"] == label, "subject"].unique())
+            test = blocks[k::folds]
+            rest = [b for b in blocks if b not in test]
+            if len(rest) < val_blocks + 1:
+                raise SystemExit(f"too few {label} blocks for {folds} folds and {val_blocks} val blocks")
+            picks = np.linspace(0, len(rest) - 1, val_blocks + 2)[1:-1].round().astype(int)
+            val = [rest[i] for i in picks]
+            plan["test"] += test
+            plan["val"] += val
+            plan["train"] += [b for b in rest if b not in val]
+        out.append({s: sorted(map(str, b)) for s, b in plan.items()})
+    return out
+
+
+def write_splits(df: pd.DataFrame, plan: dict[str, list[str]], splits_dir: Path) -> dict[str, int]:
+    splits_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, blocks in plan.items():
+        part = df[df["subject"].isin(blocks)].copy()
+        part["split"] = split
+        part.to_csv(splits_dir / f"{split}.csv", index=False)
+        counts[split] = len(part)
+    seen = [b for blocks in plan.values() for b in blocks]
+    assert len(seen) == len(set(seen)), "a block is in two splits"
+    return counts
+
+
+def run_variant(
+    pretrained: bool,
+    stores: dict[str, ImageStore],
+    cfg: TrainConfig,
+    seed: int,
+    workdir: Path,
+    verbose: bool,
+) -> dict[str, float]:
+    torch.manual_seed(seed)  # the random init (and the new head) are seeded
+    net = create_backbone(BACKBONE, pretrained=pretrained)
+    tag = "pretrained" if pretrained else "random"
+
+    def on_epoch(row: dict[str, float]) -> None:
+        if verbose:
+            print(
+                f"      {tag:10s} epoch {int(row['epoch']):2d}  train_loss {row['train_loss']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  val_f1 {row['val_f1_macro']:.3f}  "
+                f"val_auc {row['val_roc_auc']:.3f}",
+                flush=True,
+            )
+
+    trainer = Trainer(
+        net.model,
+        net.mean,
+        net.std,
+        stores["train"],
+        stores["val"],
+        cfg,
+        seed,
+        workdir / f"{tag}.pt",
+        fingerprint=tag,
+        progress=False,
+    )
+    started = time.perf_counter()
+    fit = trainer.fit(on_epoch=on_epoch)
+    val_prob, _ = trainer.predict(StoreDataset(stores["val"], net.mean, net.std))
+    threshold = tune_threshold(stores["val"].targets, val_prob)
+    val = binary_metrics(stores["val"].targets, val_prob, threshold)
+    test_prob, _ = trainer.predict(StoreDataset(stores["test"], net.mean, net.std))
+    test = binary_metrics(stores["test"].targets, test_prob, threshold)
+    return {
+        "f1_macro": test["f1_macro"],
+        "f1_all": test["f1_all"],
+        "roc_auc": test["roc_auc"],
+        "accuracy": test["accuracy"],
+        "threshold": threshold,
+        "val_f1_macro": val["f1_macro"],
+        "best_epoch": fit.best_epoch,
+        "epochs_run": len(fit.history),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--data", default=None, help="allidb2-dev folder (default ../shared/data/allidb2-dev)"
+    )
+    ap.add_argument(
+        "--folds", type=int, default=3, help="cross-validation folds over blocks (default 3)"
+    )
+    ap.add_argument("--only-fold", type=int, default=None, help="run just this fold (0-based)")
+    ap.add_argument(
+        "--val-blocks", type=int, default=2, help="validation blocks per class (default 2)"
+    )
+    ap.add_argument("--epochs", type=int, default=8, help="maximum epochs (default 8)")
+    ap.add_argument("--patience", type=int, default=4, help="early-stopping patience (default 4)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    ap.add_argument(
+        "--image-size", type=int, default=128, help="stored image side in px (default 128)"
+    )
+    ap.add_argument(
+        "--per-class", type=int, default=100, help="M: training images per class (default 100)"
+    )
+    ap.add_argument("--strength", type=float, default=1.0, help="strength of T (default 1 = paper)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for augmentation, init and batch order (folds are fixed)")
+    ap.add_argument(
+        "--variants", default="pretrained,random", help="comma list of pretrained,random"
+    )
+    ap.add_argument("--verbose", action="store_true", help="print every epoch")
+    return ap.parse_args(argv)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = find_data(args.data)
+    if data is None:
+        print(
+            "skipped: ALL-IDB2 sample not found at ../shared/data/allidb2-dev (a fresh clone has no data)"
+        )
+        return 0
+    logging.basicConfig(level=logging.ERROR)
+    variants = [(n, p) for n, p in VARIANTS if n in args.variants.split(",")]
+    began = time.perf_counter()
+    df = catalogue(data)
+    folds = block_folds(df, args.folds, args.val_blocks)
+    aug = AugmentConfig(
+        image_size=args.image_size, per_class=args.per_class, strength=args.strength
+    )
+    cfg = TrainConfig(
+        backbones=[BACKBONE],
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device="cpu",
+        num_workers=0,
+    )
+    print(
+        f"ALL-IDB2 dev: {len(df)} images ({(df['label'] == 'all').sum()} ALL, "
+        f"{(df['label'] == 'hem').sum()} Hem), {df['subject'].nunique()} blocks of {BLOCK} consecutive numbers"
+    )
+    print(
+        f"{BACKBONE}; {args.folds}-fold CV over blocks, {args.val_blocks} val blocks/class; "
+        f"{args.image_size}px, M={args.per_class}/class, T strength {args.strength:g}; "
+        f"Adam lr {args.lr:g}, batch {args.batch_size}, <= {args.epochs} epochs, patience {args.patience}; "
+        f"seed {args.seed}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+
+    results: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_allidb2_") as tmp:
+        for k, plan in enumerate(folds):
+            if args.only_fold is not None and k != args.only_fold:
+                continue
+            fold_dir = Path(tmp) / f"fold{k}"
+            counts = write_splits(df, plan, fold_dir / "splits")
+            summary = prepare_dataset(
+                fold_dir / "splits",
+                fold_dir / "store",
+                aug,
+                args.seed + k,
+                fold_dir / "preview.png",
+                progress=False,
+            )
+            stores = {s: ImageStore(fold_dir / "store" / s) for s in ("train", "val", "test")}
+            print(f"\nfold {k}: test blocks {', '.join(plan['test'])}")
+            print(f"  val blocks {', '.join(plan['val'])}")
+            print(
+                f"  images: train {counts['train']} originals -> {summary.split_counts['train']} after T, "
+                f"val {counts['val']}, test {counts['test']} (augment {summary.seconds:.0f} s)",
+                flush=True,
+            )
+            for name, pretrained in variants:
+                r = run_variant(pretrained, stores, cfg, args.seed + k, fold_dir, args.verbose)
+                results.append({"fold": k, "variant": name, **r})
+                print(
+                    f"  {name:10s} test macro-F1 {fmt(r['f1_macro'])}  ALL-F1 {fmt(r['f1_all'])}  "
+                    f"AUC {fmt(r['roc_auc'])}  acc {fmt(r['accuracy'])} | val macro-F1 {fmt(r['val_f1_macro'])} "
+                    f"thr {r['threshold']:.3f} | best epoch {r['best_epoch']}/{r['epochs_run']} "
+                    f"{r['seconds']:.0f} s",
+                    flush=True,
+                )
+
+    table = pd.DataFrame(results)
+    print("\nSummary (test = held-out blocks; threshold tuned on validation blocks)")
+    header = f"{'fold':>5} {'variant':<11} {'macro-F1':>8} {'ALL-F1':>7} {'AUC':>6} {'acc':>6} {'thr':>6} {'epochs':>7}"
+    print(header)
+    print("-" * len(header))
+    for _, r in table.iterrows():
+        print(
+            f"{r['fold']:>5} {r['variant']:<11} {fmt(r['f1_macro']):>8} {fmt(r['f1_all']):>7} "
+            f"{fmt(r['roc_auc']):>6} {fmt(r['accuracy']):>6} {r['threshold']:>6.3f} "
+            f"{str(r['best_epoch']) + '/' + str(r['epochs_run']):>7}"
+        )
+    print("-" * len(header))
+    means = {}
+    for name, _ in variants:
+        part = table[table["variant"] == name]
+        means[name] = {
+            m: float(part[m].mean()) for m in ("f1_macro", "f1_all", "roc_auc", "accuracy")
+        }
+        std = float(part["f1_macro"].std(ddof=0))
+        print(
+            f"{'mean':>5} {name:<11} {fmt(means[name]['f1_macro']):>8} {fmt(means[name]['f1_all']):>7} "
+            f"{fmt(means[name]['roc_auc']):>6} {fmt(means[name]['accuracy']):>6}   (macro-F1 sd {std:.3f})"
+        )
+    if len(means) == 2:
+        d = {m: means["pretrained"][m] - means["random"][m] for m in means["pretrained"]}
+        print(
+            f"{'diff':>5} {'pre - rand':<11} {d['f1_macro']:>+8.3f} {d['f1_all']:>+7.3f} "
+            f"{d['roc_auc']:>+6.3f} {d['accuracy']:>+6.3f}"
+        )
+    print(f"wall time {time.perf_counter() - began:.0f} s")
+    parts = [
+        f"{name} macro-F1 {fmt(m['f1_macro'])} AUC {fmt(m['roc_auc'])}" for name, m in means.items()
+    ]
+    print("RESULT " + " | ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
