@@ -26,7 +26,7 @@ used for the final numbers.
 
 Run (from the project root; about 5-10 minutes on 2 CPU cores with the defaults, longer when
 the cores are shared):
-    .venv/bin/python bench/bench_transfer_allidb2.py [--folds 3] [--epochs 8] [--image-size 128]
+    .venv/bin/python bench/bench_transfer_allidb2.py [--folds 3] [--epochs 8] [--image-size 160]
         [--per-class 100] [--seed 0] [--lr 3e-4] [--verbose]
 
 If the data folder is absent (a fresh clone) it says so and exits 0.
@@ -218,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     ap.add_argument(
-        "--image-size", type=int, default=128, help="stored image side in px (default 128)"
+        "--image-size", type=int, default=160, help="stored image side in px (default 160)"
     )
     ap.add_argument(
         "--per-class", type=int, default=100, help="M: training images per class (default 100)"
