@@ -117,13 +117,18 @@ class Params(_Section):
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate a params file; errors name the file and the offending key."""
     path = Path(path)
+    raw = _read_yaml(path, missing="params file not found (run `cnmc profile demo` to write one)")
+    return parse_params(raw, source=str(path))
+
+
+def _read_yaml(path: Path, missing: str) -> object:
+    """The YAML content of ``path``; a missing or unparsable file is a one-line error naming it."""
     if not path.is_file():
-        raise CnmcError(f"{path}: params file not found (run `cnmc profile demo` to write one)")
+        raise CnmcError(f"{path}: {missing}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CnmcError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
-    return parse_params(raw, source=str(path))
 
 
 def parse_params(raw: Any, source: str) -> Params:
@@ -140,12 +145,7 @@ def parse_params(raw: Any, source: str) -> Params:
 
 def merge_params_file(params: Params, path: Path) -> Params:
     """``params`` with the values of a partial params file (e.g. ``tuned.yaml``) layered over it."""
-    if not path.is_file():
-        raise CnmcError(f"{path}: file not found")
-    try:
-        overrides = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise CnmcError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    overrides = _read_yaml(path, missing="file not found")
     if not isinstance(overrides, dict):
         raise CnmcError(f"{path}: expected a mapping of settings at the top level")
     return parse_params(_deep_merge(params.model_dump(), overrides), source=str(path))
