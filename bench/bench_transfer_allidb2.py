@@ -203,31 +203,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument(
-        "--data", default=None, help="allidb2-dev folder (default ../shared/data/allidb2-dev)"
-    )
-    ap.add_argument(
-        "--folds", type=int, default=3, help="cross-validation folds over blocks (default 3)"
-    )
+    ap.add_argument("--data", default=None, help="allidb2-dev folder (default ../shared/data/allidb2-dev)")
+    ap.add_argument("--folds", type=int, default=3, help="cross-validation folds over blocks (default 3)")
     ap.add_argument("--only-fold", type=int, default=None, help="run just this fold (0-based)")
-    ap.add_argument(
-        "--val-blocks", type=int, default=2, help="validation blocks per class (default 2)"
-    )
+    ap.add_argument("--val-blocks", type=int, default=2, help="validation blocks per class (default 2)")
     ap.add_argument("--epochs", type=int, default=8, help="maximum epochs (default 8)")
     ap.add_argument("--patience", type=int, default=4, help="early-stopping patience (default 4)")
     ap.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    ap.add_argument(
-        "--image-size", type=int, default=160, help="stored image side in px (default 160)"
-    )
-    ap.add_argument(
-        "--per-class", type=int, default=100, help="M: training images per class (default 100)"
-    )
+    ap.add_argument("--image-size", type=int, default=160, help="stored image side in px (default 160)")
+    ap.add_argument("--per-class", type=int, default=100, help="M: training images per class (default 100)")
     ap.add_argument("--strength", type=float, default=1.0, help="strength of T (default 1 = paper)")
     ap.add_argument("--seed", type=int, default=0, help="seed for augmentation, init and batch order (folds are fixed)")
-    ap.add_argument(
-        "--variants", default="pretrained,random", help="comma list of pretrained,random"
-    )
+    ap.add_argument("--variants", default="pretrained,random", help="comma list of pretrained,random")
     ap.add_argument("--verbose", action="store_true", help="print every epoch")
     return ap.parse_args(argv)
 
@@ -240,18 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = find_data(args.data)
     if data is None:
-        print(
-            "skipped: ALL-IDB2 sample not found at ../shared/data/allidb2-dev (a fresh clone has no data)"
-        )
+        print("skipped: ALL-IDB2 sample not found at ../shared/data/allidb2-dev (a fresh clone has no data)")
         return 0
     logging.basicConfig(level=logging.ERROR)
     variants = [(n, p) for n, p in VARIANTS if n in args.variants.split(",")]
     began = time.perf_counter()
     df = catalogue(data)
     folds = block_folds(df, args.folds, args.val_blocks)
-    aug = AugmentConfig(
-        image_size=args.image_size, per_class=args.per_class, strength=args.strength
-    )
+    aug = AugmentConfig(image_size=args.image_size, per_class=args.per_class, strength=args.strength)
     cfg = TrainConfig(
         backbones=[BACKBONE],
         epochs=args.epochs,
@@ -322,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     means = {}
     for name, _ in variants:
         part = table[table["variant"] == name]
-        means[name] = {
-            m: float(part[m].mean()) for m in ("f1_macro", "f1_all", "roc_auc", "accuracy")
-        }
+        means[name] = {m: float(part[m].mean()) for m in ("f1_macro", "f1_all", "roc_auc", "accuracy")}
         std = float(part["f1_macro"].std(ddof=0))
         print(
             f"{'mean':>5} {name:<11} {fmt(means[name]['f1_macro']):>8} {fmt(means[name]['f1_all']):>7} "
@@ -337,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{d['roc_auc']:>+6.3f} {d['accuracy']:>+6.3f}"
         )
     print(f"wall time {time.perf_counter() - began:.0f} s")
-    parts = [
-        f"{name} macro-F1 {fmt(m['f1_macro'])} AUC {fmt(m['roc_auc'])}" for name, m in means.items()
-    ]
+    parts = [f"{name} macro-F1 {fmt(m['f1_macro'])} AUC {fmt(m['roc_auc'])}" for name, m in means.items()]
     print("RESULT " + " | ".join(parts))
     return 0
 
