@@ -127,13 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     _, source = build_model(models[0])
-    print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
-          f"cuDNN {torch.backends.cudnn.version()} | bf16 supported: {torch.cuda.is_bf16_supported()}")
-    print(f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}; "
-          f"models from {source}")
-    print(f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {args.warmup} warm-up + "
-          f"{args.steps} timed steps per configuration, Adam, synthetic uint8 inputs normalised on the GPU",
-          flush=True)
+    print(
+        f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+        f"cuDNN {torch.backends.cudnn.version()} | bf16 supported: {torch.cuda.is_bf16_supported()}"
+    )
+    print(
+        f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}; "
+        f"models from {source}"
+    )
+    print(
+        f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {args.warmup} warm-up + "
+        f"{args.steps} timed steps per configuration, Adam, synthetic uint8 inputs normalised on the GPU",
+        flush=True,
+    )
     results: list[Result] = []
     for name in models:
         for amp in (False, True):
@@ -145,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             torch.cuda.empty_cache()  # the configuration's model and optimizer are gone now
             results.append(r)
-            print(f"  {r.model:<16} {r.config:<13} {r.images_per_s:8.0f} img/s  {r.ms_per_step:7.1f} ms/step  "
-                  f"peak {r.peak_gib:5.2f} GiB  (loss {r.final_loss:.3f})", flush=True)
+            print(
+                f"  {r.model:<16} {r.config:<13} {r.images_per_s:8.0f} img/s  {r.ms_per_step:7.1f} ms/step  "
+                f"peak {r.peak_gib:5.2f} GiB  (loss {r.final_loss:.3f})",
+                flush=True,
+            )
 
     print()
     header = f"{'model':<16} {'config':<13} {'img/s':>8} {'ms/step':>8} {'peak GiB':>9}"
