@@ -25,6 +25,18 @@ TINY_DEMO = {
 TINY_AUGMENT = {"image_size": 32, "per_class": 16, "workers": 1}
 
 
+def tiny_params(**train: object):
+    """Defaults with the tiny store's augment settings and a fast, random-init CPU training (1 epoch)."""
+    from cnmc.config import Params
+
+    params = Params()
+    train_cfg = {"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False, **train}
+    return params.model_copy(update={
+        "train": params.train.model_copy(update=train_cfg),
+        "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+    })
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """Tiny models on a small, shared CPU: one intra-op thread is several times faster than
@@ -175,15 +187,9 @@ class TinyRuns:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        from cnmc.config import Params
         from cnmc.experiment import RunPaths, train_and_log
 
-        params = Params()
-        params = params.model_copy(update={
-            "train": params.train.model_copy(
-                update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
-            "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
-        })
+        params = tiny_params()
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
             mp.delenv("MLFLOW_RUN_ID", raising=False)

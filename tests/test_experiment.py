@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnmc.config import Params
 from cnmc.experiment import RunPaths, train_and_log
 from cnmc.serving import encode_file
 
@@ -31,20 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BACKBONE = "test_efficientnet"
 EPOCHS = 2
-
-
-def tiny_params(**train: object) -> Params:
-    """Defaults with the tiny store's augment settings and a fast, random-init CPU training."""
-    params = Params()
-    train_cfg = {"epochs": EPOCHS, "batch_size": 16, "device": "cpu", "pretrained": False, **train}
-    return params.model_copy(
-        update={
-            "train": params.train.model_copy(update=train_cfg),
-            "augment": params.augment.model_copy(
-                update={"image_size": 32, "per_class": 16, "workers": 1}
-            ),
-        }
-    )
 
 
 def tiny_params_file(path: Path, per_class: int = 8) -> Path:
@@ -84,7 +70,7 @@ def logged_run(
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mp.chdir(work)  # ./mlruns (the artifact root) lands here
         try:
-            document = train_and_log(tiny_params(), BACKBONE, paths, progress=False)
+            document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, progress=False)
         finally:
             mlflow.set_tracking_uri(None)
     return LoggedRun(uri, paths, document, document["run_id"])
@@ -363,14 +349,14 @@ def test_interrupted_run_is_killed_then_resumed_into_the_same_run(
 
     monkeypatch.setattr(Trainer, "train_epoch", interrupted_in_epoch_2)
     with pytest.raises(CnmcError, match="--resume"):
-        train_and_log(tiny_params(), BACKBONE, paths, progress=False)
+        train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, progress=False)
     client = MlflowClient(tracking_uri=mlflow_db)
     (run,) = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
     assert run.info.status == "KILLED"
     assert mlflow.active_run() is None
 
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    document = train_and_log(tiny_params(), BACKBONE, paths, resume=True, progress=False)
+    document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True, progress=False)
     assert document["run_id"] == run.info.run_id and document["epochs_run"] == EPOCHS
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     for name in ("train_loss", "val_f1_macro"):  # epoch 1 not logged twice

@@ -11,9 +11,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_params
 from PIL import Image
 
-from cnmc.config import Params
 from cnmc.errors import CnmcError
 from cnmc.experiment import RunPaths, train_and_log
 from cnmc.predict import COLUMNS, find_images, predict_paths
@@ -27,15 +27,6 @@ class TinyModel:
     tracking_uri: str
     model_uri: str
     threshold: float
-
-
-def tiny_params() -> Params:
-    params = Params()
-    return params.model_copy(update={
-        "train": params.train.model_copy(
-            update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
-        "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
-    })
 
 
 @pytest.fixture(scope="module")

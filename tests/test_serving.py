@@ -31,10 +31,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_params
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from cnmc.config import Params
 from cnmc.data.images import MAX_PIXELS
 from cnmc.experiment import RunPaths, train_and_log
 from cnmc.serving import InvalidInput, LeukemiaClassifier, ModelSpec, decode_base64_images
@@ -244,15 +244,6 @@ class Server:
     url: str
     threshold: float
     log: Path
-
-
-def tiny_params() -> Params:
-    params = Params()
-    return params.model_copy(update={
-        "train": params.train.model_copy(
-            update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
-        "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
-    })
 
 
 def free_port() -> int:
