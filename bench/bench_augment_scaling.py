@@ -19,15 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
-from PIL import Image
+from _samples import (  # bench/ is on sys.path when a script here runs
+    describe_cells,
+    sample_bmps,
+    split_row,
+    write_cell_bmp,
+)
 
 from cnmc.config import AugmentConfig
 from cnmc.data.augment import REQUIRED_COLUMNS, prepare_dataset
@@ -45,30 +48,12 @@ def make_splits(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) ->
         for label, n in per_label.items():
             for _ in range(n):
                 path = root / "raw" / f"{split}_{label}_{i:05d}.bmp"
-                if real:
-                    shutil.copyfile(real[i % len(real)], path)
-                else:
-                    noise = rng.integers(0, 256, size=(450, 450, 3), dtype=np.uint8)
-                    Image.fromarray(noise, "RGB").save(path)
+                write_cell_bmp(path, i, real, rng)
                 i += 1
-                rows.append(
-                    {
-                        "path": str(path),
-                        "label": label,
-                        "subject": f"s{i}",
-                        "source": "bench",
-                        "sha256": "",
-                        "width": "450",
-                        "height": "450",
-                        "original_mode": "RGB",
-                        "original_name": path.name,
-                        "split": split,
-                    }
-                )
+                rows.append(split_row(path, label, f"s{i}", split))
         frame = pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS))
         frame.to_csv(root / "splits" / f"{split}.csv", index=False)
-    what = f"copies of {len(real)} real C-NMC sample BMPs" if real else "random-noise BMPs"
-    return root / "splits", what
+    return root / "splits", describe_cells(real)
 
 
 def cpu_seconds() -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,8 +33,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
-from PIL import Image
+from _samples import (  # bench/ is on sys.path when a script here runs
+    describe_cells,
+    sample_bmps,
+    split_row,
+    write_cell_bmp,
+)
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
@@ -55,27 +58,9 @@ def make_image_folder(root: Path, n: int, seed: int = 0) -> tuple[list[dict[str,
         label = "all" if i % 2 == 0 else "hem"
         path = root / label / f"img_{i:05d}.bmp"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if real:
-            shutil.copyfile(real[i % len(real)], path)
-        else:
-            noise = rng.integers(0, 256, size=(450, 450, 3), dtype=np.uint8)
-            Image.fromarray(noise, "RGB").save(path)
-        rows.append(
-            {
-                "path": str(path),
-                "label": label,
-                "subject": f"s{i}",
-                "source": "bench",
-                "sha256": "",
-                "width": "450",
-                "height": "450",
-                "original_mode": "RGB",
-                "original_name": path.name,
-                "split": "train",
-            }
-        )
-    what = f"copies of {len(real)} real C-NMC sample BMPs" if real else "random-noise BMPs"
-    return rows, what
+        write_cell_bmp(path, i, real, rng)
+        rows.append(split_row(path, label, f"s{i}", "train"))
+    return rows, describe_cells(real)
 
 
 def interleaved_rates(

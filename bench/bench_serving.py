@@ -28,14 +28,11 @@ import http.client
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +42,8 @@ import pandas as pd
 import torch
 from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
 from PIL import Image
+
+from cnmc import local_server
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +82,6 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     return uri, info.model_uri
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(model_uri: str, tracking_uri: str | None, port: int, threads: int, cwd: Path,
                  log: Path) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
@@ -97,36 +90,7 @@ def start_server(model_uri: str, tracking_uri: str | None, port: int, threads: i
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with log.open("w") as sink:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"the server did not answer /ping in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (mlflow and its uvicorn); SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
+    return local_server.start(command, cwd, env, log)
 
 
 class Client:
@@ -233,11 +197,11 @@ def main() -> None:
             tracking_uri, model_uri = log_random_model(tmp, args.backbone, args.image_size, image)
             made = (f"random-weight {args.backbone} pyfunc ({args.image_size} px), "
                     f"logged in {time.perf_counter() - t0:.1f} s")
-        port = free_port()
+        port = local_server.free_port()
         log = tmp / "server.log"
         proc = start_server(model_uri, tracking_uri, port, args.threads, tmp, log)
         try:
-            up = wait_until_up(f"http://127.0.0.1:{port}", proc, log)
+            up = local_server.wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
             model = mlflow.pyfunc.load_model(model_uri)
             pyfunc = model.unwrap_python_model()
             spec, net = pyfunc.spec, pyfunc.model
@@ -311,7 +275,7 @@ def main() -> None:
             if result["sent"] < planned:
                 print(f"  (stopped at --max-load-seconds {args.max_load_seconds:.0f})")
         finally:
-            stop_server(proc)
+            local_server.stop(proc)
         print(f"\nserver stopped (exit {proc.returncode}); total {time.perf_counter() - t0:.0f} s")
 
 

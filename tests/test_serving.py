@@ -13,12 +13,8 @@ import os
 import pickle
 import re
 import shutil
-import signal
-import socket
 import struct
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -35,6 +31,7 @@ from conftest import tiny_params
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from cnmc import local_server
 from cnmc.data.images import MAX_PIXELS
 from cnmc.experiment import RunPaths, train_and_log
 from cnmc.serving import InvalidInput, LeukemiaClassifier, ModelSpec, decode_base64_images
@@ -246,39 +243,6 @@ class Server:
     log: Path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the server did not answer /ping within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (mlflow and its uvicorn), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A one-epoch run's pyfunc served by ``mlflow models serve`` on a free loopback port."""
@@ -296,21 +260,19 @@ def server(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.
         finally:
             mlflow.set_tracking_uri(None)
 
-    port = free_port()
+    port = local_server.free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri,
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     log = work / "server.log"
     command = [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{document['run_id']}/model",
                "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with log.open("w") as sink:
-        proc = subprocess.Popen(command, cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = local_server.start(command, work, env, log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_up(url, proc, log)
+        local_server.wait_until_up(f"{url}/ping", proc, log)
         yield Server(url, document["threshold"], log)
     finally:
-        stop(proc)
+        local_server.stop(proc)
 
 
 def post(server: Server, body: Any, content_type: str = "application/json") -> tuple[int, Any]:

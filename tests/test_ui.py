@@ -7,16 +7,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from cnmc import local_server
 
 BIN = Path(sys.executable).parent
 BACKBONES = ("test_resnet", "test_efficientnet")
@@ -40,50 +39,21 @@ def browser() -> str:
                 "(Debian: apt-get install chromium; .ci/run installs it before `make test`)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_ui(browser: str, tiny_runs, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     """``mlflow server`` (what ``make ui`` runs) on the tiny runs' store: its base URL."""
-    port = free_port()
+    port = local_server.free_port()
     log = tmp_path / "mlflow-server.log"
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", tiny_runs.tracking_uri,
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def stop() -> None:  # the whole group: the server's own workers too
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    request.addfinalizer(stop)
+    proc = local_server.start(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", tiny_runs.tracking_uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        tmp_path, env, log,
+    )
+    request.addfinalizer(lambda: local_server.stop(proc, grace=15))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return url
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not up on {url} after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+    local_server.wait_until_up(f"{url}/health", proc, log, timeout=SERVER_START_S)
+    return url
 
 
 def run_chromium(browser: str, args: list[str], profile: Path,

@@ -1,0 +1,72 @@
+"""A local HTTP server (``mlflow models serve``, ``mlflow server``) as a child process group:
+start it on a free loopback port, wait until it answers, stop it with all its workers.
+
+The serving and UI tests and the serving benchmark drive real servers this way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+LOG_TAIL = 3000  # characters of the server log quoted when it fails
+
+
+class ServerDidNotStart(RuntimeError):
+    """The server exited, or did not answer in time; the message ends with its log's tail."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: Sequence[str], cwd: Path, env: Mapping[str, str], log: Path) -> subprocess.Popen:
+    """Run ``command`` in its own session (so :func:`stop` reaches its workers), output to ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(list(command), cwd=cwd, env=dict(env), stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> float:
+    """Poll ``url`` until it answers 200; return the seconds that took."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if proc.poll() is not None:
+            raise ServerDidNotStart(f"the server exited ({proc.returncode}):\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - began
+        except OSError:  # not listening yet, or reset while starting
+            pass
+        time.sleep(0.25)
+    raise ServerDidNotStart(f"{url} did not answer within {timeout:.0f} s:\n{_tail(log)}")
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group (the server and its workers); SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-LOG_TAIL:] if log.is_file() else f"(no log at {log})"
