@@ -53,15 +53,25 @@ def make_trainer(
     )
 
 
-def script_val_f1(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
-    """Make the validation macro F1 of successive epochs ``values`` (the rest stays real),
-    so the early-stopping logic is tested independently of what a tiny net happens to learn."""
+def script_val_f1(
+    monkeypatch: pytest.MonkeyPatch, values: list[float], losses: list[float] | None = None
+) -> None:
+    """Make the validation macro F1 (and, with ``losses``, the validation loss) of successive
+    epochs the given values (the rest stays real), so the early-stopping logic is tested
+    independently of what a tiny net happens to learn."""
     real, scripted = train_module.binary_metrics, iter(values)
 
     def fake(y_true, prob_all, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         return {**real(y_true, prob_all, *args, **kwargs), "f1_macro": next(scripted)}
 
     monkeypatch.setattr(train_module, "binary_metrics", fake)
+    if losses is not None:
+        real_predict, scripted_loss = Trainer.predict, iter(losses)
+
+        def fake_predict(self, dataset):  # noqa: ANN001, ANN202
+            return real_predict(self, dataset)[0], next(scripted_loss)
+
+        monkeypatch.setattr(Trainer, "predict", fake_predict)
 
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -104,12 +114,27 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(
 ):
     # Nothing improves after epoch 1 (TrainConfig refuses lr=0, and batch-norm statistics move even
     # then, so the metric is scripted): with patience 1, epoch 2 is the last.
-    script_val_f1(monkeypatch, [0.6, 0.6, 0.6, 0.6])
+    script_val_f1(monkeypatch, [0.6, 0.6, 0.6, 0.6], losses=[0.5, 0.5, 0.4, 0.3])
     trainer = make_trainer(tiny_store, tmp_path / "checkpoint.pt", epochs=4, patience=1)
     result = trainer.fit()
     assert len(result.history) == 2
     assert result.stopped_early
     assert result.best_epoch == 1
+
+
+def test_equal_f1_with_a_lower_validation_loss_is_an_improvement(tiny_store, tmp_path, monkeypatch):
+    # F1 ties for four epochs; the loss falls at epochs 2 and 4 only, rises at epoch 3, and
+    # epoch 5's higher F1 wins over any loss.
+    script_val_f1(monkeypatch, [0.7, 0.7, 0.7, 0.7, 0.8], losses=[0.5, 0.4, 0.45, 0.3, 0.9])
+    trainer = make_trainer(tiny_store, tmp_path / "checkpoint.pt", epochs=5, patience=2)
+    seen: list[int] = []
+    result = trainer.fit(on_epoch=lambda row: seen.append(int(row["epoch"])))
+    assert seen == [1, 2, 3, 4, 5] and not result.stopped_early
+    assert result.best_epoch == 5 and result.best_val_f1_macro == 0.8 and result.best_val_loss == 0.9
+    monkeypatch.undo()  # a fresh script for a second run that ends on a tie with a lower loss
+    trainer = make_trainer(tiny_store, tmp_path / "other.pt", epochs=4, patience=2)
+    script_val_f1(monkeypatch, [0.7, 0.7, 0.7, 0.7], losses=[0.5, 0.4, 0.45, 0.3])
+    assert trainer.fit().best_epoch == 4
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tiny_store, tmp_path):

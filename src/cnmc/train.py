@@ -1,5 +1,5 @@
 """Fine-tune one backbone on the image store: Adam + cross-entropy, early stopping on
-validation macro F1, a checkpoint every epoch and exact resume.
+validation macro F1 (ties broken by validation loss), a checkpoint every epoch and exact resume.
 
 The loop knows nothing of MLflow: it reports each epoch to a callback, so tracking,
 tuning (pruning) and tests can all drive it.
@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -43,9 +44,19 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     best_epoch: int
     best_val_f1_macro: float
+    best_val_loss: float = math.inf
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     seconds: float = 0.0
+
+
+def improves(best: FitResult, val_f1_macro: float, val_loss: float) -> bool:
+    """Whether an epoch beats the best so far: higher validation macro F1, or the same F1 with a
+    lower validation loss. On a small validation set F1 moves in coarse steps and often ties
+    for several epochs while the loss still falls; the strict F1 rule alone kept the earliest."""
+    if val_f1_macro != best.best_val_f1_macro:
+        return val_f1_macro > best.best_val_f1_macro
+    return val_loss < best.best_val_loss
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -201,8 +212,9 @@ class Trainer:
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                        "val_f1_macro": val["f1_macro"], "val_roc_auc": val["roc_auc"]}
                 result.history.append(row)
-                if val["f1_macro"] > result.best_val_f1_macro:
-                    result.best_val_f1_macro, result.best_epoch = val["f1_macro"], epoch + 1
+                if improves(result, val["f1_macro"], val_loss):
+                    result.best_val_f1_macro, result.best_val_loss = val["f1_macro"], val_loss
+                    result.best_epoch = epoch + 1
                     result.best_state = copy.deepcopy(self.model.state_dict())
                     bad_epochs = 0
                 else:
@@ -223,6 +235,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "best_state": result.best_state,
             "best_epoch": result.best_epoch, "best_val_f1_macro": result.best_val_f1_macro,
+            "best_val_loss": result.best_val_loss,
             "history": result.history, "seconds": result.seconds,
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +262,6 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
         result = FitResult(payload["best_state"], payload["best_epoch"], payload["best_val_f1_macro"],
-                           list(payload["history"]), seconds=payload["seconds"])
+                           payload["best_val_loss"], list(payload["history"]), seconds=payload["seconds"])
         log.info("resuming %s from epoch %d", path, payload["next_epoch"] + 1)
         return result, payload["next_epoch"], payload["bad_epochs"]
