@@ -212,3 +212,4 @@ def test_a_diverging_loss_stops_training(tiny_store, tmp_path):
     with pytest.raises(FloatingPointError, match="epoch 1"):
         trainer.fit()
     assert not (tmp_path / "checkpoint.pt").exists()
+

@@ -70,6 +70,10 @@ class TrainConfig(_Section):
     epochs: int = Field(8, ge=1, description="maximum epochs (paper: 50)")
     patience: int = Field(4, ge=1, description="epochs without better val macro F1 (or equal F1, lower loss; paper 15)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (paper: 1e-4)")
+    head_init: Literal["random", "linear_probe"] = Field(
+        "random", description="new head: random, or a logistic regression on frozen features (LP-FT; paper: random)"
+    )
+    freeze_bn: bool = Field(False, description="batch-norm layers keep their pretrained statistics (paper: false)")
     batch_size: int = Field(32, ge=1, description="images per step")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     num_workers: int = Field(-1, ge=-1, description="data-loader workers (-1 = auto: 0 on CPU, 8 on CUDA)")

@@ -30,6 +30,7 @@ from cnmc.config import TrainConfig
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.errors import CnmcError
 from cnmc.evaluate import binary_metrics
+from cnmc.head_init import fit_probe_head
 from cnmc.tta import VIEW_NAMES, tta_views
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,10 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
+        if self.cfg.freeze_bn:  # keep the pretrained normalisation statistics (affine still learns)
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         loader = batch_loader(
             self.train_ds, batch_size=self.cfg.batch_size, shuffle=True, seed=self.seed * 1000 + epoch,
             **self.loader_kwargs,
@@ -186,11 +191,20 @@ class Trainer:
         empty = np.empty((0, len(VIEW_NAMES), 2) if tta else (0, 2), dtype=np.float32)
         return np.concatenate(out) if out else empty, total / max(len(dataset), 1)
 
+    def _init_head(self) -> None:
+        plain = StoreDataset(self.train_ds.store, self.train_ds.mean, self.train_ds.std)
+        loader = batch_loader(plain, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
+        with self._autocast():
+            accuracy = fit_probe_head(self.model, loader, self.device, self.seed)
+        log.info("head initialised by a linear probe on the frozen features (train accuracy %.3f)", accuracy)
+
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False, on_epoch: EpochCallback | None = None) -> FitResult:
         """Train until ``epochs`` or early stopping; with ``resume``, continue from the checkpoint."""
         state = self._load_checkpoint() if resume else None
         if state is None:
+            if self.cfg.head_init == "linear_probe":
+                self._init_head()
             result = FitResult(copy.deepcopy(self.model.state_dict()), -1, -1.0)
             start, bad_epochs = 0, 0
         else:
