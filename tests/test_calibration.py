@@ -53,11 +53,13 @@ def test_nll_is_the_log_loss_and_prob_all_averages_views() -> None:
     np.testing.assert_allclose(prob_all(views), (prob_all(logits) + prob_all(logits / 3)) / 2)
 
 
-def test_a_well_calibrated_model_keeps_t_near_one_and_separable_data_hit_the_bound() -> None:
+def test_a_well_calibrated_model_keeps_t_near_one_and_separable_data_keep_t_one() -> None:
     logits, y, _ = overconfident(scale=1.0, seed=2)
     assert fit_temperature(logits, y) == pytest.approx(1.0, rel=0.05)
     separable = np.array([[0.0, 3.0], [0.0, 2.0], [0.0, -2.0], [0.0, -4.0]])
-    assert fit_temperature(separable, [1, 1, 0, 0]) == pytest.approx(T_MIN, rel=1e-3)
+    assert fit_temperature(separable, [1, 1, 0, 0]) == 1.0  # no temperature is supported
+    one_error = np.array([[0.0, 3.0], [0.0, 2.0], [0.0, 0.5], [0.0, -2.0], [0.0, -4.0]])
+    assert T_MIN < fit_temperature(one_error, [1, 1, 0, 0, 0]) < 1.0  # sharper, but finite
     assert T_MIN < fit_temperature(separable, [0, 1, 0, 1]) <= T_MAX
     with pytest.raises(ValueError, match="shape"):
         fit_temperature(np.zeros(4), [0, 1, 0, 1])
