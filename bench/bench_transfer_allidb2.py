@@ -166,6 +166,19 @@ def write_splits(df: pd.DataFrame, plan: dict[str, list[str]], splits_dir: Path)
     return counts
 
 
+def result_row(test: dict[str, float], threshold: float, val_f1_macro: float, best_epoch: int,
+               epochs_run: int, started: float) -> dict[str, float]:
+    """The row a run adds to the summary: its test metrics and how it got there."""
+    return {
+        **{m: test[m] for m in ("f1_macro", "f1_all", "roc_auc", "accuracy")},
+        "threshold": threshold,
+        "val_f1_macro": val_f1_macro,
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def run_variant(
     pretrained: bool,
     stores: dict[str, ImageStore],
@@ -206,34 +219,29 @@ def run_variant(
     val = binary_metrics(stores["val"].targets, val_prob, threshold)
     test_prob, _ = trainer.predict(StoreDataset(stores["test"], net.mean, net.std))
     test = binary_metrics(stores["test"].targets, test_prob, threshold)
-    return {
-        "f1_macro": test["f1_macro"],
-        "f1_all": test["f1_all"],
-        "roc_auc": test["roc_auc"],
-        "accuracy": test["accuracy"],
-        "threshold": threshold,
-        "val_f1_macro": val["f1_macro"],
-        "best_epoch": fit.best_epoch,
-        "epochs_run": len(fit.history),
-        "seconds": time.perf_counter() - started,
-    }
+    return result_row(test, threshold, val["f1_macro"], fit.best_epoch, len(fit.history), started)
 
 
-def run_bare_loop(df: pd.DataFrame, plan: dict[str, list[str]], seed: int) -> dict[str, float]:
+def bare_images(df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``df`` resized to ``BARE_SIZE`` (uint8, N x 3 x S x S) and its target (1 = ALL)."""
+    resize = resize_transform(BARE_SIZE)
+    images = torch.stack([resize(load_image_tensor(path)) for path in df["path"]])
+    return images, torch.tensor((df["label"] == "all").to_numpy(), dtype=torch.int64)
+
+
+def run_bare_loop(
+    images: torch.Tensor, targets: torch.Tensor, df: pd.DataFrame, plan: dict[str, list[str]], seed: int
+) -> dict[str, float]:
     """The reference without the pipeline: pretrained weights, a random head, random flips only,
     ``BARE_EPOCHS`` epochs of Adam at ``BARE_SIZE`` px on the training and validation blocks (a
-    bare loop has no use for validation), no early stopping, threshold 0.5."""
+    bare loop has no use for validation), no early stopping, threshold 0.5. ``images`` and
+    ``targets`` come from :func:`bare_images` over the same ``df``."""
     started = time.perf_counter()
-    resize = resize_transform(BARE_SIZE)
     flips = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
-
-    def load(blocks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        part = df[df["subject"].isin(blocks)]
-        images = torch.stack([resize(load_image_tensor(path)) for path in part["path"]])
-        return images, torch.tensor((part["label"] == "all").to_numpy(), dtype=torch.int64)
-
-    train_x, train_y = load(plan["train"] + plan["val"])
-    test_x, test_y = load(plan["test"])
+    is_test = torch.tensor(df["subject"].isin(plan["test"]).to_numpy())
+    is_train = torch.tensor(df["subject"].isin(plan["train"] + plan["val"]).to_numpy())
+    train_x, train_y = images[is_train], targets[is_train]
+    test_x, test_y = images[is_test], targets[is_test]
     torch.manual_seed(seed)
     net = create_backbone(BACKBONE, pretrained=True)
     optimizer = torch.optim.Adam(net.model.parameters(), lr=BARE_LR)
@@ -250,17 +258,7 @@ def run_bare_loop(df: pd.DataFrame, plan: dict[str, list[str]], seed: int) -> di
     with torch.no_grad():
         logits = net.model(normalize_batch(test_x.permute(0, 2, 3, 1), net.mean, net.std))
     test = binary_metrics(test_y.numpy(), torch.softmax(logits, 1)[:, 1].numpy(), 0.5)
-    return {
-        "f1_macro": test["f1_macro"],
-        "f1_all": test["f1_all"],
-        "roc_auc": test["roc_auc"],
-        "accuracy": test["accuracy"],
-        "threshold": 0.5,
-        "val_f1_macro": float("nan"),
-        "best_epoch": BARE_EPOCHS,
-        "epochs_run": BARE_EPOCHS,
-        "seconds": time.perf_counter() - started,
-    }
+    return result_row(test, 0.5, float("nan"), BARE_EPOCHS, BARE_EPOCHS, started)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -374,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    bare = bare_images(df) if "bare" in variants else None
     results: list[dict[str, object]] = []
     for seed in seeds:
         with tempfile.TemporaryDirectory(prefix="bench_allidb2_") as tmp:
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 stores = prepare_fold(df, plan, aug, seed + k, fold_dir) if set(variants) - {"bare"} else {}
                 for name in variants:
                     if name == "bare":
-                        r = run_bare_loop(df, plan, seed + k)
+                        r = run_bare_loop(*bare, df, plan, seed + k)
                     else:
                         r = run_variant(name == "pretrained", stores, cfgs[name], seed + k, fold_dir, args.verbose)
                     results.append({"seed": seed, "fold": k, "variant": name, **r})
