@@ -25,13 +25,18 @@ TINY_DEMO = {
 TINY_AUGMENT = {"image_size": 32, "per_class": 16, "workers": 1}
 
 
-def tiny_params(**train: object):
-    """Defaults with the tiny store's augment settings and a fast, random-init CPU training (1 epoch)."""
+def tiny_params(min_images_per_class: int = 1, **train: object):
+    """Defaults with the tiny store's augment settings and a fast, random-init CPU training (1 epoch).
+
+    The tiny validation split (a few cells a class) may fit threshold and temperature unless
+    ``min_images_per_class`` says otherwise, so that those paths are tested.
+    """
     from cnmc.config import Params
 
     params = Params()
     train_cfg = {"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False, **train}
     return params.model_copy(update={
+        "split": params.split.model_copy(update={"min_images_per_class": min_images_per_class}),
         "train": params.train.model_copy(update=train_cfg),
         "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
     })

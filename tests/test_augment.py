@@ -277,10 +277,10 @@ def test_more_originals_than_m_keeps_a_seeded_subset(tmp_path, built, caplog):
     _, splits, _ = built
     with caplog.at_level("WARNING"):
         s = build(splits, tmp_path / "s", seed=7, per_class=5)
-    assert "exceed per_class" in caplog.text
+    assert "exceed per_class" in caplog.text and "2 originals are DROPPED" in caplog.text
     assert s.train_original == {"all": 5, "hem": 3} and s.train_augmented == {"all": 0, "hem": 2}
     assert s.train_dropped == {"all": 2, "hem": 0}
-    assert "5 of 7 original kept" in str(s)
+    assert "5 of 7 original kept, 2 dropped" in str(s)
     store = ImageStore(tmp_path / "s" / "train")
     assert (store.index["label"] == "all").sum() == 5 and (
         store.index["augmented"] == "1"
@@ -289,6 +289,16 @@ def test_more_originals_than_m_keeps_a_seeded_subset(tmp_path, built, caplog):
     assert (tmp_path / "t" / "train" / "index.csv").read_text() == (
         tmp_path / "s" / "train" / "index.csv"
     ).read_text()
+
+
+def test_per_class_auto_keeps_every_original_and_balances_to_the_largest_class(tmp_path, built):
+    _, splits, _ = built
+    s = build(splits, tmp_path / "s", seed=7, per_class="auto")
+    assert s.per_class == 7 and s.train_dropped == {"all": 0, "hem": 0}
+    assert s.train_original == {"all": 7, "hem": 3} and s.train_augmented == {"all": 0, "hem": 4}
+    report = json.loads((tmp_path / "s" / "augment_report.json").read_text())
+    assert report["config"]["per_class"] == "auto" and report["per_class"] == 7
+    assert report["splits"]["train"]["classes"]["all"]["dropped"] == 0
 
 
 def test_missing_test_split_is_skipped(tmp_path):

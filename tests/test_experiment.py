@@ -215,6 +215,26 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
     np.testing.assert_allclose(out["prob_all"], expected["prob_all_tta"], rtol=0, atol=1e-5)
 
 
+def test_a_validation_set_too_small_fits_nothing_and_says_so(
+    tiny_store: Path, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cnmc.model_card import _threshold_note
+
+    root = Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
+    monkeypatch.chdir(tmp_path)
+    document = train_and_log(tiny_params(min_images_per_class=30), BACKBONE, RunPaths(root, BACKBONE),
+                             progress=False)
+    validation = document["validation"]
+    assert validation["can_judge"] is False and validation["min_images_per_class"] == 30
+    assert "fewer than split.min_images_per_class = 30 of each" in validation["reason"]
+    assert document["threshold"] == 0.5 and document["calibration"]["temperature"] == 1.0
+    assert document["epoch_selection"].startswith("last epoch")
+    run = MlflowClient(tracking_uri=mlflow_db).get_run(document["run_id"])
+    assert run.data.tags["validation_can_judge"] == "false" and run.data.metrics["threshold"] == 0.5
+    assert "final_val_f1_macro" in run.data.metrics
+    assert _threshold_note(document, {}).startswith("**Nothing was fitted on validation** (validation holds")
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

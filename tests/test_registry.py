@@ -28,7 +28,7 @@ from cnmc.evaluate import bootstrap_ci
 from cnmc.model_card import DEMO_DATA_HASH, load_metrics_document, render_model_card
 from cnmc.registry import PromotionResult, promote, write_promotion
 
-CFG = PromoteConfig()
+CFG = PromoteConfig(rank_on="test", metric="f1_all")  # most tests rank on test metrics: fewer to fake
 NAME = CFG.model_name
 DATA = "d" * 32
 OTHER_DATA = "e" * 32
@@ -46,6 +46,7 @@ def fake_run(
     status: str = "FINISHED",
     document: dict[str, Any] | None = None,
     predictions: pd.DataFrame | None = None,
+    val_f1_macro: float | None = None,
 ) -> str:
     """A run as ``train_and_log`` leaves it, as far as promotion looks; returns its id."""
     name = experiment or f"cnmc-{protocol}"
@@ -55,6 +56,8 @@ def fake_run(
     run_id = client.create_run(experiment_id, start_time=next(_clock), tags=tags).info.run_id
     metrics = {"test_f1_all": f1, "test_roc_auc": roc_auc, "test_f1_macro": f1 - 0.05,
                "test_accuracy": f1 - 0.02, "test_t0.5_f1_all": f1 - 0.1, "threshold": 0.4}
+    if val_f1_macro is not None:  # the selected model on validation, as train_and_log logs it
+        metrics |= {"final_val_f1_macro": val_f1_macro, "final_val_roc_auc": 0.9}
     client.log_batch(run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
     if document is not None:
         client.log_dict(run_id, document, "fake.json")
@@ -113,8 +116,20 @@ def test_better_run_moves_the_alias_and_a_worse_one_leaves_it(client: MlflowClie
     result = promote(CFG, "subject", DATA, client)
     assert (result.version, result.run_id, result.promoted) == ("3", worse, False)
     assert result.champion_version == "2" and champion(client) == "2"
-    assert result.reason.startswith("champion v2 (f1_all 0.8000) is at least as good as run")
+    assert result.reason.startswith("champion v2 (test f1_all 0.8000) is at least as good as run")
     assert "(0.7500)" in result.reason
+
+
+def test_by_default_validation_chooses_and_test_only_reports(client: MlflowClient) -> None:
+    best_on_test = fake_run(client, f1=0.95, val_f1_macro=0.70)
+    best_on_val = fake_run(client, f1=0.80, val_f1_macro=0.85)
+    result = promote(PromoteConfig(), "subject", DATA, client)
+    assert (result.run_id, result.rank_on, result.metric, result.value) == (best_on_val, "val", "f1_macro", 0.85)
+    assert best_on_test != result.run_id and "val f1_macro 0.8500" in result.reason
+    assert "Selected by: validation f1_macro at the reported threshold = 0.850" in result.model_card
+    assert "the test metrics below played no part in the choice" in result.model_card
+    tags = client.get_model_version(NAME, result.version).tags
+    assert float(tags["final_val_f1_macro"]) == 0.85 and float(tags["test_f1_all"]) == 0.80
 
 
 def test_ties_go_to_the_tie_breaker_then_the_newest_run(client: MlflowClient) -> None:
@@ -204,7 +219,7 @@ def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Pat
     assert json.loads(path.read_text()) == {
         "name": NAME, "version": "1", "run_id": run_id, "metric": "f1_all", "value": 0.9,
         "data_hash": DATA, "protocol": "subject", "backbone": "fake", "promoted": True,
-        "reason": result.reason, "alias": "champion", "champion_version": "1",
+        "reason": result.reason, "alias": "champion", "champion_version": "1", "rank_on": "test",
     }
     assert (tmp_path / "registry" / "model_card.md").read_text() == card
 

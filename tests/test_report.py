@@ -124,3 +124,13 @@ def test_tta_rows_and_calibration_table(tmp_path: Path) -> None:
     (tmp_path / "b3.json").write_text(json.dumps(payload))
     with pytest.raises(CnmcError, match="test_tta.at_tuned lacks numbers for f1_all"):
         build_report([tmp_path / "b3.json"], tmp_path / "out")
+
+
+def test_a_run_whose_validation_could_not_judge_is_labelled_so(tmp_path: Path) -> None:
+    payload = write_metrics(tmp_path / "lite0.json", "tf_efficientnet_lite0")
+    reason = "validation holds 1165 ALL and 5 Hem cells, fewer than split.min_images_per_class = 30 of each"
+    payload |= {"threshold": 0.5, "validation": {"can_judge": False, "reason": reason}}
+    (tmp_path / "lite0.json").write_text(json.dumps(payload))
+    md = build_report([tmp_path / "lite0.json"], tmp_path / "out").markdown
+    assert "ours, t=0.50 (not tuned: validation too small)" in md and "val-tuned" not in md
+    assert f"**tf_efficientnet_lite0: nothing fitted on validation** ({reason})" in md

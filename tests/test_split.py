@@ -47,9 +47,10 @@ def test_subject_protocol_is_subject_disjoint_and_tests_on_prelim() -> None:
     assert set(splits.tables["test"]["source"]) == {"prelim"}
     assert splits.report["subject_disjoint"] is True
     assert splits.report["unlabelled_images_left_out"] == 3
-    # Validation holds whole subjects of both classes.
+    # Validation holds whole subjects of both classes, about val_fraction of each class's images.
     assert set(splits.tables["val"]["label"]) == {"all", "hem"}
-    assert splits.report["splits"]["val"]["subjects_per_class"] == {"all": 2, "hem": 2}
+    for label in ("all", "hem"):
+        assert abs(splits.report["splits"]["val"]["share_of_class"][label] - 0.2) < 0.05
 
 
 def test_subject_protocol_without_prelim_holds_out_subjects_for_test() -> None:
@@ -144,3 +145,59 @@ def test_a_separate_test_manifest_is_the_test_set() -> None:
     assert set(splits.tables["test"]["subject"]) == {"img:a", "img:b"}
     assert len(splits.tables["train"]) + len(splits.tables["val"]) == (own["label"] != "").sum()
     assert splits.report["unlabelled_images_left_out"] == 3 + 1
+
+
+def unequal_subjects(prelim: bool = False) -> pd.DataFrame:
+    """Subject sizes from 2 to 700 cells, as on the real data: a few donors hold most cells."""
+    all_sizes = [700, 350, 200, 150, 90, 60, 45, 30, 20, 12, 8, 5, 3, 2, 2]
+    hem_sizes = [400, 380, 60, 40, 25, 18, 10, 8, 4, 3, 2, 2]
+    groups = [(f"fold_{k % 3}", "all", str(k + 1), n) for k, n in enumerate(all_sizes)]
+    groups += [(f"fold_{k % 3}", "hem", f"H{k + 1}", n) for k, n in enumerate(hem_sizes)]
+    if prelim:
+        groups += [("prelim", "all", "90", 40), ("prelim", "hem", "H90", 30)]
+    return make_manifest(groups)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_held_out_splits_get_their_share_of_images_not_of_subjects(seed) -> None:
+    splits = split_manifest(unequal_subjects(), SplitConfig(), seed=seed)
+    shares = {name: splits.report["splits"][name]["share_of_class"] for name in ("val", "test")}
+    assert 0.15 <= shares["val"]["all"] <= 0.25 and 0.05 <= shares["test"]["all"] <= 0.15
+    assert 0.05 <= shares["test"]["hem"] <= 0.15  # the small Hem donors
+    # Hem: two donors of 400 and 380 cells; the rest hold 172. 20% of Hem is either all the small
+    # ones that test left over, or one big donor (over twice the share): the small ones it is.
+    assert splits.report["splits"]["val"]["images_per_class"]["hem"] > 0
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not subjects(splits, a) & subjects(splits, b)
+    for name in ("val", "test"):
+        assert min(splits.report["splits"][name]["images_per_class"].values()) >= 30
+    again = split_manifest(unequal_subjects().sample(frac=1, random_state=3), SplitConfig(), seed=seed)
+    for name in ("train", "val", "test"):
+        pd.testing.assert_frame_equal(splits.tables[name], again.tables[name])
+
+
+def test_validation_share_is_of_images_around_a_fixed_test_set() -> None:
+    splits = split_manifest(unequal_subjects(prelim=True), SplitConfig(val_fraction=0.25), seed=5)
+    assert set(splits.tables["test"]["source"]) == {"prelim"}
+    share = splits.report["splits"]["val"]["share_of_class"]
+    pool_all = 1677  # the ALL training cells
+    assert abs(splits.report["splits"]["val"]["images_per_class"]["all"] / pool_all - 0.25) < 0.03
+    assert share["hem"] > 0
+
+
+def test_a_class_that_cannot_reach_the_minimum_is_named_with_its_counts(caplog) -> None:
+    manifest = make_manifest([
+        ("fold_0", "all", "1", 40), ("fold_1", "all", "2", 40), ("fold_2", "all", "3", 40),
+        ("fold_0", "hem", "H1", 5), ("fold_1", "hem", "H2", 4), ("fold_2", "hem", "H3", 3),
+        ("prelim", "all", "9", 30), ("prelim", "hem", "H9", 30),
+    ])
+    with caplog.at_level("WARNING"):
+        splits = split_manifest(manifest, SplitConfig(val_fraction=0.34), seed=0)
+    message = ("split 'val': class 'hem' gets 4 images, below split.min_images_per_class = 30 "
+               "(the pool holds 12 in 3 subjects)")
+    assert message in caplog.text and message in splits.report["notes"]
+    assert splits.report["splits"]["val"]["images_per_class"]["all"] == 40
+    one = make_manifest([("fold_0", "all", "1", 40), ("fold_1", "all", "2", 40), ("fold_0", "hem", "H1", 50),
+                         ("prelim", "all", "9", 30), ("prelim", "hem", "H9", 30)])
+    notes = split_manifest(one, SplitConfig(), seed=0).report["notes"]
+    assert any("'hem' gets 0 images" in note and "only one subject has that class" in note for note in notes)

@@ -30,6 +30,7 @@ def make_trainer(
     init_seed: int = 0,
     fingerprint: str = "fp",
     transform: bool = False,
+    min_val_per_class: int = 1,
     **cfg: object,
 ) -> Trainer:
     """A Trainer for the tiny backbone; ``init_seed`` fixes the random initial weights."""
@@ -48,6 +49,7 @@ def make_trainer(
         seed=7,
         checkpoint_path=checkpoint,
         fingerprint=fingerprint,
+        min_val_per_class=min_val_per_class,
         train_transform=paper_transform(train_store.image_size) if transform else None,
         progress=False,
     )
@@ -120,6 +122,19 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(
     assert len(result.history) == 2
     assert result.stopped_early
     assert result.best_epoch == 1
+
+
+def test_a_validation_set_too_small_to_judge_trains_every_epoch_and_keeps_the_last(
+    tiny_store, tmp_path, monkeypatch
+):
+    # The scripted F1 peaks at epoch 1, which early stopping would keep; a validation set with
+    # fewer than min_val_per_class cells of a class may not choose.
+    script_val_f1(monkeypatch, [0.9, 0.5, 0.5, 0.5], losses=[0.1, 0.5, 0.5, 0.5])
+    trainer = make_trainer(tiny_store, tmp_path / "checkpoint.pt", epochs=4, patience=1, min_val_per_class=30)
+    result = trainer.fit()
+    assert len(result.history) == 4 and not result.stopped_early and result.best_epoch == 4
+    assert result.selection.startswith("last epoch, no early stopping: validation holds")
+    assert "fewer than split.min_images_per_class = 30 of each" in result.selection
 
 
 def test_equal_f1_with_a_lower_validation_loss_is_an_improvement(tiny_store, tmp_path, monkeypatch):

@@ -54,6 +54,11 @@ def _optional(convert: Callable[[str], object]) -> Callable[[str], object]:
     return parse
 
 
+def _per_class(text: str) -> int | str:
+    """``augment.per_class`` from the command line: a count or ``auto``."""
+    return text if text == "auto" else int(text)
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     params = profile_params(args.name)
     out = Path(args.output)
@@ -284,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preview", default="outputs/plots/augment_preview.png", help="preview grid PNG (default: %(default)s)"
     )
     p.add_argument("--image-size", type=int, help="override augment.image_size")
-    p.add_argument("--per-class", type=int, help="override augment.per_class (M)")
+    p.add_argument("--per-class", type=_per_class, help="override augment.per_class (M, or 'auto')")
     p.add_argument("--strength", type=float, help="override augment.strength (0..1)")
     p.add_argument("--workers", type=int, help="override augment.workers (0 = all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnmc.errors import CnmcError
+from cnmc.metric_names import SCALAR_METRICS
 
 PARAMS_FILE = "params.yaml"
 PROFILES = ("demo", "paper")
@@ -44,10 +45,13 @@ class SplitConfig(_Section):
         "subject", description="subject: subject-disjoint (default); paper: the paper's cell-level 90/10"
     )
     val_fraction: float = Field(
-        0.2, gt=0, lt=1, description="validation share: of subjects (subject) or of train images (paper)"
+        0.2, gt=0, lt=1, description="validation share of each class's images (whole subjects under 'subject')"
     )
     test_fraction: float = Field(
         0.1, gt=0, lt=1, description="test share (paper; subject protocol without a preliminary set)"
+    )
+    min_images_per_class: int = Field(
+        30, ge=1, description="images of each class a held-out split needs to judge (threshold, T, epoch)"
     )
 
 
@@ -55,7 +59,9 @@ class AugmentConfig(_Section):
     """Resizing and the paper's class-balancing augmentation T."""
 
     image_size: int = Field(128, ge=16, description="side of the stored square images (paper: 224)")
-    per_class: int = Field(300, ge=1, description="M: training images per class after balancing (paper: 10000)")
+    per_class: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="M: training images per class after balancing (auto: the largest class; paper: 10000)"
+    )
     strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
     workers: int = Field(0, ge=0, description="worker processes (0 = all cores)")
     preview_images: int = Field(6, ge=1, description="originals shown in the preview grid")
@@ -86,8 +92,11 @@ class PromoteConfig(_Section):
 
     model_name: str = Field("cnmc-classifier", description="registered model name")
     alias: str = Field("champion", description="alias moved to the best version")
-    metric: str = Field("f1_all", description="test metric to maximise (at the tuned threshold)")
-    tie_breaker: str = Field("roc_auc", description="second metric for ties")
+    rank_on: Literal["val", "test"] = Field(
+        "val", description="split whose metrics rank the runs (val: test stays unseen by the choice)"
+    )
+    metric: Literal[SCALAR_METRICS] = Field("f1_macro", description="metric to maximise (at the reported threshold)")
+    tie_breaker: Literal[SCALAR_METRICS] = Field("roc_auc", description="second metric for ties")
 
 
 class TuneConfig(_Section):

@@ -14,19 +14,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn import metrics
 
-BOOTSTRAP_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "precision_all",
-    "recall_all",
-    "specificity",
-    "f1_all",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-    "f1_weighted",
-    "roc_auc",
-)
+from cnmc.metric_names import SCALAR_METRICS
+
+BOOTSTRAP_METRICS = SCALAR_METRICS
 CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")
 
 
@@ -168,6 +158,21 @@ def tune_threshold(y_true: ArrayLike, prob_all: ArrayLike) -> float:
     f1 = _count_metrics(tp, fp, neg.size - fp, pos.size - tp)["f1_macro"]
     best = np.flatnonzero(f1 >= f1.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def judging_shortfall(y_true: ArrayLike, min_per_class: int) -> str:
+    """Why a held-out set cannot choose a threshold, a temperature or an epoch ('' if it can).
+
+    A validation set with a handful of cells of one class (real subjects differ in size by orders
+    of magnitude) makes every choice fitted on it noise: a threshold tuned on 5 Hem cells gave
+    specificity 0.18 on new people. Below ``min_per_class`` cells of either class, nothing is fitted.
+    """
+    y = np.asarray(y_true).ravel()
+    n_all, n_hem = int((y == 1).sum()), int((y == 0).sum())
+    if min(n_all, n_hem) >= min_per_class:
+        return ""
+    return (f"validation holds {n_all} ALL and {n_hem} Hem cells, fewer than split.min_images_per_class = "
+            f"{min_per_class} of each")
 
 
 def _resample_auc(

@@ -28,8 +28,9 @@ from cnmc.calibration import expected_calibration_error, fit_temperature, nll, p
 from cnmc.config import Params
 from cnmc.data.store import ImageStore, StoreDataset
 from cnmc.errors import CnmcError
-from cnmc.evaluate import evaluate_split, tune_threshold
+from cnmc.evaluate import binary_metrics, evaluate_split, judging_shortfall, tune_threshold
 from cnmc.explain import log_gradcam_grid
+from cnmc.metric_names import mlflow_key
 from cnmc.models.backbones import create_backbone
 from cnmc.serving import ModelSpec, log_pyfunc
 from cnmc.tracking import data_hash, experiment_name, git_commit, tracking_uri
@@ -101,7 +102,8 @@ def train_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool =
     net = create_backbone(backbone, pretrained=params.train.pretrained, weights_path=weights_path)
     fingerprint = config_fingerprint({"params": flat_params(params, backbone), "store": store_hash(paths.store)})
     trainer = Trainer(net.model, net.mean, net.std, stores["train"], stores["val"], params.train,
-                      params.seed, paths.checkpoint, fingerprint, progress=progress)
+                      params.seed, paths.checkpoint, fingerprint, params.split.min_images_per_class,
+                      progress=progress)
 
     run_id_file = paths.checkpoint.with_name("mlflow_run_id")
     resume_run = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
@@ -123,7 +125,7 @@ def train_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool =
         plots.training_curves_png(fit.history, _mkdir(paths.plots_dir) / "curves.png")
         document = _evaluate_and_log(trainer, stores, ModelSpec(
             backbone, stores["train"].image_size, tuple(net.mean), tuple(net.std), threshold=0.5), params, paths)
-        document |= {"best_epoch": fit.best_epoch, "epochs_run": len(fit.history),
+        document |= {"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "epoch_selection": fit.selection,
                      "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 1),
                      "best_val_f1_macro": fit.best_val_f1_macro, "run_id": run.info.run_id}
         atomic_write_text(paths.metrics, json.dumps(document, indent=2) + "\n")
@@ -141,7 +143,7 @@ def evaluate_saved(params: Params, backbone: str, paths: RunPaths, progress: boo
     net = create_backbone(spec.backbone, pretrained=False)
     net.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     trainer = Trainer(net.model, spec.mean, spec.std, stores["train"], stores["val"], params.train,
-                      params.seed, paths.checkpoint, fingerprint="", progress=progress)
+                      params.seed, paths.checkpoint, "", params.split.min_images_per_class, progress=progress)
     with _start_run(params, backbone, None, run_name_suffix="-evaluate") as run:
         document = _evaluate_and_log(trainer, stores, spec, params, paths)
         document["run_id"] = run.info.run_id
@@ -171,15 +173,28 @@ def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: Mod
     """Calibrate and tune the threshold on validation, evaluate on test (plain and with TTA),
     save and log artifacts and the pyfunc.
 
-    The temperature is fitted on the raw validation logits, the threshold is tuned on the
-    calibrated validation probabilities, and every test number (``test``, ``predictions.csv``,
-    the served model) is at calibrated probabilities. ``test_tta`` is the same evaluation with
-    the probabilities averaged over the 8 D4 views, at the same temperature and threshold.
+    Only a validation set with ``split.min_images_per_class`` cells of each class may fit the
+    temperature and the threshold; otherwise T = 1 and 0.5, and the document, the run's tags and
+    the model card say why (``validation``). The temperature is fitted on the raw validation
+    logits, the threshold is tuned on the calibrated validation probabilities, and every test
+    number (``test``, ``predictions.csv``, the served model) is at calibrated probabilities.
+    ``test_tta`` is the same evaluation with the probabilities averaged over the 8 D4 views, at
+    the same temperature and threshold.
     """
     val, test = stores["val"], stores["test"]
     val_logits, _ = trainer.predict_logits(StoreDataset(val, spec.mean, spec.std))
-    temperature = fit_temperature(val_logits, val.targets)
-    threshold = tune_threshold(val.targets, prob_all(val_logits, temperature))
+    shortfall = judging_shortfall(val.targets, params.split.min_images_per_class)
+    if shortfall:
+        log.warning("%s: threshold 0.5 and temperature 1, nothing fitted", shortfall)
+        temperature, threshold = 1.0, 0.5
+    else:
+        temperature = fit_temperature(val_logits, val.targets)
+        threshold = tune_threshold(val.targets, prob_all(val_logits, temperature))
+    validation = {"can_judge": not shortfall, "reason": shortfall or "enough cells of both classes: "
+                  "temperature and threshold fitted on validation", "n_all": int(val.targets.sum()),
+                  "n_hem": int(len(val.targets) - val.targets.sum()),
+                  "min_images_per_class": params.split.min_images_per_class,
+                  "at_threshold": binary_metrics(val.targets, prob_all(val_logits, temperature), threshold)}
     spec = replace(spec, threshold=threshold, temperature=temperature)
     # One pass over the test set gives the logits of every view; view 0 is the plain image.
     test_views, _ = trainer.predict_logits(StoreDataset(test, spec.mean, spec.std), tta=True)
@@ -229,8 +244,13 @@ def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: Mod
     mlflow.log_metrics({f"test_tta_{k}": v for k, v in tta_result["at_tuned"].items() if isinstance(v, float)})
     mlflow.log_metrics(calibration)
     mlflow.log_metric("threshold", threshold)
+    # The selected model on validation at the same threshold: what promotion ranks runs by.
+    mlflow.log_metrics({mlflow_key("val", k): v for k, v in validation["at_threshold"].items()
+                        if isinstance(v, float)})
+    mlflow.set_tags({"validation_can_judge": str(not shortfall).lower(), "validation_note": validation["reason"]})
     return {"backbone": name, "protocol": params.split.protocol, "data_hash": data_hash(),
-            "threshold": threshold, "test": result, "test_tta": tta_result, "calibration": calibration}
+            "threshold": threshold, "validation": validation, "test": result, "test_tta": tta_result,
+            "calibration": calibration}
 
 
 def _open_stores(paths: RunPaths) -> dict[str, ImageStore]:

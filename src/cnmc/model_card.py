@@ -44,6 +44,7 @@ ROWS = (
     ("recall_all", "Sensitivity (ALL recall)"),
     ("specificity", "Specificity (Hem recall)"),
 )
+_SPLIT_NAMES = {"val": "validation", "test": "test"}
 PROTOCOLS = {
     "subject": (
         "**subject-disjoint** (`subject`): no person's cells are on both sides of a split. Validation "
@@ -120,7 +121,10 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, 
         f"{started:%Y-%m-%d %H:%M} UTC)",
         f"- Git commit: `{tags.get('git_commit', 'unknown')}`",
         f"- Training: {_training(params)}",
-        f"- Selected by: test {result.metric} at the tuned threshold = {_fmt(result.value)}",
+        f"- Selected by: {_SPLIT_NAMES.get(result.rank_on, result.rank_on)} {result.metric} at the reported "
+        f"threshold = {_fmt(result.value)}"
+        + (" (the test metrics below played no part in the choice)" if result.rank_on == "val"
+           else " (the test set chose the version: its figures below are optimistic)"),
         "",
         "## Data and protocol",
         f"- Data hash (`data.dvc` md5 of `data/`): `{result.data_hash}`"
@@ -144,9 +148,9 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, 
     lines += [
         "",
         "## Decision threshold",
-        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. The threshold maximises macro F1 on the "
-        "validation split (never on test); 0.5 is the paper's argmax rule. The served model applies the "
-        "tuned threshold and returns `prob_all`, so a user can apply another one.",
+        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. " + _threshold_note(metrics_doc, tags)
+        + " 0.5 is the paper's argmax rule. The served model applies this threshold and returns "
+        "`prob_all`, so a user can apply another one.",
         "",
         "## Intended use",
         "- Research and teaching: reproducing and extending the C-NMC / Ahmed et al. 2025 experiments, "
@@ -231,6 +235,17 @@ def _download_csv(client: MlflowClient, run_id: str, name: str) -> pd.DataFrame 
             return pd.read_csv(path)
         except (ValueError, pd.errors.ParserError):
             return None
+
+
+def _threshold_note(doc: dict[str, Any], tags: dict[str, str]) -> str:
+    """Whether validation could fit threshold and temperature, from the metrics document or the run's tags."""
+    validation = doc.get("validation") or {}
+    can_judge = validation.get("can_judge", tags.get("validation_can_judge", "true") == "true")
+    if can_judge:
+        return ("The threshold maximises macro F1 on the validation split (never on test), after temperature "
+                "scaling fitted there.")
+    reason = validation.get("reason") or tags.get("validation_note", "the validation set is too small")
+    return f"**Nothing was fitted on validation** ({reason}): threshold 0.5 and temperature 1."
 
 
 def _fmt(value: Any) -> str:

@@ -3,7 +3,9 @@ the registered model, and move the ``champion`` alias to it when it beats the cu
 
 Used by ``cnmc promote`` (the DVC ``promote`` stage and the MLproject entry point). Only
 comparable runs compete: same split protocol, same data hash (``data.dvc``), tracked in the
-protocol's experiment ``cnmc-<protocol>``, finished, with the test metric and a logged model.
+protocol's experiment ``cnmc-<protocol>``, finished, with the ranking metric and a logged model.
+Runs are ranked on validation by default (``promote.rank_on``), so that the champion's test
+figures are not the largest of several test figures: test stays a report, not a selection set.
 Every version carries its metrics, protocol, data hash and run id as tags, so the champion
 can be compared without its run, and a model card as its description.
 """
@@ -32,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from cnmc.atomic import atomic_write_text
 from cnmc.config import PromoteConfig
 from cnmc.errors import CnmcError
+from cnmc.metric_names import MLFLOW_PREFIX, mlflow_key
 from cnmc.tracking import experiment_name, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class PromotionResult:
     reason: str
     alias: str = "champion"
     champion_version: str = ""
+    rank_on: str = "val"  # the split whose ``metric`` chose the version
     model_card: str = field(default="", repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -95,7 +99,8 @@ def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowCli
     moves, reason = _decide(client, cfg, best, version, protocol, data_hash)
     result = PromotionResult(
         name=cfg.model_name, version=str(version.version), run_id=run.info.run_id, metric=cfg.metric,
-        value=best.value, data_hash=data_hash, protocol=protocol, backbone=run.data.tags.get("backbone", "unknown"),
+        value=best.value, rank_on=cfg.rank_on, data_hash=data_hash, protocol=protocol,
+        backbone=run.data.tags.get("backbone", "unknown"),
         promoted=False, reason=reason, alias=cfg.alias,
     )
     card = render_model_card(result, run, load_metrics_document(client, run))
@@ -133,7 +138,7 @@ def _best_candidate(client: MlflowClient, cfg: PromoteConfig, protocol: str, dat
                         f"tags.protocol = '{protocol}' and tags.data_hash = '{data_hash}' "
                         "and attributes.status = 'FINISHED'")
     models = _logged_models(client, found.experiment_id)
-    metric, tie = f"test_{cfg.metric}", f"test_{cfg.tie_breaker}"
+    metric, tie = mlflow_key(cfg.rank_on, cfg.metric), mlflow_key(cfg.rank_on, cfg.tie_breaker)
     candidates = []
     for run in runs:
         value = run.data.metrics.get(metric)
@@ -182,9 +187,10 @@ def _logged_models(client: MlflowClient, experiment_id: str) -> dict[str, Logged
 
 # -- registering it ---------------------------------------------------------------------------------
 def version_tags(run: Run, protocol: str, data_hash: str) -> dict[str, str]:
-    """Tags of a version: its run's tuned-threshold test metrics, threshold and provenance."""
+    """Tags of a version: its run's metrics at the reported threshold (validation and test),
+    the threshold and provenance."""
     tags = {k: repr(float(v)) for k, v in run.data.metrics.items()
-            if k.startswith("test_") and not k.startswith("test_t0.5_")}
+            if k.startswith(tuple(MLFLOW_PREFIX.values())) and not k.startswith("test_t0.5_")}
     if "threshold" in run.data.metrics:
         tags["threshold"] = repr(float(run.data.metrics["threshold"]))
     run_tags = run.data.tags
@@ -239,7 +245,7 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 def _decide(client: MlflowClient, cfg: PromoteConfig, best: _Candidate, version: ModelVersion,
             protocol: str, data_hash: str) -> tuple[bool, str]:
     """Whether the alias moves to ``version``, and why (one line)."""
-    metric, alias = cfg.metric, cfg.alias
+    metric, alias = f"{cfg.rank_on} {cfg.metric}", cfg.alias
     new = f"v{version.version} (run {best.run.info.run_id[:8]}, {metric} {best.value:.4f})"
     holder = _alias_holder(client, cfg.model_name, alias)
     if holder is None:
@@ -253,7 +259,7 @@ def _decide(client: MlflowClient, cfg: PromoteConfig, best: _Candidate, version:
                       f"not comparable with data {data_hash[:8]} under protocol {protocol}: "
                       f"the best run of the current data, {new}, takes {alias!r}")
     if info["value"] is None:
-        return True, f"{old} has no test_{metric}: {new} takes {alias!r}"
+        return True, f"{old} has no {metric}: {new} takes {alias!r}"
     old_key, new_key = (info["value"], info["tie"]), (best.value, best.tie)
     if new_key > old_key:
         why = (f"{metric} {best.value:.4f} > {info['value']:.4f}" if best.value > info["value"]
@@ -269,7 +275,8 @@ def _version_facts(client: MlflowClient, version: ModelVersion, cfg: PromoteConf
     tags = dict(version.tags or {})
     run_tags: dict[str, str] = {}
     run_metrics: dict[str, float] = {}
-    needed = ("data_hash", "protocol", f"test_{cfg.metric}", f"test_{cfg.tie_breaker}")
+    value_key, tie_key = mlflow_key(cfg.rank_on, cfg.metric), mlflow_key(cfg.rank_on, cfg.tie_breaker)
+    needed = ("data_hash", "protocol", value_key, tie_key)
     if version.run_id and any(k not in tags for k in needed):
         try:
             run = client.get_run(version.run_id)
@@ -285,10 +292,10 @@ def _version_facts(client: MlflowClient, version: ModelVersion, cfg: PromoteConf
             return None
         return None if value is None or math.isnan(value) else value
 
-    tie = number(f"test_{cfg.tie_breaker}")
+    tie = number(tie_key)
     return {
         "data_hash": tags.get("data_hash", run_tags.get("data_hash")),
         "protocol": tags.get("protocol", run_tags.get("protocol")),
-        "value": number(f"test_{cfg.metric}"),
+        "value": number(value_key),
         "tie": -math.inf if tie is None else tie,
     }

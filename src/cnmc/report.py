@@ -80,6 +80,7 @@ class _OptionalMetrics(TypedDict, total=False):
     """Keys of newer metrics files; the report works without them."""
 
     test_tta: SplitMetrics  # the same evaluation with test-time augmentation (same threshold)
+    validation: dict[str, Any]  # can_judge, reason, n_all, n_hem: whether threshold and T were fitted
     calibration: dict[str, float]  # temperature, test_ece_before/after, test_nll_before/after
 
 
@@ -160,10 +161,11 @@ def _rows(path: Path, run: MetricsFile) -> list[dict[str, Any]]:
         }
     ]
     tuned = float(run["threshold"])
+    how = "val-tuned" if _validation_judged(run) else "not tuned: validation too small"
     ours = [("test", "at_0.5", 0.5, "ours, t=0.50"),
-            ("test", "at_tuned", tuned, f"ours, t={tuned:.2f} (val-tuned)")]
+            ("test", "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})")]
     if "test_tta" in run:
-        ours.append(("test_tta", "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} (val-tuned)"))
+        ours.append(("test_tta", "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} ({how})"))
     for section, key, threshold, result in ours:
         split: dict[str, Any] = run[section]  # type: ignore[literal-required]
         low, high = split.get("ci95", {}).get(key, {}).get("f1_all", (None, None))
@@ -184,6 +186,19 @@ def _rows(path: Path, run: MetricsFile) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _validation_judged(run: MetricsFile) -> bool:
+    return bool(run.get("validation", {}).get("can_judge", True))
+
+
+def _validation_notes(runs: list[tuple[Path, MetricsFile]]) -> str:
+    """One line per run whose validation set was too small to fit threshold, temperature or epoch."""
+    return "\n".join(
+        f"- **{run['backbone']}: nothing fitted on validation** ({run['validation']['reason']}): "
+        "threshold 0.5, temperature 1, the last epoch kept."
+        for _, run in runs if not _validation_judged(run)
+    )
 
 
 def _cell(value: Any) -> str:
@@ -260,10 +275,12 @@ def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
     sections = []
     for protocol, rows in table.groupby("protocol", sort=False):
         hashes = ", ".join(sorted(rows["data_hash"].dropna().unique()))
-        calibration = _calibration_table([item for item in runs if item[1]["protocol"] == protocol])
+        group = [item for item in runs if item[1]["protocol"] == protocol]
+        calibration, notes = _calibration_table(group), _validation_notes(group)
         sections.append(
             f"### Protocol `{protocol}` — {PROTOCOLS.get(protocol, 'unknown protocol')}\n\n"
             f"Data hash: `{hashes}`\n\n{_markdown_table(rows)}"
+            + (f"\n\n{notes}" if notes else "")
             + (f"\n\n{calibration}" if calibration else "")
         )
     tables_text = "\n\n".join(sections + [f"**Warning:** {message}" for message in warnings])

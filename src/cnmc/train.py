@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cnmc.config import TrainConfig
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.errors import CnmcError
-from cnmc.evaluate import binary_metrics
+from cnmc.evaluate import binary_metrics, judging_shortfall
 from cnmc.head_init import fit_probe_head
 from cnmc.tta import VIEW_NAMES, tta_views
 
@@ -49,6 +49,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     seconds: float = 0.0
+    selection: str = "best validation macro F1"  # how best_epoch was chosen
 
 
 def improves(best: FitResult, val_f1_macro: float, val_loss: float) -> bool:
@@ -105,6 +106,7 @@ class Trainer:
         seed: int,
         checkpoint_path: Path,
         fingerprint: str,
+        min_val_per_class: int,
         train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         progress: bool = True,
     ):
@@ -116,6 +118,8 @@ class Trainer:
         self.cfg, self.seed, self.progress = cfg, seed, progress
         self.train_ds = StoreDataset(train, mean, std, transform=train_transform)
         self.val_ds = StoreDataset(val, mean, std)
+        # A validation set too small in a class cannot pick an epoch: then every epoch runs and the last is kept.
+        self.val_shortfall = judging_shortfall(val.targets, min_val_per_class)
         self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -212,6 +216,9 @@ class Trainer:
             for row in result.history:  # replay, so trackers see the whole curve
                 if on_epoch:
                     on_epoch(row)
+        if self.val_shortfall:
+            result.selection = f"last epoch, no early stopping: {self.val_shortfall}"
+            log.warning("%s: training every epoch and keeping the last", self.val_shortfall)
         began = time.perf_counter() - result.seconds
         epochs = tqdm(range(start, self.cfg.epochs), desc="training", unit="epoch", disable=not self.progress,
                       initial=start, total=self.cfg.epochs)
@@ -226,7 +233,7 @@ class Trainer:
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                        "val_f1_macro": val["f1_macro"], "val_roc_auc": val["roc_auc"]}
                 result.history.append(row)
-                if improves(result, val["f1_macro"], val_loss):
+                if self.val_shortfall or improves(result, val["f1_macro"], val_loss):
                     result.best_val_f1_macro, result.best_val_loss = val["f1_macro"], val_loss
                     result.best_epoch = epoch + 1
                     result.best_state = copy.deepcopy(self.model.state_dict())

@@ -283,6 +283,7 @@ class _Objective:
         with tempfile.TemporaryDirectory(prefix="cnmc-tune-") as tmp:  # this trial's own checkpoint
             trainer = Trainer(net.model, net.mean, net.std, self.train, self.val, train_cfg, params.seed,
                               Path(tmp) / "checkpoint.pt", fingerprint=f"tune-{trial.number}",
+                              min_val_per_class=params.split.min_images_per_class,
                               train_transform=paper_transform(self.train.image_size, strength),
                               progress=self.progress)
             fit = trainer.fit(on_epoch=on_epoch)

@@ -62,7 +62,7 @@ class PrepareSummary:
     out_dir: Path
     image_size: int
     strength: float
-    per_class: int
+    per_class: int  # M as resolved (``auto``: the largest training class)
     split_counts: dict[str, int]
     train_original: dict[str, int]  # originals kept per label
     train_augmented: dict[str, int]  # augmented images added per label
@@ -75,7 +75,7 @@ class PrepareSummary:
         for label in LABELS:
             orig, aug = self.train_original[label], self.train_augmented[label]
             dropped = self.train_dropped.get(label, 0)
-            kept = f"{orig} of {orig + dropped} original kept" if dropped else f"{orig} original"
+            kept = f"{orig} of {orig + dropped} original kept, {dropped} dropped" if dropped else f"{orig} original"
             classes.append(f"{label} {orig + aug} = {kept} + {aug} augmented")
         splits = [f"train {self.split_counts['train']} ({'; '.join(classes)})"]
         splits += [f"{name} {n}" for name, n in self.split_counts.items() if name != "train"]
@@ -179,6 +179,11 @@ def _plan_plain(name: str, csv: Path, df: pd.DataFrame) -> _SplitPlan:
     return _SplitPlan(name, csv, index, sources, [], counts)
 
 
+def resolve_per_class(df: pd.DataFrame, per_class: int | str) -> int:
+    """M for a training split: ``auto`` is the largest class, so that every original is kept."""
+    return int(df["label"].value_counts().max()) if per_class == "auto" else int(per_class)
+
+
 def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int) -> _SplitPlan:
     if df.empty:
         raise CnmcError(f"{csv}: the training split has no images")
@@ -191,16 +196,13 @@ def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int) -> _Spli
                 f"{csv}: no '{label}' images in the training split, cannot balance the classes"
             )
         if len(rows) > per_class:
+            log.warning(
+                "%s: %d '%s' training images exceed per_class M=%d: %d originals are DROPPED "
+                "(augment.per_class: auto keeps every one)",
+                csv, len(rows), label, per_class, len(rows) - per_class,
+            )
             rows = np.sort(
                 _rng(seed, _TAG_KEEP, TARGETS[label]).choice(rows, size=per_class, replace=False)
-            )
-            log.warning(
-                "%s: %d '%s' training images exceed per_class M=%d; keeping a seeded random %d",
-                csv,
-                int((df["label"] == label).sum()),
-                label,
-                per_class,
-                per_class,
             )
         dropped[label] = int((df["label"] == label).sum()) - len(rows)
         keep_mask[rows] = True
@@ -310,7 +312,7 @@ def prepare_dataset(
         raise CnmcError(f"{splits_dir}: splits folder not found (run `cnmc split`)")
     if out_dir.exists() and not out_dir.is_dir():
         raise CnmcError(f"{out_dir}: exists and is not a folder")
-    size, strength, per_class = cfg.image_size, cfg.strength, cfg.per_class
+    size, strength = cfg.image_size, cfg.strength
 
     plans: list[_SplitPlan] = []
     for split in SPLITS:
@@ -318,11 +320,11 @@ def prepare_dataset(
         if df is None:
             continue
         csv = splits_dir / f"{split}.csv"
-        plans.append(
-            _plan_train(csv, df, per_class, seed)
-            if split == "train"
-            else _plan_plain(split, csv, df)
-        )
+        if split == "train":
+            per_class = resolve_per_class(df, cfg.per_class)
+            plans.append(_plan_train(csv, df, per_class, seed))
+        else:
+            plans.append(_plan_plain(split, csv, df))
 
     workers = cfg.workers or default_workers()
     total = sum(len(p.sources) + len(p.augment) for p in plans)

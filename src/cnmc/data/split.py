@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 LABELS = ("all", "hem")
 TRAINING_SOURCES = ("fold_0", "fold_1", "fold_2", "folder")
+# Random subject orders tried per class when choosing held-out subjects (fewer for many subjects,
+# so that the search stays within a few million prefix sums).
+SEARCH_ORDERS = 2000
+SEARCH_BUDGET = 2_000_000
+MAX_HELD_OUT_SHARE = 0.5  # of a class's images, unless the fraction asked for is larger
 # Ahmed et al. 2025, Table 1: their train (incl. any validation) and test counts.
 PAPER_COUNTS = {"train": {"all": 7644, "hem": 3631}, "test": {"all": 847, "hem": 406}}
 
@@ -106,14 +111,25 @@ def _subject_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple
     if not prelim.empty:
         tables, notes = _fixed_test_split(pool, prelim, cfg, seed)
         return tables, ["test = the labelled preliminary-phase set (unseen subjects), as in ISBI 2019", *notes]
-    rng = random.Random(seed)
-    test_subjects = _pick_subjects(pool, cfg.test_fraction, rng)
+    rng = np.random.default_rng(seed)
+    test_subjects, notes = _pick_subjects(pool, cfg.test_fraction, cfg.min_images_per_class, rng, "test")
     test = pool[pool["subject"].isin(test_subjects)]
-    pool = pool[~pool["subject"].isin(test_subjects)]
-    val_subjects = _pick_subjects(pool, cfg.val_fraction / (1 - cfg.test_fraction), rng)
-    notes = ["no preliminary set: test = held-out subjects of the training data",
-             "validation = whole held-out training subjects, stratified by class"]
-    return _train_val(pool, val_subjects) | {"test": test}, notes
+    rest = pool[~pool["subject"].isin(test_subjects)]
+    # The validation fraction is of all labelled images, so of the rest it is a larger share.
+    val_share = _share_of_rest(pool, rest, cfg.val_fraction)
+    val_subjects, val_notes = _pick_subjects(rest, val_share, cfg.min_images_per_class, rng, "val")
+    notes = ["no preliminary set: test = held-out subjects of the training data, chosen by image share per class",
+             "validation = whole held-out training subjects, chosen by image share per class", *notes, *val_notes]
+    return _train_val(rest, val_subjects) | {"test": test}, notes
+
+
+def _share_of_rest(pool: pd.DataFrame, rest: pd.DataFrame, fraction: float) -> dict[str, float]:
+    """Per class, the share of ``rest`` that is ``fraction`` of ``pool``'s images (capped below 1)."""
+    shares = {}
+    for label in LABELS:
+        left = int((rest["label"] == label).sum())
+        shares[label] = min(0.95, fraction * int((pool["label"] == label).sum()) / left) if left else fraction
+    return shares
 
 
 def _fixed_test_split(
@@ -132,27 +148,64 @@ def _fixed_test_split(
                                       stratify=pool.sort_values("path")["label"], random_state=seed)
         notes.append(f"validation = a stratified {cfg.val_fraction:.0%} of the training cells")
         return {"train": train, "val": val, "test": test}, notes
-    notes.append("validation = whole held-out training subjects, stratified by class")
-    val_subjects = _pick_subjects(pool, cfg.val_fraction, random.Random(seed))
-    return _train_val(pool, val_subjects) | {"test": test}, notes
+    notes.append("validation = whole held-out training subjects, chosen by image share per class")
+    val_subjects, val_notes = _pick_subjects(pool, cfg.val_fraction, cfg.min_images_per_class,
+                                             np.random.default_rng(seed), "val")
+    return _train_val(pool, val_subjects) | {"test": test}, notes + val_notes
 
 
 def _train_val(pool: pd.DataFrame, val_subjects: set[str]) -> dict[str, pd.DataFrame]:
     return {"train": pool[~pool["subject"].isin(val_subjects)], "val": pool[pool["subject"].isin(val_subjects)]}
 
 
-def _pick_subjects(pool: pd.DataFrame, fraction: float, rng: random.Random) -> set[str]:
-    """Hold out about ``fraction`` of each class's subjects (at least one where a class has two)."""
+def _pick_subjects(pool: pd.DataFrame, fraction: float | dict[str, float], min_images: int,
+                   rng: np.random.Generator, split: str) -> tuple[set[str], list[str]]:
+    """Whole subjects holding about ``fraction`` of each class's images, and a note per shortfall.
+
+    Real subjects differ in size by orders of magnitude (2 to 757 cells), so counting subjects
+    can hand one split a third of a class's images and another almost none. Per class, a seeded
+    search over random subject orders takes the prefix whose image share is closest to
+    ``fraction``, preferring any prefix that holds at least ``min_images`` images (within twice
+    the share); at least one subject of each class always stays in training.
+    """
     subject_label = pool.groupby("subject")["label"].agg(lambda s: s.mode().iat[0])
+    sizes = pool.groupby("subject").size()
     picked: set[str] = set()
+    notes: list[str] = []
     for label in LABELS:
-        subjects = sorted(subject_label[subject_label == label].index)
-        if len(subjects) < 2:
-            continue
-        rng.shuffle(subjects)
-        count = min(len(subjects) - 1, max(1, round(fraction * len(subjects))))
-        picked.update(subjects[:count])
-    return picked
+        share = fraction[label] if isinstance(fraction, dict) else fraction
+        counts = sizes[subject_label[subject_label == label].index].sort_index()
+        chosen = _closest_prefix(counts, share, min_images, rng)
+        picked.update(chosen)
+        held = int(counts[list(chosen)].sum())
+        if held < min_images:
+            notes.append(_shortfall(split, label, held, min_images, counts))
+            log.warning("%s", notes[-1])
+    return picked, notes
+
+
+def _closest_prefix(counts: pd.Series, share: float, min_images: int, rng: np.random.Generator) -> list[str]:
+    """Subjects (index of ``counts``) of the best prefix over seeded random orders (see _pick_subjects)."""
+    n = len(counts)
+    if n < 2:
+        return []
+    sizes = counts.to_numpy()
+    orders = np.stack([rng.permutation(n) for _ in range(max(16, min(SEARCH_ORDERS, SEARCH_BUDGET // n)))])
+    prefix = np.cumsum(sizes[orders], axis=1)[:, :-1]  # the last subject always stays in training
+    achieved = prefix / sizes.sum()
+    # Reaching the minimum outweighs any distance, but not at the price of more than twice the share
+    # asked for (at most half the class), which would starve training instead.
+    too_big = achieved > max(share, min(2 * share, MAX_HELD_OUT_SHARE))
+    score = np.abs(achieved - share) + np.where(too_big, 2.0, prefix < min_images)
+    row, length = np.unravel_index(np.argmin(score), score.shape)
+    return list(counts.index[orders[row, : length + 1]])
+
+
+def _shortfall(split: str, label: str, held: int, min_images: int, counts: pd.Series) -> str:
+    why = ("only one subject has that class, and it stays in training" if len(counts) < 2
+           else f"the pool holds {int(counts.sum())} in {len(counts)} subjects")
+    return (f"split '{split}': class '{label}' gets {held} images, below split.min_images_per_class = "
+            f"{min_images} ({why})")
 
 
 def _paper_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[dict, list[str]]:
@@ -186,6 +239,7 @@ def _report(tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes:
     dup_across = sorted((hashes["train"] & hashes["test"]) | (hashes["train"] & hashes["val"]))
     if dup_across:
         log.warning("%d identical images (same sha256) are in train and val/test", len(dup_across))
+    class_totals = {lab: sum(int((t["label"] == lab).sum()) for t in tables.values()) for lab in LABELS}
     report: dict[str, Any] = {
         "protocol": cfg.protocol,
         "seed": seed,
@@ -196,6 +250,10 @@ def _report(tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes:
                 "images_per_class": {lab: int((t["label"] == lab).sum()) for lab in LABELS},
                 "subjects": t["subject"].nunique(),
                 "subjects_per_class": {lab: int(t.loc[t["label"] == lab, "subject"].nunique()) for lab in LABELS},
+                "share_of_class": {
+                    lab: round(int((t["label"] == lab).sum()) / class_totals[lab], 4) if class_totals[lab] else 0.0
+                    for lab in LABELS
+                },
             }
             for name, t in tables.items()
         },
