@@ -39,3 +39,14 @@ def test_transfer_bench_help() -> None:
     assert proc.returncode == 0, proc.stderr
     for flag in ("--folds", "--epochs", "--image-size", "--per-class", "--seed"):
         assert flag in proc.stdout
+
+
+def test_real_cells_bench_help_and_skip_without_data(tmp_path: Path) -> None:
+    proc = _run("bench_cnmc_real.py", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--folds", "--variants", "--only-fold", "--epochs", "--image-size", "--summary-only"):
+        assert flag in proc.stdout
+    proc = _run("bench_cnmc_real.py", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0 and "skipped:" in proc.stdout, proc.stderr
+    proc = _run("bench_cnmc_real.py", "--variants", "lite9")
+    assert proc.returncode == 2 and "unknown variants" in proc.stderr

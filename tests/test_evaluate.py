@@ -189,3 +189,20 @@ def test_plots_write_pngs_and_dvc_data(tmp_path) -> None:
     roc = pd.read_csv(plots.roc_csv(y, p, tmp_path / "roc.csv"))
     assert list(roc.columns) == ["fpr", "tpr", "threshold"]
     assert roc[["fpr", "tpr"]].iloc[-1].tolist() == [1.0, 1.0]
+
+
+def test_subject_bootstrap_resamples_whole_subjects_and_is_wider_than_the_cell_one() -> None:
+    rng = np.random.default_rng(3)
+    # Ten subjects of 40 cells; each subject's cells share one offset, so cells are correlated.
+    subjects = np.repeat([f"s{k}" for k in range(10)], 40)
+    y = np.repeat([1, 0] * 5, 40)
+    offset = np.repeat(rng.normal(0, 0.25, 10), 40)
+    p = np.clip(0.35 + 0.3 * y + offset + rng.normal(0, 0.05, 400), 0, 1)
+    cells = bootstrap_ci(y, p, 0.5, ("accuracy",), n_boot=400, seed=0)["accuracy"]
+    people = bootstrap_ci(y, p, 0.5, ("accuracy",), n_boot=400, seed=0, groups=subjects)["accuracy"]
+    assert people[1] - people[0] > 2 * (cells[1] - cells[0])
+    # One group per cell is the cell bootstrap.
+    same = bootstrap_ci(y, p, 0.5, ("accuracy",), n_boot=400, seed=0, groups=[str(i) for i in range(400)])
+    assert same["accuracy"] == pytest.approx(cells, abs=0.02)
+    with pytest.raises(ValueError, match="one group per cell"):
+        bootstrap_ci(y, p, 0.5, ("accuracy",), groups=subjects[:10])

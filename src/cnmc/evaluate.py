@@ -199,12 +199,14 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CI over cells: how far a metric could move on another test sample.
+    """Percentile bootstrap CI: how far a metric could move on another test sample.
 
-    Cells of one subject are not independent, so for subject-level claims this is too narrow.
-    Each resample is a row of per-cell counts, so every metric is a matrix product; rows are
-    processed in chunks to bound memory.
+    Over cells by default; cells of one subject are not independent, so for claims about new
+    people pass ``groups`` (a subject per cell): then whole subjects are resampled (a cluster
+    bootstrap), which gives the wider, honest interval. Each resample is a row of per-cell
+    counts, so every metric is a matrix product; rows are processed in chunks to bound memory.
     """
     unknown = set(metric_names) - set(BOOTSTRAP_METRICS)
     if unknown:
@@ -213,13 +215,21 @@ def bootstrap_ci(
     n = y.size
     pred = p >= threshold
     cells = np.stack([(y == 1) & pred, (y == 0) & pred, (y == 0) & ~pred, (y == 1) & ~pred], axis=1)
+    if groups is None:
+        members = np.arange(n)  # each cell its own group
+    else:
+        _, members = np.unique(np.asarray(groups, dtype=str).ravel(), return_inverse=True)
+        if members.size != n:
+            raise ValueError(f"need one group per cell (got {members.size} for {n} cells)")
+    n_groups = int(members.max()) + 1
     rng = np.random.default_rng(seed)
     chunks: list[dict[str, NDArray[np.float64]]] = []
     rows_per_chunk = max(1, 2_000_000 // n)
     for start in range(0, n_boot, rows_per_chunk):
         rows = min(rows_per_chunk, n_boot - start)
-        draws = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
-        weights = np.bincount(draws.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+        draws = rng.integers(0, n_groups, size=(rows, n_groups)) + n_groups * np.arange(rows)[:, None]
+        drawn = np.bincount(draws.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+        weights = drawn[:, members].astype(np.float64)
         values = _count_metrics(*(weights @ cells.astype(np.float64)).T)
         if "roc_auc" in metric_names:
             values["roc_auc"] = _resample_auc(weights, y, p)
