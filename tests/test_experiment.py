@@ -215,6 +215,19 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
     np.testing.assert_allclose(out["prob_all"], expected["prob_all_tta"], rtol=0, atol=1e-5)
 
 
+def test_the_logged_model_bundles_only_the_code_and_packages_inference_needs(
+    tracking: LoggedRun, tmp_path: Path
+) -> None:
+    from cnmc.model_env import PACKAGE_DIR, code_closure, requirements
+
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{tracking.run_id}/model", dst_path=str(tmp_path)))
+    code = local / "code" / "cnmc"
+    bundled = {p.relative_to(code).as_posix() for p in code.rglob("*") if p.is_file()}
+    assert bundled == {p.relative_to(PACKAGE_DIR).as_posix() for p in code_closure()[0]}
+    listed = (local / "requirements.txt").read_text().split()
+    assert set(requirements()) <= set(listed) and not any(r.startswith(("dvc", "optuna")) for r in listed)
+
+
 def test_a_validation_set_too_small_fits_nothing_and_says_so(
     tiny_store: Path, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -206,26 +206,24 @@ def encode_file(path: Path) -> str:
 
 
 def log_pyfunc(model_dir: Path, example_image: Path, registered_model_name: str | None = None) -> Any:
-    """Log ``model_dir`` (``weights.pt`` + ``model.json``) as the run's pyfunc model ``model``."""
+    """Log ``model_dir`` (``weights.pt`` + ``model.json``) as the run's pyfunc model ``model``, with
+    only the code and the requirements that inference needs (:mod:`cnmc.model_env`)."""
+    import tempfile
+
     from mlflow.models import infer_signature
 
-    import cnmc
+    from cnmc import model_env
 
     example = pd.DataFrame({IMAGE_COLUMN: [encode_file(example_image)]})
     output = pd.DataFrame({"label": ["all"], "prob_all": [0.5], "threshold": [0.5]})
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=LeukemiaClassifier(),
-        artifacts={"weights": str(model_dir / "weights.pt"), "spec": str(model_dir / "model.json")},
-        code_paths=[str(Path(cnmc.__file__).parent)],
-        signature=infer_signature(example, output, params=INFERENCE_PARAMS),
-        input_example=example,
-        pip_requirements=_requirements(),
-        registered_model_name=registered_model_name,
-    )
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import requires
-
-    return [r for r in (requires("cnmc") or []) if "extra ==" not in r]
+    with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=LeukemiaClassifier(),
+            artifacts={"weights": str(model_dir / "weights.pt"), "spec": str(model_dir / "model.json")},
+            code_paths=[str(model_env.copy_code(Path(tmp)))],
+            signature=infer_signature(example, output, params=INFERENCE_PARAMS),
+            input_example=example,
+            pip_requirements=model_env.requirements(),
+            registered_model_name=registered_model_name,
+        )
