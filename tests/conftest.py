@@ -14,7 +14,7 @@ import pytest
 SEED = 42
 
 # 3 training subjects per class (one per fold), 1 preliminary-test subject per class.
-TINY_DEMO = {
+TINY_SYNTHETIC = {
     "train_subjects_per_class": 3,
     "prelim_subjects_per_class": 1,
     "all_cells_per_subject": 4,
@@ -84,12 +84,11 @@ def _reset_mlflow() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny demo data set in the Kaggle C-NMC layout (96 px BMPs)."""
-    from cnmc.config import DemoConfig
-    from cnmc.data.demo import write_demo_dataset
+    """A tiny synthetic data set in the Kaggle C-NMC layout (96 px BMPs)."""
+    from synthetic_cells import SyntheticConfig, write_synthetic_dataset
 
     data = tmp_path_factory.mktemp("tiny-data") / "data"
-    write_demo_dataset(data, DemoConfig(**TINY_DEMO), seed=SEED)
+    write_synthetic_dataset(data, SyntheticConfig(**TINY_SYNTHETIC), seed=SEED)
     return data
 
 

@@ -1,211 +1,102 @@
-"""Synthetic demo set: Kaggle layout and names, byte-identical output, safe writes."""
+"""The shipped demo set: real C-NMC cells in the real layout, copied byte for byte, safely."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cnmc.cli import main
-from cnmc.config import DemoConfig
 from cnmc.data import demo
-from cnmc.data.demo import write_demo_dataset
+from cnmc.data.demo import copy_demo_dataset, demo_cells
+from cnmc.data.manifest import build_manifest
 from cnmc.errors import CnmcError
 
-NAME = re.compile(r"UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.bmp")
-ROOT = "C-NMC_Leukemia"
-PRELIM = f"{ROOT}/validation_data/C-NMC_test_prelim_phase_data"
-PRELIM_CSV = f"{ROOT}/validation_data/C-NMC_test_prelim_phase_data_labels.csv"
-FINAL = f"{ROOT}/testing_data/C-NMC_test_final_phase_data"
-SMALL = DemoConfig(
-    train_subjects_per_class=4,
-    prelim_subjects_per_class=2,
-    all_cells_per_subject=3,
-    hem_cells_per_subject=2,
-    final_images=3,
-    image_size=96,
-)
+SHIPPED = demo_cells()
+PRELIM_CSV = "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data_labels.csv"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-real"
 
 
-def tree_sha256(root: Path) -> str:
-    """One hash over every file's relative path and bytes: equal iff the two trees are identical."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        assert image.format == "BMP" and image.mode == "RGB"
-        return np.asarray(image)
-
-
-def read_prelim_labels(root: Path) -> list[dict[str, str]]:
-    with (root / PRELIM_CSV).open(newline="") as handle:
-        return list(csv.DictReader(handle))
+def digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("small") / "data"
-    write_demo_dataset(out, SMALL, seed=7)
-    return out
+def manifest():
+    return build_manifest(SHIPPED, workers=1, progress=False)
 
 
-def test_layout_counts_and_names(small_set: Path) -> None:
-    train = sorted((small_set / ROOT / "training_data").glob("fold_*/*/*"))
-    assert {p.parent.parent.name for p in train} == {"fold_0", "fold_1", "fold_2"}
-    subjects: dict[str, set[str]] = {"all": set(), "hem": set()}
-    fold_classes: dict[str, set[str]] = {}
-    for path in train:
-        match = NAME.fullmatch(path.name)
-        assert match, path.name
-        subject, _, _, label = match.groups()
-        assert path.parent.name == label
-        assert subject.startswith("H") == (label == "hem")
-        subjects[label].add(subject)
-        fold_classes.setdefault(path.parent.parent.name, set()).add(label)
-    assert all(classes == {"all", "hem"} for classes in fold_classes.values())
-    assert len(subjects["all"]) == len(subjects["hem"]) == SMALL.train_subjects_per_class
-    labels = [NAME.fullmatch(p.name).group(4) for p in train]
-    assert labels.count("all") == 4 * 3 and labels.count("hem") == 4 * 2
-    folds_of = {}
-    for path in train:
-        folds_of.setdefault(NAME.fullmatch(path.name).group(1), set()).add(path.parent.parent.name)
-    assert all(len(folds) == 1 for folds in folds_of.values()), "a subject spans folds"
-    assert len({(p.name.split("_")[1], p.name.split("_")[2]) for p in train}) < len(train), (
-        "expected several cells per image"
-    )
-
-    n_prelim = 2 * 3 + 2 * 2
-    expected = sorted(f"{i}.bmp" for i in range(1, n_prelim + 1))
-    assert sorted(p.name for p in (small_set / PRELIM).iterdir()) == expected
-    assert sorted(p.name for p in (small_set / FINAL).iterdir()) == ["1.bmp", "2.bmp", "3.bmp"]
-    assert sorted(p.name for p in small_set.iterdir()) == [ROOT]
-    assert not list(small_set.parent.glob(".*partial")), "temporary folder left behind"
+def test_the_shipped_subset_is_the_real_layout_with_nothing_excluded(manifest) -> None:
+    table, report = manifest.table, manifest.report()
+    assert report["layout"] == "kaggle" and report["excluded"] == [] and report["converted"] == []
+    labelled = table[table["label"] != ""]
+    counts = labelled.groupby(["source", "label"]).size().to_dict()
+    assert counts == {("fold_0", "all"): 64, ("fold_0", "hem"): 36, ("fold_1", "all"): 200,
+                      ("fold_1", "hem"): 130, ("fold_2", "all"): 4, ("prelim", "all"): 60, ("prelim", "hem"): 23}
+    assert (table["source"] == "final").sum() == 6 and (table.loc[table["source"] == "final", "label"] == "").all()
+    subjects = labelled.groupby("label")["subject"].nunique().to_dict()
+    assert subjects == {"all": 20, "hem": 11}  # at least 12 ALL and 6 Hem subjects
+    # The renamed preliminary cells get their subjects back from the labels CSV's Patient_ID.
+    prelim = labelled[labelled["source"] == "prelim"]
+    assert set(prelim["subject"]) == {"1", "3", "4", "18", "24", "H1", "H2", "H3", "H4", "H5", "H12", "H15"}
+    assert not set(prelim["subject"]) & set(labelled.loc[labelled["source"] != "prelim", "subject"])
+    with (SHIPPED / PRELIM_CSV).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["new_names"] for r in rows] == [f"{i}.png" for i in range(1, 84)]
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) < 25 * 10**6
 
 
-def test_prelim_labels_match_originals_and_new_subjects(small_set: Path) -> None:
-    rows = read_prelim_labels(small_set)
-    assert list(rows[0]) == ["Patient_ID", "new_names", "labels"]
-    assert [r["new_names"] for r in rows] == [f"{i}.bmp" for i in range(1, len(rows) + 1)]
-    train = (small_set / ROOT).glob("training_data/*/*/*")
-    train_subjects = {NAME.fullmatch(p.name).group(1) for p in train}
-    prelim_subjects = set()
-    for row in rows:
-        match = NAME.fullmatch(row["Patient_ID"])
-        assert match, row
-        assert row["labels"] == ("1" if match.group(4) == "all" else "0")
-        prelim_subjects.add(match.group(1))
-    assert len(prelim_subjects) == 2 * SMALL.prelim_subjects_per_class
-    assert not prelim_subjects & train_subjects
-    assert len({r["Patient_ID"] for r in rows}) == len(rows)
-    labels = [r["labels"] for r in rows]
-    assert labels != sorted(labels) and labels != sorted(labels, reverse=True), "not shuffled"
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/cnmc-real is absent (fresh clone)")
+def test_every_shipped_cell_is_a_cnmc_real_file_byte_for_byte() -> None:
+    real = set(digests(REAL).values())
+    shipped = {path: digest for path, digest in digests(SHIPPED / "C-NMC_Leukemia").items() if path.endswith(".png")}
+    assert len(shipped) == 523 and set(shipped.values()) <= real
+    with (SHIPPED / PRELIM_CSV).open(newline="") as handle:
+        originals = {r["new_names"]: r["Patient_ID"] for r in csv.DictReader(handle)}
+    by_name = {Path(p).name: d for p, d in digests(REAL).items()}
+    prelim = "validation_data/C-NMC_test_prelim_phase_data/"
+    for new, original in originals.items():
+        assert shipped[prelim + new] == by_name[original], new
 
 
-def test_images_are_450_purple_cells_on_black(tmp_path: Path) -> None:
-    cfg = DemoConfig(
-        train_subjects_per_class=3,
-        prelim_subjects_per_class=1,
-        all_cells_per_subject=1,
-        hem_cells_per_subject=1,
-        final_images=1,
-    )
-    write_demo_dataset(tmp_path / "data", cfg, seed=3)
-    paths = sorted((tmp_path / "data").rglob("*.bmp"))
-    assert len(paths) == 3 * 2 + 2 + 1
-    for path in paths:
-        rgb = read_rgb(path)
-        assert rgb.shape == (450, 450, 3)
-        for corner in (rgb[:20, :20], rgb[:20, -20:], rgb[-20:, :20], rgb[-20:, -20:]):
-            assert not corner.any(), f"{path.name}: background corner is not black"
-        cell = rgb[rgb.sum(axis=2) > 30].astype(float)
-        assert 0.04 < len(cell) / (450 * 450) < 0.4, path.name
-        red, green, blue = cell.mean(axis=0)
-        colour = f"{path.name}: not purple ({red:.0f}, {green:.0f}, {blue:.0f})"
-        assert red > green + 15 and blue > green + 15, colour
-
-
-def test_same_seed_is_byte_identical_other_seed_differs(tmp_path: Path, small_set: Path) -> None:
-    write_demo_dataset(tmp_path / "again", SMALL, seed=7)
-    write_demo_dataset(tmp_path / "other", SMALL, seed=8)
-    assert tree_sha256(tmp_path / "again") == tree_sha256(small_set)
-    assert tree_sha256(tmp_path / "other") != tree_sha256(small_set)
-
-
-def test_refuses_non_empty_folder_and_accepts_empty_one(tmp_path: Path) -> None:
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "keep.txt").write_text("mine")
-    with pytest.raises(CnmcError, match="full") as info:
-        write_demo_dataset(full, SMALL, seed=1)
-    assert "\n" not in str(info.value)
-    assert [p.name for p in full.iterdir()] == ["keep.txt"]
-
+def test_copy_is_byte_for_byte_and_refuses_a_non_empty_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "data"
+    assert main(["demo-data", str(out)]) == 0
+    assert "copied 524 files" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["C-NMC_Leukemia"]
+    assert digests(out / "C-NMC_Leukemia") == digests(SHIPPED / "C-NMC_Leukemia")
+    assert main(["demo-data", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "not an empty folder" in err and err.count("\n") == 1
     empty = tmp_path / "empty"
     empty.mkdir()
-    write_demo_dataset(empty, SMALL, seed=1)
+    copy_demo_dataset(empty)
     assert (empty / PRELIM_CSV).is_file()
 
 
-def test_failure_leaves_no_partial_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def failing(*args: object) -> np.ndarray:
-        calls.append(1)
+    def failing(src: str, dst: str) -> None:
+        calls.append(src)
         if len(calls) > 5:
-            raise RuntimeError("disk full")
-        return np.zeros((SMALL.image_size,) * 2 + (3,), dtype=np.uint8)
+            raise OSError("disk full")
+        Path(dst).write_bytes(Path(src).read_bytes())
 
-    monkeypatch.setattr(demo, "_render_cell", failing)
-    with pytest.raises(RuntimeError):
-        write_demo_dataset(tmp_path / "data", SMALL, seed=1)
+    monkeypatch.setattr(demo.shutil, "copyfile", failing)
+    with pytest.raises(OSError):
+        copy_demo_dataset(tmp_path / "data")
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(demo, "demo_cells", lambda: tmp_path / "nowhere")
+    with pytest.raises(CnmcError, match="demo cells are missing"):
+        copy_demo_dataset(tmp_path / "data")
 
 
-def test_classes_differ_learnably_but_overlap(small_set: Path) -> None:
-    """Cell area separates the classes on average, yet no threshold on it alone is perfect."""
-    area: dict[str, list[int]] = {"all": [], "hem": []}
-    for path in (small_set / ROOT / "training_data").glob("fold_*/*/*.bmp"):
-        area[path.parent.name].append(int((read_rgb(path).sum(axis=2) > 30).sum()))
-    assert np.mean(area["all"]) > 1.15 * np.mean(area["hem"])
-    assert min(area["all"]) < max(area["hem"])
+def test_the_committed_data_dvc_is_the_demo_hash_the_report_and_card_recognise() -> None:
+    from cnmc.data.demo import DEMO_DATA_HASH
+    from cnmc.tracking import data_hash
 
-
-@pytest.mark.parametrize("width", [5, 6, 7, 8])
-def test_bmp_writer_round_trips_through_pillow(width: int) -> None:
-    rgb = np.arange(3 * 4 * width * 3, dtype=np.uint8).reshape(3 * 4, width, 3)
-    with Image.open(io.BytesIO(demo._bmp_bytes(rgb))) as image:
-        assert image.format == "BMP" and image.mode == "RGB"
-        assert np.array_equal(np.asarray(image), rgb)
-
-
-def test_cli_prints_one_line_summary_and_refuses_twice(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "data"
-    flags = ["--params", str(tmp_path / "none.yaml"), "--train-subjects", "3"]
-    flags += [
-        "--prelim-subjects",
-        "1",
-        "--all-cells",
-        "1",
-        "--hem-cells",
-        "1",
-        "--final-images",
-        "0",
-    ]
-    assert main(["demo-data", str(out), *flags]) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("\n") == 1 and "8 demo images" in printed and str(out) in printed
-    assert main(["demo-data", str(out), *flags]) == 2
-    assert str(out) in capsys.readouterr().err
+    assert data_hash(Path(__file__).resolve().parents[1]) == DEMO_DATA_HASH

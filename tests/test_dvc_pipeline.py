@@ -1,5 +1,5 @@
 """End to end: `dvc repro` of the data pipeline in a temporary git repository, and a DVC
-remote push/pull round trip. Real DVC, real git, the real `cnmc` CLI on a small demo set."""
+remote push/pull round trip. Real DVC, real git, the real `cnmc` CLI on the shipped demo cells."""
 
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 pytestmark = pytest.mark.slow
 
-# Tiny settings for every stage: the demo layout at 96 px, 32 px store, two tiny random-init backbones.
+# Tiny settings for every stage on the shipped demo cells: 32 px store, two tiny random-init backbones.
 SMALL = {
-    "demo": {"train_subjects_per_class": 3, "prelim_subjects_per_class": 1, "all_cells_per_subject": 3,
-             "hem_cells_per_subject": 2, "final_images": 1, "image_size": 96},
     "augment": {"image_size": 32, "per_class": 12, "workers": 2, "preview_images": 2},
     "train": {"backbones": ["test_resnet", "test_efficientnet"], "pretrained": False, "epochs": 1, "batch_size": 16},
 }
@@ -107,8 +105,8 @@ def test_dvc_push_pull_round_trip_with_a_local_remote(project: Path, tmp_path: P
     assert tree_hash(project / "data") == before
 
 
-def test_committed_data_dvc_describes_the_default_demo_set(tmp_path: Path) -> None:
-    """`make demo` regenerates exactly what data.dvc records, so DVC sees no change."""
+def test_committed_data_dvc_describes_the_shipped_demo_set(tmp_path: Path) -> None:
+    """`make demo` copies exactly what data.dvc records, so DVC sees no change."""
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")

@@ -23,9 +23,10 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from cnmc.config import Params, PromoteConfig
+from cnmc.data.demo import DEMO_DATA_HASH
 from cnmc.errors import CnmcError
 from cnmc.evaluate import bootstrap_ci
-from cnmc.model_card import DEMO_DATA_HASH, load_metrics_document, render_model_card
+from cnmc.model_card import load_metrics_document, render_model_card
 from cnmc.registry import PromotionResult, promote, write_promotion
 
 CFG = PromoteConfig(rank_on="test", metric="f1_all")  # most tests rank on test metrics: fewer to fake
@@ -239,7 +240,7 @@ def test_card_recomputes_intervals_from_predictions_without_a_metrics_file(clien
     card = render_model_card(result, run, doc)
     assert f"[{low:.3f}, {high:.3f}]" in card
     assert "recomputed from predictions.csv" in card
-    assert "Demo data" in card and "(the synthetic demo set)" in card
+    assert "Demo data" in card and "(the shipped demo subset of real cells)" in card and "wide" in card
     assert "this version was evaluated that way" in card and "optimistic" in card
 
 

@@ -67,21 +67,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from cnmc.data.demo import write_demo_dataset
+    from cnmc.data.demo import copy_demo_dataset
 
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
-    params = _with_overrides(
-        params,
-        "demo",
-        train_subjects_per_class=args.train_subjects,
-        prelim_subjects_per_class=args.prelim_subjects,
-        all_cells_per_subject=args.all_cells,
-        hem_cells_per_subject=args.hem_cells,
-        final_images=args.final_images,
-    )
-    seed = params.seed if args.seed is None else args.seed
-    summary = write_demo_dataset(Path(args.out_dir), params.demo, seed=seed)
-    print(summary)
+    print(copy_demo_dataset(Path(args.out_dir)))
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
@@ -247,18 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=PROFILES)
     p.add_argument("-o", "--output", default=PARAMS_FILE, help="file to write (default: %(default)s)")
 
-    p = add(
-        "demo-data",
-        cmd_demo_data,
-        "Write the deterministic synthetic demo set in the Kaggle C-NMC layout (450x450 BMP cells).",
-    )
+    p = add("demo-data", cmd_demo_data,
+            "Copy the shipped demo set (523 real C-NMC 2019 cells, Kaggle layout) into a folder.")
     p.add_argument("out_dir", help="folder to create (must be absent or empty)")
-    add_params(p)
-    p.add_argument("--train-subjects", type=int, help="training subjects per class")
-    p.add_argument("--prelim-subjects", type=int, help="preliminary-test subjects per class")
-    p.add_argument("--all-cells", type=int, help="cells per ALL subject")
-    p.add_argument("--hem-cells", type=int, help="cells per Hem subject")
-    p.add_argument("--final-images", type=int, help="unlabelled final-phase images")
 
     p = add(
         "manifest",

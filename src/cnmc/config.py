@@ -27,17 +27,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DemoConfig(_Section):
-    """Synthetic data set in the Kaggle C-NMC layout (``cnmc demo-data``)."""
-
-    train_subjects_per_class: int = Field(8, ge=3, description="training subjects per class, spread over 3 folds")
-    prelim_subjects_per_class: int = Field(2, ge=1, description="preliminary-test subjects per class")
-    all_cells_per_subject: int = Field(18, ge=1, description="cells per ALL subject")
-    hem_cells_per_subject: int = Field(10, ge=1, description="cells per Hem subject")
-    final_images: int = Field(6, ge=0, description="unlabelled final-phase images")
-    image_size: int = Field(450, ge=64, description="side of the square BMPs (450 as in C-NMC)")
-
-
 class SplitConfig(_Section):
     """How the manifest is cut into train/val/test."""
 
@@ -70,7 +59,9 @@ class AugmentConfig(_Section):
 class TrainConfig(_Section):
     """Fine-tuning one backbone (``cnmc train``); ``backbones`` is the DVC training matrix."""
 
-    backbones: list[str] = Field(["tf_efficientnet_lite0"], min_length=1, description="backbones the DVC matrix trains")
+    backbones: list[str] = Field(
+        ["tf_efficientnet_lite0", "tf_efficientnet_lite1"], min_length=1, description="backbones the DVC matrix trains"
+    )
     pretrained: bool = Field(True, description="start from ImageNet weights (false: random init)")
     weights_dir: str = Field("", description="folder with <backbone>.pth/.safetensors weights ('' = hub cache)")
     epochs: int = Field(8, ge=1, description="maximum epochs (paper: 50)")
@@ -119,7 +110,6 @@ class Params(_Section):
 
     seed: int = Field(42, description="one seed for every random choice of the pipeline")
     data_dir: str = Field("data", description="raw data folder (tracked by data.dvc)")
-    demo: DemoConfig = DemoConfig()
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()

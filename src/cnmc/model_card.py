@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnmc.atomic import atomic_write_text
+from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.evaluate import CI_METRICS, binary_metrics, bootstrap_ci
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# ``data.dvc`` as committed: the deterministic demo set (DESIGN §4).
-DEMO_DATA_HASH = "697bd38f8df4dc3c1582496ff0022a7f"
 SMALL_TEST_SET = 500  # cells; below this the card warns that the intervals are wide
 # Logged test_* metrics that are not at the tuned threshold on plain inference (argmax, TTA, calibration).
 _NOT_AT_TUNED = ("test_t0.5_", "test_tta_", "test_ece_", "test_nll_")
@@ -128,7 +127,7 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, 
         "",
         "## Data and protocol",
         f"- Data hash (`data.dvc` md5 of `data/`): `{result.data_hash}`"
-        + (" (the synthetic demo set)" if demo else ""),
+        + (" (the shipped demo subset of real cells)" if demo else ""),
         f"- Split protocol: {PROTOCOLS.get(result.protocol, f'`{result.protocol}`')}",
         f"- Test set: {_count(n, 'cell')}" + (f" from {_count(n_subjects, 'subject')}" if n_subjects else "")
         + (f" ({tuned.get('n_all')} ALL, {tuned.get('n_hem')} Hem)" if "n_all" in tuned else ""),
@@ -172,8 +171,7 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, 
         "ignore subject clustering and are too narrow for claims about new patients.",
     ]
     if demo:
-        lines.append("- **Demo data**: this data hash is the small synthetic demo set; the numbers show that "
-                     "the pipeline runs and say nothing about real cells.")
+        lines.append(f"- **Demo data**: this data hash is {DEMO_NOTE}")
     if isinstance(n, (int, float)) and n < SMALL_TEST_SET:
         lines.append(f"- Small test set ({_count(n, 'cell')}): the intervals are wide.")
     lines += [

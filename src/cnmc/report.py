@@ -16,6 +16,7 @@ from typing import Any, NotRequired, TypedDict
 import pandas as pd
 
 from cnmc.atomic import atomic_write_text
+from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.errors import CnmcError
 from cnmc.plots import metric_bars_png
 
@@ -277,9 +278,10 @@ def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
         hashes = ", ".join(sorted(rows["data_hash"].dropna().unique()))
         group = [item for item in runs if item[1]["protocol"] == protocol]
         calibration, notes = _calibration_table(group), _validation_notes(group)
+        demo = f" — **demo data**: {DEMO_NOTE}" if hashes == DEMO_DATA_HASH else ""
         sections.append(
             f"### Protocol `{protocol}` — {PROTOCOLS.get(protocol, 'unknown protocol')}\n\n"
-            f"Data hash: `{hashes}`\n\n{_markdown_table(rows)}"
+            f"Data hash: `{hashes}`{demo}\n\n{_markdown_table(rows)}"
             + (f"\n\n{notes}" if notes else "")
             + (f"\n\n{calibration}" if calibration else "")
         )
