@@ -40,7 +40,8 @@ lint: install
 # Serve the registered champion over HTTP on 127.0.0.1:$(PORT) (uvicorn must be on PATH: it is, here).
 serve: install
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow models serve \
-		-m models:/cnmc-classifier@champion --env-manager local --host 127.0.0.1 -p $(PORT)
+		-m "$$($(BIN)/python -c 'from cnmc.config import load_params; print(load_params().promote.model_uri)')" \
+		--env-manager local --host 127.0.0.1 -p $(PORT)
 
 # The MLflow UI on the project's runs: open http://127.0.0.1:$(UI_PORT) (README: comparing backbones).
 ui: install

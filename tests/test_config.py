@@ -66,3 +66,17 @@ def test_params_from_layers_a_partial_file(tmp_path: Path) -> None:
     tuned.write_text("train:\n  lr: -1\n")
     with pytest.raises(CnmcError, match="train.lr"):
         merge_params_file(Params(), tuned)
+
+
+def test_the_champion_uri_is_built_from_promote_and_read_by_the_cli(tmp_path) -> None:
+    import argparse
+
+    from cnmc.cli import _model_uri
+    from cnmc.config import PromoteConfig
+
+    assert PromoteConfig().model_uri == "models:/cnmc-classifier@champion"
+    params = tmp_path / "params.yaml"
+    params.write_text("promote:\n  model_name: mine\n  alias: best\n")
+    assert _model_uri(argparse.Namespace(model=None, params=str(params))) == "models:/mine@best"
+    assert _model_uri(argparse.Namespace(model="runs:/x/model", params=str(params))) == "runs:/x/model"
+    assert _model_uri(argparse.Namespace(model=None, params=str(tmp_path / "absent.yaml"))).endswith("@champion")

@@ -59,6 +59,13 @@ def _per_class(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def _model_uri(args: argparse.Namespace) -> str:
+    """``--model``, else the registered alias that ``params.yaml: promote`` names (defaults without a file)."""
+    if args.model:
+        return args.model
+    return (load_params(args.params) if Path(args.params).is_file() else Params()).promote.model_uri
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     params = profile_params(args.name)
     out = Path(args.output)
@@ -174,7 +181,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from cnmc.predict import predict_paths
 
-    summary = predict_paths(args.model, args.inputs, Path(args.output), batch_size=args.batch_size,
+    summary = predict_paths(_model_uri(args), args.inputs, Path(args.output), batch_size=args.batch_size,
                             progress=not args.quiet)
     print(summary.line())
 
@@ -194,7 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_explain(args: argparse.Namespace) -> None:
     from cnmc.explain import explain_images
 
-    for path in explain_images(args.model, args.inputs, Path(args.out_dir)):
+    for path in explain_images(_model_uri(args), args.inputs, Path(args.out_dir)):
         print(path)
 
 
@@ -230,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     def add_params(p: argparse.ArgumentParser) -> None:
         p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
         p.add_argument("--seed", type=int, help="override the params seed")
+
+    def add_model(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="model URI (default: models:/<promote.model_name>@<promote.alias> of --params)")
+        p.add_argument("--params", default=PARAMS_FILE, help="params file for the default model (default: %(default)s)")
 
     p = add("profile", cmd_profile, "Write a params profile (demo: CPU minutes; paper: the paper's exact values).")
     p.add_argument("name", choices=PROFILES)
@@ -302,14 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = add("promote", cmd_promote,
-            "Register the best run (test F1 of the ALL class) and move the 'champion' alias if it is better.")
+            "Register the best run (by promote.metric on validation) and move the 'champion' alias if it is better.")
     p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     p.add_argument("--out-dir", default="registry", help="champion.json and model_card.md (default: %(default)s)")
 
     p = add("predict", cmd_predict,
             "Classify image files, folders or globs with a logged model; unreadable files are listed, not fatal.")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
-    p.add_argument("--model", default="models:/cnmc-classifier@champion", help="model URI (default: %(default)s)")
+    add_model(p)
     p.add_argument("-o", "--output", default="predictions.csv", help="output CSV (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -328,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("explain", cmd_explain, "Write Grad-CAM overlays showing what the model looked at in each image.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
-    p.add_argument("--model", default="models:/cnmc-classifier@champion", help="model URI (default: %(default)s)")
+    add_model(p)
     p.add_argument("-o", "--out-dir", default="explanations", help="where the overlays go (default: %(default)s)")
 
     p = add("report", cmd_report, "Compare the trained backbones with the paper's Table 2 (markdown, CSV, bar chart).")

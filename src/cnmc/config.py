@@ -89,6 +89,11 @@ class PromoteConfig(_Section):
     metric: Literal[SCALAR_METRICS] = Field("f1_macro", description="metric to maximise (at the reported threshold)")
     tie_breaker: Literal[SCALAR_METRICS] = Field("roc_auc", description="second metric for ties")
 
+    @property
+    def model_uri(self) -> str:
+        """The URI that serves, predicts and explains with the champion: ``models:/<name>@<alias>``."""
+        return f"models:/{self.model_name}@{self.alias}"
+
 
 class TuneConfig(_Section):
     """Optuna search over learning rate and augmentation strength (``cnmc tune``)."""
