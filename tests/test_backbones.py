@@ -1,4 +1,4 @@
-"""Backbone factory and weight resolution (DESIGN §5), offline and on CPU."""
+"""Backbone factory and weight resolution. offline and on CPU."""
 
 import functools
 import subprocess
@@ -94,7 +94,7 @@ def test_lite_mapping_checks_every_shape(name):
     ],
 )
 def test_lite_imagenet_top1_on_sample_photos(name, photo, label):
-    """At each variant's timm input size (224, 240, 260), checked once by hand (DESIGN §5)."""
+    """At each variant's timm input size (224, 240, 260), checked once by hand."""
     model = imagenet_lite(name)
     size = model.pretrained_cfg["input_size"][-1]
     image = Image.fromarray(load_sample_image(photo)).resize((size, size), Image.BILINEAR)

@@ -35,7 +35,7 @@ def noisy(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def paper_b3() -> tuple[np.ndarray, np.ndarray]:
-    """The paper's B3 test set as DESIGN §2 reconstructs it: TP 825, FN 22, FP 78, TN 328."""
+    """The paper's B3 test set as its accuracy and recall imply: TP 825, FN 22, FP 78, TN 328."""
     y = np.array([1] * 847 + [0] * 406)
     p = np.array([0.9] * 825 + [0.1] * 22 + [0.9] * 78 + [0.1] * 328)
     return y, p

@@ -2,7 +2,8 @@
 
 Convention: ALL = 1 is the positive class, Hem = 0; ``prob_all`` is the predicted probability
 of ALL and a cell is called ALL when ``prob_all >= threshold``. The paper's "macro" P/R/F1 are
-really the ALL-class binary metrics (DESIGN §2), so we report ``*_all`` and ``*_macro`` apart.
+really the ALL-class binary metrics (see the README, "The paper, and what we report
+differently"), so we report ``*_all`` and ``*_macro`` apart.
 """
 
 from __future__ import annotations

