@@ -47,7 +47,7 @@ class SplitConfig(_Section):
 class AugmentConfig(_Section):
     """Resizing and the paper's class-balancing augmentation T."""
 
-    image_size: int = Field(128, ge=16, description="side of the stored square images (paper: 224)")
+    image_size: int = Field(96, ge=16, description="side of the stored square images (paper: 224)")
     per_class: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="M: training images per class after balancing (auto: the largest class; paper: 10000)"
     )
