@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
-import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from cnmc.errors import CnmcError
+from cnmc.atomic import fill_new_folder
 
 ROOT = "C-NMC_Leukemia"
 TRAIN_DIR = f"{ROOT}/training_data"
@@ -106,22 +104,7 @@ def write_synthetic_dataset(out_dir: Path, cfg: SyntheticConfig, seed: int) -> S
     so an interrupted run never leaves a set that looks complete.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CnmcError(f"{out_dir}: exists and is not an empty folder; give a new or empty folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its private 0700 mode would stick to the renamed data folder.
-    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)  # only a dead run with our pid can have left it
-    tmp.mkdir()
-    try:
-        summary = _write_all(tmp, cfg, seed, out_dir)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+    return fill_new_folder(out_dir, lambda tmp: _write_all(tmp, cfg, seed, out_dir))
 
 
 def _write_all(root: Path, cfg: SyntheticConfig, seed: int, out_dir: Path) -> SyntheticSummary:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from cnmc.errors import CnmcError
+
+_T = TypeVar("_T")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -22,3 +29,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError:
         os.unlink(tmp.name)
         raise
+
+
+def fill_new_folder(out_dir: Path, fill: Callable[[Path], _T]) -> _T:
+    """Run ``fill`` on a hidden sibling of ``out_dir`` (which must be absent or empty), then rename
+    it to ``out_dir``: an interrupted run never leaves a folder that looks complete."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CnmcError(f"{out_dir}: exists and is not an empty folder; give a new or empty folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkdtemp: its private 0700 mode would stick to the renamed folder.
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # only a dead run with our pid can have left it
+    tmp.mkdir()
+    try:
+        result = fill(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result

@@ -9,11 +9,11 @@ subjects renamed ``1.png`` ... with its labels CSV, and a few unlabelled final-p
 
 from __future__ import annotations
 
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
 
+from cnmc.atomic import fill_new_folder
 from cnmc.errors import CnmcError
 
 TREE = "C-NMC_Leukemia"
@@ -30,28 +30,13 @@ def demo_cells() -> Path:
 
 
 def copy_demo_dataset(out_dir: Path) -> str:
-    """Copy the shipped cells into ``out_dir`` (absent or empty), all at once or not at all.
-
-    The copy is made in a hidden sibling folder that is renamed to ``out_dir`` at the end, so an
-    interrupted copy never leaves a set that looks complete. Returns the one line the CLI prints.
-    """
+    """Copy the shipped cells into ``out_dir`` (absent or empty), all at once or not at all
+    (:func:`cnmc.atomic.fill_new_folder`); return the one line the CLI prints."""
     out_dir = Path(out_dir)
     source = demo_cells() / TREE
     if not source.is_dir():
         raise CnmcError(f"{source}: the demo cells are missing from this installation (reinstall cnmc)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CnmcError(f"{out_dir}: exists and is not an empty folder; give a new or empty folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)  # only a dead run with our pid can have left it
-    try:
-        shutil.copytree(source, tmp / TREE, copy_function=shutil.copyfile)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    fill_new_folder(out_dir, lambda tmp: shutil.copytree(source, tmp / TREE, copy_function=shutil.copyfile))
     files = sum(1 for p in out_dir.rglob("*") if p.is_file())
     return (f"copied {files} files of the real C-NMC 2019 demo subset to {out_dir} "
             f"(attribution: {demo_cells() / 'ATTRIBUTION.md'})")
