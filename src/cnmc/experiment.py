@@ -186,15 +186,14 @@ def _evaluate_and_log(trainer: Trainer, stores: dict[str, ImageStore], spec: Mod
     shortfall = judging_shortfall(val.targets, params.split.min_images_per_class)
     if shortfall:
         log.warning("%s: threshold 0.5 and temperature 1, nothing fitted", shortfall)
-        temperature, threshold = 1.0, 0.5
-    else:
-        temperature = fit_temperature(val_logits, val.targets)
-        threshold = tune_threshold(val.targets, prob_all(val_logits, temperature))
+    temperature = 1.0 if shortfall else fit_temperature(val_logits, val.targets)
+    val_prob = prob_all(val_logits, temperature)
+    threshold = 0.5 if shortfall else tune_threshold(val.targets, val_prob)
     validation = {"can_judge": not shortfall, "reason": shortfall or "enough cells of both classes: "
                   "temperature and threshold fitted on validation", "n_all": int(val.targets.sum()),
                   "n_hem": int(len(val.targets) - val.targets.sum()),
                   "min_images_per_class": params.split.min_images_per_class,
-                  "at_threshold": binary_metrics(val.targets, prob_all(val_logits, temperature), threshold)}
+                  "at_threshold": binary_metrics(val.targets, val_prob, threshold)}
     spec = replace(spec, threshold=threshold, temperature=temperature)
     # One pass over the test set gives the logits of every view; view 0 is the plain image.
     test_views, _ = trainer.predict_logits(StoreDataset(test, spec.mean, spec.std), tta=True)
