@@ -58,7 +58,8 @@ from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
 from cnmc.data.split import Splits, split_manifest, write_splits  # noqa: E402
 from cnmc.evaluate import binary_metrics, bootstrap_ci  # noqa: E402
-from cnmc.experiment import RunPaths, train_and_log  # noqa: E402
+from cnmc.experiment import train_and_log
+from cnmc.runs import RunPaths  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cnmc-real"
@@ -124,12 +125,12 @@ def run_fold(labelled: pd.DataFrame, name: str, variant: Variant, fold: int, tes
     prepare_dataset(work / "splits", work / "images", params.augment, params.seed,
                     preview_path=work / "plots" / "augment_preview.png", progress=False)
     document = train_and_log(params, variant.backbone, RunPaths(work, variant.backbone), progress=False)
-    predictions = pd.read_csv(RunPaths(work, variant.backbone).model_dir / "predictions.csv")
+    predictions = pd.read_csv(RunPaths(work, variant.backbone).evaluation_dir / "predictions.csv")
     record = {
         "variant": name, "fold": fold, "backbone": variant.backbone, "protocol": variant.protocol,
-        "pretrained": variant.pretrained, "threshold": document["threshold"],
-        "validation": document["validation"],  # can_judge, counts and the metrics levers are chosen by
-        "best_epoch": document["best_epoch"], "epochs_run": document["epochs_run"],
+        "pretrained": variant.pretrained, "threshold": document.threshold,
+        "validation": document.validation.model_dump(),  # can_judge, counts and the metrics levers are chosen by
+        "best_epoch": document.best_epoch, "epochs_run": document.epochs_run,
         "seconds": round(time.perf_counter() - started, 1),
         "split": splits.report.get("splits", {}),
         "predictions": predictions[["path", "subject", "label", "prob_all", "prob_all_tta"]].to_dict(orient="list"),

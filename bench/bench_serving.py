@@ -64,8 +64,9 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     """A random-weight pyfunc of ``backbone`` in a fresh SQLite store; returns (tracking URI, model URI)."""
     import mlflow
 
+    from cnmc.model_spec import ModelSpec
     from cnmc.models.backbones import create_backbone
-    from cnmc.serving import ModelSpec, log_pyfunc
+    from cnmc.serving import log_pyfunc
 
     model_dir = tmp / "model"
     model_dir.mkdir()
@@ -78,7 +79,7 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bench-serving")
     with mlflow.start_run():
-        info = log_pyfunc(model_dir, tmp / "example.bmp")
+        info = log_pyfunc(model_dir / "weights.pt", model_dir / "model.json", tmp / "example.bmp")
     return uri, info.model_uri
 
 

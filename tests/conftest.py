@@ -191,7 +191,8 @@ class TinyRuns:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        from cnmc.experiment import RunPaths, train_and_log
+        from cnmc.experiment import train_and_log
+        from cnmc.runs import RunPaths
 
         params = tiny_params()
         with pytest.MonkeyPatch.context() as mp:
@@ -202,9 +203,9 @@ class TinyRuns:
                 document = train_and_log(params, backbone, RunPaths(self.root, backbone), progress=False)
             finally:
                 mlflow.set_tracking_uri(None)
-        run = MlflowClient(tracking_uri=self.tracking_uri).get_run(document["run_id"])
+        run = MlflowClient(tracking_uri=self.tracking_uri).get_run(document.run_id)
         return TinyRun(self.tracking_uri, backbone, run.info.run_id, run.info.run_name,
-                       run.info.experiment_id, float(document["threshold"]))
+                       run.info.experiment_id, float(document.threshold))
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ from cnmc.calibration import (
     expected_calibration_error,
     fit_temperature,
     nll,
-    prob_all,
     reliability_bins,
 )
+from cnmc.inference import prob_all
 from cnmc.plots import reliability_png
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,39 @@ def test_params_from_layers_a_partial_file(tmp_path: Path) -> None:
 
 
 def test_the_champion_uri_is_built_from_promote_and_read_by_the_cli(tmp_path) -> None:
-    import argparse
-
-    from cnmc.cli import _model_uri
+    from cnmc.cli import _model_uri, build_parser
     from cnmc.config import PromoteConfig
+
+    def uri(*argv: str) -> str:
+        return _model_uri(build_parser().parse_args(["predict", "cell.bmp", *argv]))
 
     assert PromoteConfig().model_uri == "models:/cnmc-classifier@champion"
     params = tmp_path / "params.yaml"
     params.write_text("promote:\n  model_name: mine\n  alias: best\n")
-    assert _model_uri(argparse.Namespace(model=None, params=str(params))) == "models:/mine@best"
-    assert _model_uri(argparse.Namespace(model="runs:/x/model", params=str(params))) == "runs:/x/model"
-    assert _model_uri(argparse.Namespace(model=None, params=str(tmp_path / "absent.yaml"))).endswith("@champion")
+    assert uri("--params", str(params)) == "models:/mine@best"
+    assert uri("--params", str(params), "--set", "promote.alias=other") == "models:/mine@other"
+    assert uri("--model", "runs:/x/model", "--params", str(params)) == "runs:/x/model"
+    assert uri("--params", str(tmp_path / "absent.yaml")).endswith("@champion")
+
+
+def test_set_overrides_any_setting_once_validated_and_in_order(tmp_path) -> None:
+    from cnmc.cli import _params, build_parser
+    from cnmc.errors import CnmcError
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  lr: 0.01\n")
+
+    def parsed(*argv: str):  # noqa: ANN202
+        return _params(build_parser().parse_args(["train", "--backbone", "b", "--params", str(params), *argv]))
+
+    got = parsed("--set", "train.lr=3e-4", "--set", "train.backbones=[a, b]", "--epochs", "2",
+                 "--set", "augment.per_class=auto", "--set", "train.head_init=linear_probe")
+    assert got.train.lr == 3e-4 and got.train.backbones == ["a", "b"] and got.train.epochs == 2
+    assert got.train.head_init == "linear_probe" and got.augment.per_class == "auto"
+    assert parsed("--set", "train.lr=").train.lr == 0.01  # empty: the file's value (MLproject's unset)
+    assert parsed("--epochs", "3", "--set", "train.epochs=4").train.epochs == 4  # --set comes last
+    for bad, message in (("train.lr=-1", "train.lr: Input should be greater than 0"),
+                         ("train.bogus=1", "no setting 'train.bogus'"), ("nope=1", "no setting 'nope'"),
+                         ("train.lr", "expected KEY=VALUE"), ("train=1", "no setting 'train'")):
+        with pytest.raises(CnmcError, match=re.escape(message)):
+            parsed("--set", bad)

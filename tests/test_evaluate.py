@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from cnmc import plots
+from cnmc.curves import training_curves_png
 from cnmc.evaluate import (
     BOOTSTRAP_METRICS,
     binary_metrics,
@@ -170,7 +171,7 @@ def test_plots_write_pngs_and_dvc_data(tmp_path) -> None:
          "val_roc_auc": 0.6 + 0.03 * e}
         for e in range(1, 8)
     ]
-    assert is_png(plots.training_curves_png(history, tmp_path / "curves.png"))
+    assert is_png(training_curves_png(history, tmp_path / "curves.png"))
     table = pd.DataFrame([
         {"backbone": "efficientnet_b3", "result": "paper", "accuracy": 92.02,
          "precision_all": 91.36, "recall_all": 97.4, "f1_all": 94.3, "roc_auc": 94.79},

@@ -24,7 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnmc.experiment import RunPaths, train_and_log
+from cnmc.experiment import train_and_log
+from cnmc.runs import RunPaths
 from cnmc.serving import encode_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def logged_run(
             document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, progress=False)
         finally:
             mlflow.set_tracking_uri(None)
-    return LoggedRun(uri, paths, document, document["run_id"])
+    return LoggedRun(uri, paths, document.model_dump(by_alias=True), document.run_id)
 
 
 @pytest.fixture
@@ -148,8 +149,10 @@ def test_run_logs_artifacts_and_the_metrics_file(logged_run: LoggedRun) -> None:
     for key in ("f1_all", "f1_macro", "roc_auc", "accuracy"):
         assert 0.0 <= saved["test"]["at_tuned"][key] <= 1.0
     assert saved["test"]["at_tuned"]["n"] == len(pd.read_csv(paths.store / "test" / "index.csv"))
-    for name in ("weights.pt", "model.json", "predictions.csv"):
+    for name in ("weights.pt", "model.json", "fit.json"):  # the train stage's
         assert (paths.model_dir / name).is_file()
+    for name in ("model.json", "predictions.csv"):  # the evaluate stage's
+        assert (paths.evaluation_dir / name).is_file()
     assert paths.checkpoint.is_file()
 
 
@@ -166,7 +169,7 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
     by_id = mlflow.pyfunc.load_model(logged[0].model_uri)
 
     # The trainer's test predictions, and the original files (not the stored arrays) as requests.
-    expected = pd.read_csv(tracking.paths.model_dir / "predictions.csv")
+    expected = pd.read_csv(tracking.paths.evaluation_dir / "predictions.csv")
     assert all(p.endswith(".bmp") for p in expected["path"])
     request = pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]})
     out = model.predict(request)
@@ -184,7 +187,7 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
 
 
 def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) -> None:
-    from cnmc.serving import ModelSpec
+    from cnmc.model_spec import ModelSpec
 
     document, paths = tracking.document, tracking.paths
     calibration = document["calibration"]
@@ -194,7 +197,7 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
     assert temperature > 0 and all(np.isfinite(v) for v in calibration.values())
     assert calibration["val_nll_after"] <= calibration["val_nll_before"] + 1e-9  # fitted on validation
     # The served spec carries the fitted temperature and the threshold tuned after it.
-    spec = ModelSpec.load(paths.model_dir / "model.json")
+    spec = ModelSpec.load(paths.evaluation_dir / "model.json")
     assert spec.temperature == temperature and spec.threshold == document["threshold"]
     tta = document["test_tta"]
     assert {"at_0.5", "at_tuned", "ci95"} <= set(tta) and tta["threshold"] == document["threshold"]
@@ -207,7 +210,7 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
     assert "plots/reliability.png" in artifact_files(tracking.client, tracking.run_id)
 
     # The served model with params {"tta": true} gives predictions.csv's TTA probabilities.
-    expected = pd.read_csv(paths.model_dir / "predictions.csv").head(4)
+    expected = pd.read_csv(paths.evaluation_dir / "predictions.csv").head(4)
     model = mlflow.pyfunc.load_model(f"runs:/{tracking.run_id}/model")
     request = pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]})
     out = model.predict(request, params={"tta": True})
@@ -218,12 +221,13 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
 def test_the_logged_model_bundles_only_the_code_and_packages_inference_needs(
     tracking: LoggedRun, tmp_path: Path
 ) -> None:
-    from cnmc.model_env import PACKAGE_DIR, code_closure, requirements
+    from cnmc.imports import PACKAGE_DIR, code_closure
+    from cnmc.model_env import ENTRY, requirements
 
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{tracking.run_id}/model", dst_path=str(tmp_path)))
     code = local / "code" / "cnmc"
     bundled = {p.relative_to(code).as_posix() for p in code.rglob("*") if p.is_file()}
-    assert bundled == {p.relative_to(PACKAGE_DIR).as_posix() for p in code_closure()[0]}
+    assert bundled == {p.relative_to(PACKAGE_DIR).as_posix() for p in code_closure(ENTRY)[0]}
     listed = (local / "requirements.txt").read_text().split()
     assert set(requirements()) <= set(listed) and not any(r.startswith(("dvc", "optuna")) for r in listed)
 
@@ -231,12 +235,13 @@ def test_the_logged_model_bundles_only_the_code_and_packages_inference_needs(
 def test_a_validation_set_too_small_fits_nothing_and_says_so(
     tiny_store: Path, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from cnmc.metrics_document import MetricsDocument
     from cnmc.model_card import _threshold_note
 
     root = Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
     monkeypatch.chdir(tmp_path)
     document = train_and_log(tiny_params(min_images_per_class=30), BACKBONE, RunPaths(root, BACKBONE),
-                             progress=False)
+                             progress=False).model_dump(by_alias=True)
     validation = document["validation"]
     assert validation["can_judge"] is False and validation["min_images_per_class"] == 30
     assert "fewer than split.min_images_per_class = 30 of each" in validation["reason"]
@@ -245,7 +250,7 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
     run = MlflowClient(tracking_uri=mlflow_db).get_run(document["run_id"])
     assert run.data.tags["validation_can_judge"] == "false" and run.data.metrics["threshold"] == 0.5
     assert "final_val_f1_macro" in run.data.metrics
-    assert _threshold_note(document, {}).startswith("**Nothing was fitted on validation** (validation holds")
+    assert _threshold_note(MetricsDocument.model_validate(document)).startswith("**Nothing was fitted on validation** (validation holds")
 
 
 @pytest.mark.parametrize(
@@ -389,7 +394,8 @@ def test_interrupted_run_is_killed_then_resumed_into_the_same_run(
     assert mlflow.active_run() is None
 
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True, progress=False)
+    document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True,
+                             progress=False).model_dump(by_alias=True)
     assert document["run_id"] == run.info.run_id and document["epochs_run"] == EPOCHS
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     for name in ("train_loss", "val_f1_macro"):  # epoch 1 not logged twice

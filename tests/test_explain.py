@@ -24,8 +24,9 @@ from cnmc.explain import (
     select_examples,
     target_layer,
 )
+from cnmc.model_spec import ModelSpec
 from cnmc.models.backbones import create_backbone
-from cnmc.serving import ModelSpec, encode_file
+from cnmc.serving import encode_file
 
 
 def tiny_model(name: str, size: int = 32) -> tuple[torch.nn.Module, ModelSpec]:

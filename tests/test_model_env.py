@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnmc.model_env import PACKAGE_DIR, code_closure, copy_code, requirements
+from cnmc.imports import PACKAGE_DIR, code_closure
+from cnmc.model_env import ENTRY, copy_code, requirements
 
 
 def test_the_closure_is_the_serving_code_and_not_the_project() -> None:
-    files, external = code_closure()
+    files, external = code_closure(ENTRY)
     names = {path.relative_to(PACKAGE_DIR).as_posix() for path in files}
     assert {"__init__.py", "serving.py", "tta.py", "models/backbones.py", "data/images.py"} <= names
     for unwanted in ("local_server.py", "cli.py", "train.py", "tune.py", "explain.py", "data/manifest.py"):

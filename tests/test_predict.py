@@ -15,8 +15,9 @@ from conftest import tiny_params
 from PIL import Image
 
 from cnmc.errors import CnmcError
-from cnmc.experiment import RunPaths, train_and_log
+from cnmc.experiment import train_and_log
 from cnmc.predict import COLUMNS, find_images, predict_paths
+from cnmc.runs import RunPaths
 from cnmc.serving import encode_file
 
 BACKBONE = "test_resnet"
@@ -45,7 +46,7 @@ def tiny_model(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pyt
             document = train_and_log(tiny_params(), BACKBONE, RunPaths(root, BACKBONE), progress=False)
         finally:
             mlflow.set_tracking_uri(None)
-    return TinyModel(uri, f"runs:/{document['run_id']}/model", document["threshold"])
+    return TinyModel(uri, f"runs:/{document.run_id}/model", document.threshold)
 
 
 @pytest.fixture

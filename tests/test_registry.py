@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,9 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from cnmc.config import Params, PromoteConfig
-from cnmc.data.demo import DEMO_DATA_HASH
 from cnmc.errors import CnmcError
-from cnmc.evaluate import bootstrap_ci
-from cnmc.model_card import load_metrics_document, render_model_card
-from cnmc.registry import PromotionResult, promote, write_promotion
+from cnmc.model_card import load_metrics_document
+from cnmc.registry import promote, write_promotion
 
 CFG = PromoteConfig(rank_on="test", metric="f1_all")  # most tests rank on test metrics: fewer to fake
 NAME = CFG.model_name
@@ -46,7 +43,6 @@ def fake_run(
     model: bool = True,
     status: str = "FINISHED",
     document: dict[str, Any] | None = None,
-    predictions: pd.DataFrame | None = None,
     val_f1_macro: float | None = None,
 ) -> str:
     """A run as ``train_and_log`` leaves it, as far as promotion looks; returns its id."""
@@ -60,12 +56,7 @@ def fake_run(
     if val_f1_macro is not None:  # the selected model on validation, as train_and_log logs it
         metrics |= {"final_val_f1_macro": val_f1_macro, "final_val_roc_auc": 0.9}
     client.log_batch(run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
-    if document is not None:
-        client.log_dict(run_id, document, "fake.json")
-    if predictions is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
-            client.log_artifact(run_id, str(Path(tmp) / "predictions.csv"))
+    client.log_dict(run_id, document or metrics_document(f1), "fake.json")
     if model:
         logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
         client.finalize_logged_model(logged.model_id, "READY")
@@ -73,14 +64,20 @@ def fake_run(
     return run_id
 
 
-def document(f1: float = 0.9) -> dict[str, Any]:
-    """A metrics document like ``train_and_log``'s, with bootstrap intervals."""
+def metrics_document(f1: float = 0.9) -> dict[str, Any]:
+    """A metrics document like the evaluate stage's, with bootstrap intervals."""
     tuned = {"f1_all": f1, "roc_auc": 0.8, "f1_macro": f1 - 0.05, "accuracy": f1 - 0.02,
              "n": 40, "n_all": 25, "n_hem": 15, "n_subjects": 4, "mean_subject_accuracy": 0.77}
     half = {**tuned, "f1_all": f1 - 0.1}
     ci = {"f1_all": [0.812, 0.951], "roc_auc": [0.701, 0.877], "f1_macro": [0.7, 0.9], "accuracy": [0.6, 0.9]}
-    return {"backbone": "fake", "threshold": 0.4,
-            "test": {"at_tuned": tuned, "at_0.5": half, "ci95": {"at_tuned": ci, "at_0.5": ci}}}
+    test = {"at_tuned": tuned, "at_0.5": half, "threshold": 0.4, "ci95": {"at_tuned": ci, "at_0.5": ci}}
+    return {"backbone": "fake", "run_id": "r", "best_epoch": 1, "epochs_run": 1, "epoch_selection": "best",
+            "stopped_early": False, "train_seconds": 1.0, "best_val_f1_macro": 0.5, "protocol": "subject",
+            "data_hash": DATA, "threshold": 0.4, "test": test, "test_tta": test,
+            "validation": {"can_judge": True, "reason": "enough", "n_all": 30, "n_hem": 30,
+                           "min_images_per_class": 30, "at_threshold": tuned},
+            "calibration": dict.fromkeys(("temperature", "test_ece_before", "test_ece_after", "test_nll_before",
+                                          "test_nll_after", "test_tta_ece", "val_nll_before", "val_nll_after"), 1.0)}
 
 
 @pytest.fixture
@@ -145,7 +142,7 @@ def test_ties_go_to_the_tie_breaker_then_the_newest_run(client: MlflowClient) ->
 
 
 def test_repromoting_the_same_run_reuses_its_version(client: MlflowClient) -> None:
-    run_id = fake_run(client, f1=0.8, document=document(0.8))
+    run_id = fake_run(client, f1=0.8, document=metrics_document(0.8))
     first = promote(CFG, "subject", DATA, client)
     again = promote(CFG, "subject", DATA, client)
     assert versions(client) == ["1"]
@@ -189,7 +186,7 @@ def test_no_candidate_is_a_one_line_error(client: MlflowClient) -> None:
 
 # -- tags, card, champion.json ------------------------------------------------------------------------
 def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Path) -> None:
-    run_id = fake_run(client, f1=0.9, document=document(0.9))
+    run_id = fake_run(client, f1=0.9, document=metrics_document(0.9))
     result = promote(CFG, "subject", DATA, client)
     version = client.get_model_version(NAME, result.version)
     tags = version.tags
@@ -225,30 +222,18 @@ def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Pat
     assert (tmp_path / "registry" / "model_card.md").read_text() == card
 
 
-def test_card_recomputes_intervals_from_predictions_without_a_metrics_file(client: MlflowClient) -> None:
-    rng = np.random.default_rng(0)
-    labels = np.array(["all"] * 30 + ["hem"] * 20)
-    prob = np.clip(np.where(labels == "all", 0.7, 0.3) + rng.normal(0, 0.2, 50), 0, 1)
-    predictions = pd.DataFrame({"path": [f"{i}.bmp" for i in range(50)], "subject": ["s1", "s2"] * 25,
-                                "label": labels, "prob_all": prob})
-    run_id = fake_run(client, f1=0.8, data_hash=DEMO_DATA_HASH, protocol="paper", predictions=predictions)
-    run = client.get_run(run_id)
-    doc = load_metrics_document(client, run)
-    assert doc["ci_source"] == "recomputed from predictions.csv"
-    low, high = bootstrap_ci((labels == "all").astype(int), prob, 0.4)["f1_all"]
-    result = PromotionResult(NAME, "7", run_id, "f1_all", 0.8, DEMO_DATA_HASH, "paper", "fake", True, "test")
-    card = render_model_card(result, run, doc)
-    assert f"[{low:.3f}, {high:.3f}]" in card
-    assert "recomputed from predictions.csv" in card
-    assert "Demo data" in card and "(the shipped demo subset of real cells)" in card and "wide" in card
-    assert "this version was evaluated that way" in card and "optimistic" in card
+def test_a_run_without_a_metrics_document_gets_no_card(client: MlflowClient) -> None:
+    bare = client.create_run(client.create_experiment("bare"), tags={"backbone": "fake"}).info.run_id
+    with pytest.raises(CnmcError, match=f"run {bare} has no metrics document 'fake.json': evaluate it first"):
+        load_metrics_document(client, client.get_run(bare))
 
 
 # -- a real training run, served from the registry ---------------------------------------------------
 def test_real_run_is_promoted_and_served_from_the_alias(
     copy_store: Path, mlflow_db: str, tmp_path: Path
 ) -> None:
-    from cnmc.experiment import RunPaths, train_and_log
+    from cnmc.experiment import train_and_log
+    from cnmc.runs import RunPaths
     from cnmc.serving import encode_file
 
     base = Params()
@@ -259,14 +244,14 @@ def test_real_run_is_promoted_and_served_from_the_alias(
     paths = RunPaths(copy_store, "test_resnet")
     doc = train_and_log(params, "test_resnet", paths, progress=False)
     client = MlflowClient(tracking_uri=mlflow_db)
-    result = promote(CFG, "subject", doc["data_hash"], client)
-    assert (result.run_id, result.version, result.promoted) == (doc["run_id"], "1", True)
-    assert result.backbone == "test_resnet" and result.value == pytest.approx(doc["test"]["at_tuned"]["f1_all"])
+    result = promote(CFG, "subject", doc.data_hash, client)
+    assert (result.run_id, result.version, result.promoted) == (doc.run_id, "1", True)
+    assert result.backbone == "test_resnet" and result.value == pytest.approx(doc.test.at_tuned['f1_all'])
 
-    low, high = doc["test"]["ci95"]["at_tuned"]["f1_all"]
-    assert f"[{low:.3f}, {high:.3f}]" in result.model_card and "metrics artifact" in result.model_card
+    low, high = doc.test.ci95["at_tuned"]["f1_all"]
+    assert f"[{low:.3f}, {high:.3f}]" in result.model_card
 
-    expected = pd.read_csv(paths.model_dir / "predictions.csv").head(4)
+    expected = pd.read_csv(paths.evaluation_dir / "predictions.csv").head(4)
     shutil.rmtree(paths.model_dir)  # the registry, not the local files, serves it
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     out = model.predict(pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]}))

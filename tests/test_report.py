@@ -20,10 +20,17 @@ def write_metrics(path: Path, backbone: str, protocol: str = "subject", seed: in
     y = (rng.random(300) < 2 / 3).astype(int)
     p = np.clip(0.4 * y + 0.6 * rng.random(300), 0, 1)
     test = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], val_threshold=0.45, n_boot=100)
+    calibration = dict.fromkeys(("temperature", "test_ece_before", "test_ece_after", "test_nll_before",
+                                 "test_nll_after", "test_tta_ece", "val_nll_before", "val_nll_after"), 1.0)
     payload = {
-        "backbone": backbone, "protocol": protocol, "data_hash": f"hash-{protocol}",
-        "threshold": 0.45, "test": test, "best_epoch": 7, "epochs_run": 12, "train_seconds": 61.5,
+        "backbone": backbone, "protocol": protocol, "data_hash": f"hash-{protocol}", "run_id": "r",
+        "threshold": 0.45, "test": test, "test_tta": test, "best_epoch": 7, "epochs_run": 12,
+        "train_seconds": 61.5, "epoch_selection": "best validation macro F1", "stopped_early": True,
+        "best_val_f1_macro": 0.8, "calibration": calibration,
+        "validation": {"can_judge": True, "reason": "enough cells", "n_all": 40, "n_hem": 40,
+                       "min_images_per_class": 30, "at_threshold": test["at_tuned"]},
     }
+    payload = json.loads(json.dumps(payload))  # no shared sub-dicts: a test may change one part
     path.write_text(json.dumps(payload))
     return payload
 
@@ -40,7 +47,7 @@ def test_report_puts_paper_rows_beside_ours(tmp_path: Path) -> None:
     ours = b3["test"]["at_0.5"]
     assert f"{ours['f1_all'] * 100:.2f}" in md and f"{ours['f1_macro'] * 100:.2f}" in md
     assert "ALL-class" in md and "subject-disjoint: test = unseen subjects" in md
-    assert "| Model | Result | Accuracy | Precision (ALL) | Recall (ALL) | F1 (ALL) | AUC |" in md
+    assert "| Model | Result | Accuracy | Precision (ALL) | Recall (ALL) | F1 (ALL) | ROC AUC |" in md
     lite_paper = [r for r in md.splitlines() if r.startswith("| tf_efficientnet_lite0 | paper")]
     assert lite_paper[0].count("—") == 8  # no paper numbers: 7 metrics + the CI column
     assert md.index("| efficientnet_b3 |") < md.index("| tf_efficientnet_lite0 |")  # paper's first
@@ -52,7 +59,7 @@ def test_report_puts_paper_rows_beside_ours(tmp_path: Path) -> None:
         "f1_all", "roc_auc", "f1_macro", "balanced_accuracy", "f1_all_ci_low", "f1_all_ci_high",
         "data_hash", "best_epoch", "metrics_file",
     } <= set(table.columns)
-    assert len(table) == 6
+    assert len(table) == 8  # per model: the paper, ours at 0.5, at the tuned threshold, with TTA
     tuned = table[(table["backbone"] == "efficientnet_b3") & (table["threshold"] == 0.45)].iloc[0]
     assert tuned["f1_all"] == round(b3["test"]["at_tuned"]["f1_all"] * 100, 2)
 
@@ -75,7 +82,7 @@ def test_mixed_protocols_are_grouped_and_warned(tmp_path: Path) -> None:
     [
         ("{not json", "cannot read"),
         ("[1, 2]", "JSON object"),
-        (json.dumps({"backbone": "resnet50"}), "lacks"),
+        (json.dumps({"backbone": "resnet50"}), "run_id: Field required"),
     ],
 )
 def test_bad_metrics_file_is_named(tmp_path: Path, content: str, message: str) -> None:
@@ -92,7 +99,7 @@ def test_missing_file_and_bad_metric_are_named(tmp_path: Path) -> None:
     payload = write_metrics(tmp_path / "m.json", "resnet50")
     payload["test"]["at_tuned"]["f1_all"] = "high"
     (tmp_path / "m.json").write_text(json.dumps(payload))
-    with pytest.raises(CnmcError, match="m.json: test.at_tuned lacks numbers for f1_all"):
+    with pytest.raises(CnmcError, match="m.json: test.at_tuned.f1_all: Input should be a valid number"):
         build_report([tmp_path / "m.json"], tmp_path / "out")
     with pytest.raises(CnmcError, match="no metrics files"):
         build_report([], tmp_path / "out")
@@ -104,8 +111,8 @@ def test_tta_rows_and_calibration_table(tmp_path: Path) -> None:
     y = (rng.random(300) < 2 / 3).astype(int)
     p = np.clip(0.45 * y + 0.55 * rng.random(300), 0, 1)
     payload["test_tta"] = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], 0.45, n_boot=50)
-    payload["calibration"] = {"temperature": 1.84, "test_ece_before": 0.1234, "test_ece_after": 0.0456,
-                              "test_nll_before": 0.61, "test_nll_after": 0.42}
+    payload["calibration"] |= {"temperature": 1.84, "test_ece_before": 0.1234, "test_ece_after": 0.0456,
+                               "test_nll_before": 0.61, "test_nll_after": 0.42}
     (tmp_path / "b3.json").write_text(json.dumps(payload))
     report = build_report([tmp_path / "b3.json"], tmp_path / "out")
 
@@ -122,14 +129,15 @@ def test_tta_rows_and_calibration_table(tmp_path: Path) -> None:
 
     payload["test_tta"]["at_tuned"]["f1_all"] = "high"
     (tmp_path / "b3.json").write_text(json.dumps(payload))
-    with pytest.raises(CnmcError, match="test_tta.at_tuned lacks numbers for f1_all"):
+    with pytest.raises(CnmcError, match="test_tta.at_tuned.f1_all: Input should be a valid number"):
         build_report([tmp_path / "b3.json"], tmp_path / "out")
 
 
 def test_a_run_whose_validation_could_not_judge_is_labelled_so(tmp_path: Path) -> None:
     payload = write_metrics(tmp_path / "lite0.json", "tf_efficientnet_lite0")
     reason = "validation holds 1165 ALL and 5 Hem cells, fewer than split.min_images_per_class = 30 of each"
-    payload |= {"threshold": 0.5, "validation": {"can_judge": False, "reason": reason}}
+    payload["threshold"] = 0.5
+    payload["validation"] |= {"can_judge": False, "reason": reason}
     (tmp_path / "lite0.json").write_text(json.dumps(payload))
     md = build_report([tmp_path / "lite0.json"], tmp_path / "out").markdown
     assert "ours, t=0.50 (not tuned: validation too small)" in md and "val-tuned" not in md

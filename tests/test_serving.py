@@ -33,8 +33,10 @@ from PIL import Image
 
 from cnmc import local_server
 from cnmc.data.images import MAX_PIXELS
-from cnmc.experiment import RunPaths, train_and_log
-from cnmc.serving import InvalidInput, LeukemiaClassifier, ModelSpec, decode_base64_images
+from cnmc.experiment import train_and_log
+from cnmc.model_spec import ModelSpec
+from cnmc.runs import RunPaths
+from cnmc.serving import InvalidInput, LeukemiaClassifier, decode_base64_images
 
 BIN = Path(sys.executable).parent
 BACKBONE = "test_resnet"
@@ -264,13 +266,13 @@ def server(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri,
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     log = work / "server.log"
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{document['run_id']}/model",
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{document.run_id}/model",
                "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
     proc = local_server.start(command, work, env, log)
     try:
         url = f"http://127.0.0.1:{port}"
         local_server.wait_until_up(f"{url}/ping", proc, log)
-        yield Server(url, document["threshold"], log)
+        yield Server(url, document.threshold, log)
     finally:
         local_server.stop(proc)
 

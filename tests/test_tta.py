@@ -14,8 +14,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from cnmc.serving import LeukemiaClassifier, ModelSpec, encode_file, log_pyfunc, predict_proba
-from cnmc.tta import VIEW_NAMES, predict_tta, tta_views
+from cnmc.data.store import normalize_batch
+from cnmc.inference import predict_logits, prob_all
+from cnmc.model_spec import ModelSpec
+from cnmc.serving import LeukemiaClassifier, encode_file, log_pyfunc, predict_proba
+from cnmc.tta import VIEW_NAMES, tta_views
 
 BACKBONE = "test_resnet"
 SIZE = 32
@@ -76,14 +79,19 @@ def test_tta_equals_plain_inference_on_a_d4_invariant_image(net) -> None:  # noq
     np.testing.assert_allclose(with_tta, plain, rtol=0, atol=1e-5)
 
 
-def test_predict_tta_averages_the_temperature_scaled_softmax(net) -> None:  # noqa: ANN001
-    batch = torch.randn(3, 3, SIZE, SIZE)
-    expected = torch.stack([torch.softmax(net.model(v) / 2.0, dim=1) for v in tta_views(batch)]).mean(0)
-    out = predict_tta(net.model, batch, temperature=2.0)
-    assert out.shape == (3, 2)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out.sum(dim=1), torch.ones(3))
-    assert not torch.allclose(out, torch.softmax(net.model(batch) / 2.0, dim=1), atol=1e-4)
+def test_tta_prob_averages_the_temperature_scaled_softmax_over_the_views(net) -> None:  # noqa: ANN001
+    images = random_images(3)
+    spec = ModelSpec(BACKBONE, SIZE, net.mean, net.std, threshold=0.5, temperature=2.0)
+    batch = normalize_batch(torch.from_numpy(images), net.mean, net.std)
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(net.model(v) / 2.0, dim=1) for v in tta_views(batch)]).mean(0)
+        plain = torch.softmax(net.model(batch) / 2.0, dim=1)
+    logits = predict_logits(net.model, [torch.from_numpy(images)], net.mean, net.std, views=tta_views)
+    assert logits.shape == (3, len(VIEW_NAMES), 2)
+    out = predict_proba(net.model, images, spec, tta=True)
+    np.testing.assert_allclose(out, expected[:, 1].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(prob_all(logits, 2.0), out, rtol=0, atol=1e-12)
+    assert not np.allclose(out, plain[:, 1].numpy(), atol=1e-4)
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -105,7 +113,7 @@ def test_pyfunc_takes_the_tta_parameter(net, tmp_path: Path, mlflow_db: str) -> 
     # Name the experiment: an earlier test's active experiment id means nothing in this fresh store.
     experiment = mlflow.set_experiment("cnmc-tta-test")
     with mlflow.start_run(experiment_id=experiment.experiment_id):
-        info = log_pyfunc(model_dir, example)
+        info = log_pyfunc(model_dir / "weights.pt", model_dir / "model.json", example)
     params_schema = info.signature.params
     assert params_schema is not None and [(p.name, p.default) for p in params_schema.params] == [("tta", False)]
 

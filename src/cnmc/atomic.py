@@ -7,11 +7,24 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cnmc.errors import CnmcError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 _T = TypeVar("_T")
+
+
+def atomic_write_png(fig: Figure, path: Path | str) -> Path:
+    """Write the PNG to a temporary sibling first, so a crash never leaves a truncated image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:

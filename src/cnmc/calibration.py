@@ -4,7 +4,7 @@ One scalar ``T > 0`` divides the logits before the softmax: ``softmax(z / T)``. 
 minimising the negative log-likelihood on the VALIDATION logits; it never changes which class
 has the larger logit, so accuracy at 0.5 and ROC AUC stay as they are, only the probabilities
 become more (T < 1) or less (T > 1) confident. The served model applies the same ``T``
-(``ModelSpec.temperature``, see :func:`cnmc.serving.predict_proba`).
+(``ModelSpec.temperature``, see :func:`cnmc.inference.prob_all`).
 
 Convention as in :mod:`cnmc.evaluate`: class 1 = ALL, ``prob_all`` = P(ALL).
 """
@@ -44,18 +44,6 @@ def nll(logits: ArrayLike, targets: ArrayLike, temperature: float = 1.0) -> floa
     z, y = _logits_targets(logits, targets)
     scaled = z / temperature
     return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(y.size), y]))
-
-
-def softmax(logits: ArrayLike, temperature: float = 1.0) -> NDArray[np.float64]:
-    """Row-wise ``softmax(logits / temperature)`` in float64; works on (..., C) arrays."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    return np.exp(scaled - logsumexp(scaled, axis=-1, keepdims=True))
-
-
-def prob_all(logits: ArrayLike, temperature: float = 1.0) -> NDArray[np.float64]:
-    """P(ALL) of (N, 2) logits, or the mean P(ALL) over views of (N, V, 2) TTA logits."""
-    p = softmax(logits, temperature)[..., 1]
-    return p.mean(axis=1) if p.ndim == 2 else p
 
 
 def fit_temperature(logits: ArrayLike, targets: ArrayLike) -> float:

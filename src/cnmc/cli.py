@@ -7,18 +7,18 @@ mistake ends in one line on stderr (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnmc import __version__
-from cnmc.atomic import atomic_write_text
 from cnmc.config import (
     PARAMS_FILE,
     PROFILES,
     Params,
+    apply_overrides,
     load_params,
     merge_params_file,
     profile_params,
@@ -26,44 +26,30 @@ from cnmc.config import (
 )
 from cnmc.errors import CnmcError
 
+if TYPE_CHECKING:
+    from cnmc.runs import RunPaths
+
 log = logging.getLogger("cnmc")
 
 
-def _with_overrides(params: Params, section: str, **values: object) -> Params:
-    """Return ``params`` with the non-None ``values`` replacing keys of ``section``."""
-    given = {k: v for k, v in values.items() if v is not None}
-    if not given:
-        return params
-    from cnmc.config import parse_params
-
-    raw = params.model_dump()
-    if section:
-        raw[section].update(given)
-    else:
-        raw.update(given)
-    return parse_params(raw, source="command-line flags")
+SETTING_PREFIX = "setting:"  # argparse dest of a flag that is shorthand for ``--set KEY=VALUE``
 
 
-def _optional(convert: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse type where an empty value means "not given" (MLproject parameters default to "")."""
-
-    def parse(text: str) -> object:
-        return None if text == "" else convert(text)
-
-    parse.__name__ = convert.__name__  # argparse names the type in its error messages
-    return parse
-
-
-def _per_class(text: str) -> int | str:
-    """``augment.per_class`` from the command line: a count or ``auto``."""
-    return text if text == "auto" else int(text)
+def _params(args: argparse.Namespace) -> Params:
+    """``--params`` (the defaults where a model-only command finds no file), then ``--params-from``,
+    then the shorthand flags and every ``--set``, in that order: the one way settings are overridden."""
+    path = Path(args.params)
+    params = load_params(path) if path.is_file() or not args.model_only else Params()
+    if getattr(args, "params_from", None):
+        params = merge_params_file(params, Path(args.params_from))
+    shorthand = [f"{dest.removeprefix(SETTING_PREFIX)}={value}" for dest, value in vars(args).items()
+                 if dest.startswith(SETTING_PREFIX) and value is not None]
+    return apply_overrides(params, shorthand + list(args.set or []))
 
 
 def _model_uri(args: argparse.Namespace) -> str:
-    """``--model``, else the registered alias that ``params.yaml: promote`` names (defaults without a file)."""
-    if args.model:
-        return args.model
-    return (load_params(args.params) if Path(args.params).is_file() else Params()).promote.model_uri
+    """``--model``, else the registered alias that ``params.yaml: promote`` names."""
+    return args.model or _params(args).promote.model_uri
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -91,9 +77,8 @@ def cmd_split(args: argparse.Namespace) -> None:
     from cnmc.data.manifest import read_manifest
     from cnmc.data.split import split_manifest, write_splits
 
-    params = _with_overrides(load_params(args.params), "split", protocol=args.protocol)
-    seed = params.seed if args.seed is None else args.seed
-    splits = split_manifest(read_manifest(Path(args.manifest)), params.split, seed=seed)
+    params = _params(args)
+    splits = split_manifest(read_manifest(Path(args.manifest)), params.split, seed=params.seed)
     write_splits(splits, Path(args.out_dir), Path(args.report))
     print(splits.summary_line())
 
@@ -101,20 +86,12 @@ def cmd_split(args: argparse.Namespace) -> None:
 def cmd_augment(args: argparse.Namespace) -> None:
     from cnmc.data.augment import prepare_dataset
 
-    params = _with_overrides(
-        load_params(args.params),
-        "augment",
-        image_size=args.image_size,
-        per_class=args.per_class,
-        strength=args.strength,
-        workers=args.workers,
-    )
-    seed = params.seed if args.seed is None else args.seed
+    params = _params(args)
     summary = prepare_dataset(
         Path(args.splits_dir),
         Path(args.out_dir),
         params.augment,
-        seed=seed,
+        seed=params.seed,
         preview_path=Path(args.preview),
         progress=not args.quiet,
     )
@@ -122,20 +99,11 @@ def cmd_augment(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from cnmc.experiment import RunPaths, train_and_log
+    from cnmc.fit_run import fit_and_log
     from cnmc.prepare import prepare_work_dir, store_matches
+    from cnmc.runs import RunPaths
 
-    params = load_params(args.params)
-    if args.params_from:
-        params = merge_params_file(params, Path(args.params_from))
-    params = _with_overrides(
-        params, "train",
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
-        pretrained=args.pretrained, device=args.device,
-    )
-    params = _with_overrides(params, "augment", strength=args.aug_strength, image_size=args.image_size)
-    if args.seed is not None:
-        params = _with_overrides(params, "", seed=args.seed)
+    params = _params(args)
     if args.data:
         root = Path(args.work_dir)
         prepare_work_dir(Path(args.data), root, params, Path(args.test_data) if args.test_data else None,
@@ -145,36 +113,38 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:  # no store yet, or flags changed its settings: prepare a matching one beside it
         root = Path("outputs/prepared")
         prepare_work_dir(Path(params.data_dir), root, params, progress=not args.quiet)
-    document = train_and_log(params, args.backbone, RunPaths(root, args.backbone), resume=args.resume,
-                             weights_path=args.weights_path, progress=not args.quiet)
-    if args.metrics_out:
-        atomic_write_text(Path(args.metrics_out), json.dumps(document, indent=2) + "\n")
-    _print_result(document)
+    paths = RunPaths(root, args.backbone)
+    fit = fit_and_log(params, args.backbone, paths, resume=args.resume, weights_path=args.weights_path,
+                      progress=not args.quiet)
+    if not args.evaluate:
+        print(f"{fit.backbone}: trained {fit.epochs_run} epochs, kept epoch {fit.best_epoch} "
+              f"({fit.epoch_selection}); MLflow run {fit.run_id}; evaluate with `cnmc evaluate --backbone "
+              f"{fit.backbone}" + ("" if root == Path("outputs") else f" --root {root}") + "`")
+        return
+    _evaluate(params, paths, args.metrics_out)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cnmc.experiment import RunPaths, evaluate_saved
+    from cnmc.runs import RunPaths
 
-    document = evaluate_saved(load_params(args.params), args.backbone, RunPaths(Path(args.root), args.backbone),
-                              progress=not args.quiet)
-    if args.metrics_out:
-        atomic_write_text(Path(args.metrics_out), json.dumps(document, indent=2) + "\n")
-    _print_result(document)
+    _evaluate(_params(args), RunPaths(Path(args.root), args.backbone), args.metrics_out)
 
 
-def _print_result(document: dict) -> None:
-    tuned = document["test"]["at_tuned"]
-    print(f"{document['backbone']}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
-          f"AUC {tuned['roc_auc']:.4f} at threshold {document['threshold']:.3f}; MLflow run {document['run_id']}")
+def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
+    from cnmc.evaluate_run import evaluate_and_log
+
+    document = evaluate_and_log(params, paths.backbone, paths)
+    if metrics_out:
+        document.save(Path(metrics_out))
+    tuned = document.test.at_tuned
+    print(f"{document.backbone}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
+          f"AUC {tuned['roc_auc']:.4f} at threshold {document.threshold:.3f}; MLflow run {document.run_id}")
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from cnmc.registry import promote, write_promotion
-    from cnmc.tracking import data_hash
+    from cnmc.registry import promote_and_write
 
-    params = load_params(args.params)
-    result = promote(params.promote, params.split.protocol, data_hash())
-    write_promotion(result, Path(args.out_dir))
+    result = promote_and_write(_params(args), Path(args.out_dir))
     print(f"{result.name} v{result.version} ({result.backbone}, {result.metric} {result.value:.4f}): {result.reason}")
 
 
@@ -189,8 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_tune(args: argparse.Namespace) -> None:
     from cnmc.tune import run_study, write_tuned_params
 
-    params = _with_overrides(load_params(args.params), "tune", n_trials=args.n_trials, epochs=args.epochs,
-                             study_name=args.study_name, storage=args.storage, backbone=args.backbone)
+    params = _params(args)
     summary = run_study(params, Path(args.store), progress=not args.quiet)
     print(summary)
     if summary.best_trial is not None:
@@ -206,17 +175,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from cnmc.report import build_report
+    from cnmc.report import report_backbones
 
-    backbones = load_params(args.params).train.backbones
-    files = [Path(args.metrics_dir) / f"{name}.json" for name in backbones]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        log.warning("no metrics yet for %s", ", ".join(missing))
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise CnmcError(f"{args.metrics_dir}: no metrics files (run `cnmc train` or `dvc repro` first)")
-    print(build_report(files, Path(args.out_dir)))
+    print(report_backbones(_params(args), Path(args.metrics_dir), Path(args.out_dir)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,13 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def add_params(p: argparse.ArgumentParser) -> None:
+    def add_params(p: argparse.ArgumentParser, model_only: bool = False) -> None:
         p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-        p.add_argument("--seed", type=int, help="override the params seed")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one setting of the params file, e.g. --set train.lr=3e-4 (repeatable; "
+                       "values are YAML, checked like params.yaml)")
+        p.set_defaults(model_only=model_only)
+
+    def setting(p: argparse.ArgumentParser, flag: str, key: str, **kwargs: object) -> None:
+        """A flag people type daily, shorthand for ``--set KEY=VALUE`` (an empty value keeps the file's)."""
+        p.add_argument(flag, dest=SETTING_PREFIX + key, metavar=kwargs.pop("metavar", "VALUE"),
+                       help=f"override {key} (same as --set {key}=VALUE)", **kwargs)  # type: ignore[arg-type]
 
     def add_model(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model URI (default: models:/<promote.model_name>@<promote.alias> of --params)")
-        p.add_argument("--params", default=PARAMS_FILE, help="params file for the default model (default: %(default)s)")
+        add_params(p, model_only=True)
 
     p = add("profile", cmd_profile, "Write a params profile (demo: CPU minutes; paper: the paper's exact values).")
     p.add_argument("name", choices=PROFILES)
@@ -265,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default="outputs/manifest.csv", help="manifest CSV (default: %(default)s)")
     p.add_argument("--out-dir", default="outputs/splits", help="folder for train/val/test CSVs (default: %(default)s)")
     p.add_argument("--report", default="outputs/split_report.json", help="split report JSON (default: %(default)s)")
-    p.add_argument("--protocol", choices=("subject", "paper"), help="override split.protocol")
+    setting(p, "--protocol", "split.protocol", choices=("subject", "paper"), metavar="{subject,paper}")
+    setting(p, "--seed", "seed")
 
     p = add(
         "augment",
@@ -278,43 +248,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preview", default="outputs/plots/augment_preview.png", help="preview grid PNG (default: %(default)s)"
     )
-    p.add_argument("--image-size", type=int, help="override augment.image_size")
-    p.add_argument("--per-class", type=_per_class, help="override augment.per_class (M, or 'auto')")
-    p.add_argument("--strength", type=float, help="override augment.strength (0..1)")
-    p.add_argument("--workers", type=int, help="override augment.workers (0 = all cores)")
+    for flag, key in (("--image-size", "augment.image_size"), ("--per-class", "augment.per_class"),
+                      ("--strength", "augment.strength"), ("--workers", "augment.workers"), ("--seed", "seed")):
+        setting(p, flag, key)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    p = add("train", cmd_train, "Fine-tune one backbone, evaluate it on the test split and log the run to MLflow.")
+    p = add("train", cmd_train, "Fine-tune one backbone and log the run to MLflow; then evaluate it (cnmc evaluate) "
+            "unless --no-evaluate.")
     add_params(p)
     p.add_argument("--backbone", required=True, help="timm backbone, e.g. efficientnet_b3 or tf_efficientnet_lite0")
-    p.add_argument("--epochs", type=_optional(int), help="override train.epochs")
-    p.add_argument("--patience", type=int, help="override train.patience")
-    p.add_argument("--lr", type=_optional(float), help="override train.lr")
-    p.add_argument("--batch-size", type=_optional(int), help="override train.batch_size")
-    p.add_argument("--aug-strength", type=_optional(float), help="override augment.strength (re-prepares data)")
-    p.add_argument("--image-size", type=_optional(int), help="override augment.image_size (re-prepares data)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="start from ImageNet weights (override train.pretrained)")
+    for flag, key in (("--epochs", "train.epochs"), ("--lr", "train.lr"), ("--batch-size", "train.batch_size"),
+                      ("--device", "train.device"), ("--image-size", "augment.image_size"), ("--seed", "seed")):
+        setting(p, flag, key)
+    setting(p, "--pretrained", "train.pretrained", action=argparse.BooleanOptionalAction, metavar=None)
     p.add_argument("--weights-path", help="local weights file for the backbone (.pth or .safetensors)")
     p.add_argument("--params-from", help="YAML of values layered over --params, e.g. tuned.yaml from `cnmc tune`")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate after training (default; --no-evaluate: fit only, as the DVC train stage)")
     p.add_argument("--data", help="train on this data folder directly (any supported layout), not the DVC outputs")
     p.add_argument("--test-data", help="with --data: a separate labelled test folder")
     p.add_argument("--work-dir", default="outputs/direct", help="with --data: working folder (default: %(default)s)")
     p.add_argument("--metrics-out", help="also write the test metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = add("evaluate", cmd_evaluate, "Re-evaluate a trained backbone's saved weights on the test split (a new run).")
-    p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-    p.add_argument("--backbone", required=True, help="backbone whose outputs/models/<backbone> to evaluate")
+    p = add("evaluate", cmd_evaluate, "Calibrate a trained backbone on validation, evaluate it on test and log "
+            "the served model, in the MLflow run that trained it.")
+    add_params(p)
+    p.add_argument("--backbone", required=True, help="backbone whose <root>/models/<backbone> to evaluate")
     p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
     p.add_argument("--metrics-out", help="also write the metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = add("promote", cmd_promote,
             "Register the best run (by promote.metric on validation) and move the 'champion' alias if it is better.")
-    p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    add_params(p)
     p.add_argument("--out-dir", default="registry", help="champion.json and model_card.md (default: %(default)s)")
 
     p = add("predict", cmd_predict,
@@ -327,12 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tune", cmd_tune, "Tune learning rate and augmentation strength with Optuna (validation macro F1).")
     add_params(p)
-    p.add_argument("--n-trials", type=_optional(int), help="override tune.n_trials (trials added by this call)")
-    p.add_argument("--epochs", type=_optional(int), help="override tune.epochs (per trial)")
-    p.add_argument("--study-name", type=_optional(str), help="override tune.study_name (resumed if it exists)")
-    p.add_argument("--storage", type=_optional(str),
-                   help="override tune.storage, e.g. sqlite:///optuna.db or postgresql://user@host/db")
-    p.add_argument("--backbone", help="override tune.backbone")
+    for flag, key in (("--n-trials", "tune.n_trials"), ("--epochs", "tune.epochs"), ("--study-name", "tune.study_name"),
+                      ("--storage", "tune.storage"), ("--backbone", "tune.backbone")):
+        setting(p, flag, key)
     p.add_argument("--store", default="outputs/images", help="image store from `cnmc augment` (default: %(default)s)")
     p.add_argument("-o", "--output", default="outputs/tuned.yaml", help="best parameters file (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -343,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", default="explanations", help="where the overlays go (default: %(default)s)")
 
     p = add("report", cmd_report, "Compare the trained backbones with the paper's Table 2 (markdown, CSV, bar chart).")
-    p.add_argument("--params", default=PARAMS_FILE, help="params file naming the backbones (default: %(default)s)")
+    add_params(p)
     p.add_argument("--metrics-dir", default="outputs/metrics", help="metrics JSON files (default: %(default)s)")
     p.add_argument("--out-dir", default="outputs/report", help="where the report goes (default: %(default)s)")
     return parser

@@ -7,6 +7,7 @@ NAME`` writes either one to ``params.yaml``, the file DVC tracks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,9 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnmc.errors import CnmcError
-from cnmc.metric_names import SCALAR_METRICS
+from cnmc.metrics_registry import SCALAR_METRICS
 
 PARAMS_FILE = "params.yaml"
+# Marks a setting that changes how fast a stage runs, never what it produces: DVC does not rerun for it.
+RUNTIME_ONLY = {"runtime_only": True}
 PROFILES = ("demo", "paper")
 
 
@@ -52,7 +55,7 @@ class AugmentConfig(_Section):
         "auto", description="M: training images per class after balancing (auto: the largest class; paper: 10000)"
     )
     strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
-    workers: int = Field(0, ge=0, description="worker processes (0 = all cores)")
+    workers: int = Field(0, ge=0, description="worker processes (0 = all cores)", json_schema_extra=RUNTIME_ONLY)
     preview_images: int = Field(6, ge=1, description="originals shown in the preview grid")
 
 
@@ -72,8 +75,12 @@ class TrainConfig(_Section):
     )
     freeze_bn: bool = Field(False, description="batch-norm layers keep their pretrained statistics (paper: false)")
     batch_size: int = Field(32, ge=1, description="images per step")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
-    num_workers: int = Field(-1, ge=-1, description="data-loader workers (-1 = auto: 0 on CPU, 8 on CUDA)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = cuda when available", json_schema_extra=RUNTIME_ONLY
+    )
+    num_workers: int = Field(
+        -1, ge=-1, description="data-loader workers (-1 = auto: 0 on CPU, 8 on CUDA)", json_schema_extra=RUNTIME_ONLY
+    )
     mixed_precision: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA")
 
@@ -157,6 +164,31 @@ def merge_params_file(params: Params, path: Path) -> Params:
     if not isinstance(overrides, dict):
         raise CnmcError(f"{path}: expected a mapping of settings at the top level")
     return parse_params(_deep_merge(params.model_dump(), overrides), source=str(path))
+
+
+def apply_overrides(params: Params, assignments: Sequence[str]) -> Params:
+    """``params`` with ``KEY=VALUE`` assignments (``train.lr=3e-4``, ``train.backbones=[a, b]``)
+    layered over it, in order. Values are YAML; an empty value keeps the current one (so that an
+    unset ``mlflow run`` parameter changes nothing). Unknown keys and bad values are one-line errors."""
+    raw = params.model_dump()
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise CnmcError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        *sections, name = key.strip().split(".")
+        node = raw
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                raise CnmcError(f"--set {key}: no section {section!r} in params (see params.yaml)")
+            node = node[section]
+        if name not in node or isinstance(node[name], dict):
+            raise CnmcError(f"--set {key}: no setting {key!r} in params (see params.yaml)")
+        if value.strip():
+            try:
+                node[name] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise CnmcError(f"--set {key}: {value!r} is not a valid YAML value") from None
+    return parse_params(raw, source="--set") if assignments else params
 
 
 def profile_params(name: str) -> Params:

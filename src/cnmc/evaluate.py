@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn import metrics
 
-from cnmc.metric_names import SCALAR_METRICS
+from cnmc.metrics_registry import SCALAR_METRICS, Counts, count_metrics
 
 BOOTSTRAP_METRICS = SCALAR_METRICS
 CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")
@@ -45,35 +45,17 @@ def binary_metrics(
     threshold: float = 0.5,
     subjects: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """All scalar metrics at one threshold; with ``subjects``, also the mean per-subject accuracy.
+    """Every metric of the registry at one threshold, with the confusion counts; with
+    ``subjects``, also the mean per-subject accuracy.
 
     With one class present, ROC AUC is NaN and balanced accuracy is that class's recall.
     """
     y, p = _arrays(y_true, prob_all)
     pred = (p >= threshold).astype(np.int64)
     tn, fp, fn, tp = metrics.confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    two_classes = np.unique(y).size == 2
-    out: dict[str, float] = {
-        "accuracy": float(metrics.accuracy_score(y, pred)),
-        "balanced_accuracy": float(
-            metrics.balanced_accuracy_score(y, pred)
-            if two_classes
-            else metrics.accuracy_score(y, pred)
-        ),
-        "specificity": float(metrics.recall_score(y, pred, pos_label=0, zero_division=0)),
-        "roc_auc": float(metrics.roc_auc_score(y, p)) if two_classes else float("nan"),
-    }
-    scores = {
-        "precision": metrics.precision_score,
-        "recall": metrics.recall_score,
-        "f1": metrics.f1_score,
-    }
-    for name, score in scores.items():
-        out[f"{name}_all"] = float(score(y, pred, pos_label=1, zero_division=0))
-        for average in ("macro", "weighted"):
-            out[f"{name}_{average}"] = float(
-                score(y, pred, labels=[0, 1], average=average, zero_division=0)
-            )
+    counts = Counts(*(np.array([v], dtype=np.float64) for v in (tp, fp, tn, fn)))
+    out: dict[str, float] = {name: float(values[0]) for name, values in count_metrics(counts).items()}
+    out["roc_auc"] = float(metrics.roc_auc_score(y, p)) if np.unique(y).size == 2 else float("nan")
     out.update(
         n=int(y.size),
         n_all=int(y.sum()),
@@ -112,35 +94,6 @@ def per_subject_accuracy(
     return out
 
 
-def _safe_div(num: NDArray[np.float64], den: NDArray[np.float64]) -> NDArray[np.float64]:
-    """num / den with 0 where den is 0 (sklearn's zero_division=0)."""
-    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
-
-
-def _count_metrics(
-    tp: ArrayLike, fp: ArrayLike, tn: ArrayLike, fn: ArrayLike
-) -> dict[str, NDArray[np.float64]]:
-    """The confusion-count metrics, vectorised over many confusion matrices at once."""
-    tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
-    n_pos, n_neg = tp + fn, tn + fp
-    prec1, prec0 = _safe_div(tp, tp + fp), _safe_div(tn, tn + fn)
-    rec1, rec0 = _safe_div(tp, n_pos), _safe_div(tn, n_neg)
-    f1_1, f1_0 = _safe_div(2 * tp, 2 * tp + fp + fn), _safe_div(2 * tn, 2 * tn + fn + fp)
-    n = n_pos + n_neg
-    return {
-        "accuracy": _safe_div(tp + tn, n),
-        "balanced_accuracy": (rec0 + rec1) / 2,
-        "precision_all": prec1,
-        "recall_all": rec1,
-        "specificity": rec0,
-        "f1_all": f1_1,
-        "precision_macro": (prec0 + prec1) / 2,
-        "recall_macro": (rec0 + rec1) / 2,
-        "f1_macro": (f1_0 + f1_1) / 2,
-        "f1_weighted": _safe_div(n_neg * f1_0 + n_pos * f1_1, n),
-    }
-
-
 def tune_threshold(y_true: ArrayLike, prob_all: ArrayLike) -> float:
     """The threshold that maximises macro F1; feed it VALIDATION data only, never test data.
 
@@ -156,7 +109,8 @@ def tune_threshold(y_true: ArrayLike, prob_all: ArrayLike) -> float:
     pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
     tp = pos.size - np.searchsorted(pos, candidates, side="left")
     fp = neg.size - np.searchsorted(neg, candidates, side="left")
-    f1 = _count_metrics(tp, fp, neg.size - fp, pos.size - tp)["f1_macro"]
+    counts = (np.asarray(a, dtype=np.float64) for a in (tp, fp, neg.size - fp, pos.size - tp))
+    f1 = count_metrics(Counts(*counts))["f1_macro"]
     best = np.flatnonzero(f1 >= f1.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
@@ -231,7 +185,7 @@ def bootstrap_ci(
         draws = rng.integers(0, n_groups, size=(rows, n_groups)) + n_groups * np.arange(rows)[:, None]
         drawn = np.bincount(draws.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
         weights = drawn[:, members].astype(np.float64)
-        values = _count_metrics(*(weights @ cells.astype(np.float64)).T)
+        values = count_metrics(Counts(*(weights @ cells.astype(np.float64)).T))
         if "roc_auc" in metric_names:
             values["roc_auc"] = _resample_auc(weights, y, p)
         chunks.append(values)

@@ -32,7 +32,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from cnmc.errors import CnmcError
-from cnmc.serving import BATCH_SIZE, ModelSpec, decode_image, predict_proba
+from cnmc.model_spec import ModelSpec
+from cnmc.serving import BATCH_SIZE, decode_image, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +237,19 @@ def log_gradcam_grid(
     out_png: Path | str,
     per_group: int = 2,
     seed: int = 0,
-) -> Path:
+) -> Path | None:
     """The run's Grad-CAM grid: :func:`select_examples` of the test split, drawn by :func:`gradcam_grid`.
 
     ``test_store``: the test :class:`cnmc.data.store.ImageStore` (``index`` and ``images``), in the
-    order of ``test_prob``. Writes ``out_png`` and returns it (the caller logs it).
+    order of ``test_prob``. Writes ``out_png`` and returns it (the caller logs it). A backbone whose
+    Grad-CAM layer is unknown gets a warning and no grid (None): an explanation is never worth a
+    failed evaluation.
     """
+    try:
+        target_layer(model)
+    except CnmcError as exc:
+        log.warning("no Grad-CAM grid: %s", exc)
+        return None
     picks = select_examples(test_store.index, test_prob, threshold, per_group=per_group, seed=seed)
     rows = picks["row"].to_numpy(dtype=np.int64)
     images = np.asarray(test_store.images[rows]) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)

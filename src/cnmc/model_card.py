@@ -7,7 +7,6 @@ writes it next to ``registry/champion.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,14 +15,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnmc.atomic import atomic_write_text
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
-from cnmc.evaluate import CI_METRICS, binary_metrics, bootstrap_ci
+from cnmc.errors import CnmcError
+from cnmc.evaluate import CI_METRICS
+from cnmc.metrics_document import MetricsDocument, load_document
+from cnmc.metrics_registry import label
 
 if TYPE_CHECKING:
     from cnmc.registry import PromotionResult
@@ -31,18 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMALL_TEST_SET = 500  # cells; below this the card warns that the intervals are wide
-# Logged test_* metrics that are not at the tuned threshold on plain inference (argmax, TTA, calibration).
-_NOT_AT_TUNED = ("test_t0.5_", "test_tta_", "test_ece_", "test_nll_")
-ROWS = (
-    ("f1_all", "F1 (ALL)"),
-    ("roc_auc", "ROC AUC"),
-    ("f1_macro", "Macro F1"),
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("precision_all", "Precision (ALL)"),
-    ("recall_all", "Sensitivity (ALL recall)"),
-    ("specificity", "Specificity (Hem recall)"),
-)
+# The card's metrics, in its order (labels from the metrics registry).
+ROWS = ("f1_all", "roc_auc", "f1_macro", "accuracy", "balanced_accuracy", "precision_all", "recall_all", "specificity")
 _SPLIT_NAMES = {"val": "validation", "test": "test"}
 PROTOCOLS = {
     "subject": (
@@ -60,49 +51,23 @@ PROTOCOLS = {
 }
 
 
-def load_metrics_document(client: MlflowClient, run: Run) -> dict[str, Any]:
-    """The run's metrics JSON artifact (``<backbone>.json``), completed where parts are missing.
-
-    Without its ``test.ci95`` (or without the file), the metrics and intervals are recomputed
-    from the run's ``predictions.csv`` at the run's threshold; without that either, the card
-    shows the run's logged test metrics and no intervals. ``ci_source`` says which.
-    """
+def load_metrics_document(client: MlflowClient, run: Run) -> MetricsDocument:
+    """The run's metrics document (the ``<backbone>.json`` artifact its evaluation logged)."""
     backbone = run.data.tags.get("backbone", "")
-    doc = _download_json(client, run.info.run_id, f"{backbone}.json") if backbone else None
-    doc = dict(doc or {})
-    test = dict(doc.get("test") or {})
-    threshold = doc.get("threshold", test.get("threshold", run.data.metrics.get("threshold", 0.5)))
-    doc["threshold"] = threshold
-    if test.get("ci95") and test.get("at_tuned") and test.get("at_0.5"):
-        doc["test"], doc["ci_source"] = test, "metrics artifact"
-        return doc
-    predictions = _download_csv(client, run.info.run_id, "predictions.csv")
-    if predictions is not None and {"label", "prob_all"} <= set(predictions.columns) and len(predictions):
-        y = (predictions["label"].astype(str).str.lower() == "all").astype(int).to_numpy()
-        p = predictions["prob_all"].to_numpy(dtype=float)
-        subjects = list(predictions["subject"].astype(str)) if "subject" in predictions else None
-        for key, t in (("at_tuned", threshold), ("at_0.5", 0.5)):
-            test.setdefault(key, binary_metrics(y, p, t, subjects))
-        test["ci95"] = {key: {name: list(ci) for name, ci in bootstrap_ci(y, p, t).items()}
-                        for key, t in (("at_tuned", threshold), ("at_0.5", 0.5))}
-        doc["test"], doc["ci_source"] = test, "recomputed from predictions.csv"
-        return doc
-    metrics = run.data.metrics
-    test.setdefault("at_tuned", {k.removeprefix("test_"): v for k, v in metrics.items()
-                                 if k.startswith("test_") and not k.startswith(_NOT_AT_TUNED)})
-    test.setdefault("at_0.5", {k.removeprefix("test_t0.5_"): v for k, v in metrics.items()
-                               if k.startswith("test_t0.5_")})
-    doc["test"], doc["ci_source"] = test, "none"
-    return doc
+    name = f"{backbone}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _download(client, run.info.run_id, name, tmp) if backbone else None
+        if path is None or not path.is_file():
+            raise CnmcError(f"run {run.info.run_id} has no metrics document {name!r}: evaluate it first "
+                            f"(`cnmc evaluate --backbone {backbone or '<backbone>'}`)")
+        return load_document(path)
 
 
-def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, Any]) -> str:
+def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDocument) -> str:
     """The card as Markdown."""
     tags, params = run.data.tags, run.data.params
-    test = metrics_doc.get("test") or {}
-    tuned, at_half = test.get("at_tuned") or {}, test.get("at_0.5") or {}
-    ci = test.get("ci95") or {}
-    threshold = float(metrics_doc.get("threshold", run.data.metrics.get("threshold", 0.5)))
+    tuned, at_half, ci = metrics_doc.test.at_tuned, metrics_doc.test.at_half, metrics_doc.test.ci95
+    threshold = metrics_doc.threshold
     started = datetime.fromtimestamp((run.info.start_time or 0) / 1000, tz=UTC)
     n, n_subjects = tuned.get("n"), tuned.get("n_subjects")
     demo = result.data_hash == DEMO_DATA_HASH
@@ -133,21 +98,21 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, 
         + (f" ({tuned.get('n_all')} ALL, {tuned.get('n_hem')} Hem)" if "n_all" in tuned else ""),
         "",
         "## Test metrics",
-        f"Positive class: ALL. Bootstrap 95% intervals over cells ({_ci_note(metrics_doc)}).",
+        f"Positive class: ALL. Bootstrap 95% intervals over cells, for {', '.join(CI_METRICS)}.",
         "",
         f"| Metric | At the tuned threshold ({threshold:.3f}) | At 0.5 (the paper's argmax) |",
         "|---|---|---|",
     ]
-    for key, label in ROWS:
+    for key in ROWS:
         if key in tuned or key in at_half:
-            lines.append(f"| {label} | {_cell(tuned, ci.get('at_tuned'), key)} | "
+            lines.append(f"| {label(key)} | {_cell(tuned, ci.get('at_tuned'), key)} | "
                          f"{_cell(at_half, ci.get('at_0.5'), key)} |")
     if "mean_subject_accuracy" in tuned:
         lines += ["", f"Mean per-subject accuracy at the tuned threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
     lines += [
         "",
         "## Decision threshold",
-        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. " + _threshold_note(metrics_doc, tags)
+        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. " + _threshold_note(metrics_doc)
         + " 0.5 is the paper's argmax rule. The served model applies this threshold and returns "
         "`prob_all`, so a user can apply another one.",
         "",
@@ -189,7 +154,7 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, 
     return "\n".join(lines)
 
 
-def write_model_card(result: PromotionResult, run: Run, metrics_doc: dict[str, Any], path: Path | str) -> Path:
+def write_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDocument, path: Path | str) -> Path:
     """Render the card and write it to ``path``."""
     path = Path(path)
     atomic_write_text(path, render_model_card(result, run, metrics_doc))
@@ -212,38 +177,12 @@ def _download(client: MlflowClient, run_id: str, name: str, dst: str) -> Path | 
             os.environ[key] = before
 
 
-def _download_json(client: MlflowClient, run_id: str, name: str) -> dict[str, Any] | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = _download(client, run_id, name, tmp)
-        if path is None or not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            return None
-    return data if isinstance(data, dict) else None
-
-
-def _download_csv(client: MlflowClient, run_id: str, name: str) -> pd.DataFrame | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = _download(client, run_id, name, tmp)
-        if path is None or not path.is_file():
-            return None
-        try:
-            return pd.read_csv(path)
-        except (ValueError, pd.errors.ParserError):
-            return None
-
-
-def _threshold_note(doc: dict[str, Any], tags: dict[str, str]) -> str:
-    """Whether validation could fit threshold and temperature, from the metrics document or the run's tags."""
-    validation = doc.get("validation") or {}
-    can_judge = validation.get("can_judge", tags.get("validation_can_judge", "true") == "true")
-    if can_judge:
+def _threshold_note(doc: MetricsDocument) -> str:
+    """Whether validation could fit threshold and temperature."""
+    if doc.validation.can_judge:
         return ("The threshold maximises macro F1 on the validation split (never on test), after temperature "
                 "scaling fitted there.")
-    reason = validation.get("reason") or tags.get("validation_note", "the validation set is too small")
-    return f"**Nothing was fitted on validation** ({reason}): threshold 0.5 and temperature 1."
+    return f"**Nothing was fitted on validation** ({doc.validation.reason}): threshold 0.5 and temperature 1."
 
 
 def _fmt(value: Any) -> str:
@@ -264,14 +203,6 @@ def _cell(values: dict[str, Any], cis: dict[str, Any] | None, key: str) -> str:
         if not (math.isnan(float(low)) or math.isnan(float(high))):
             text += f" [{float(low):.3f}, {float(high):.3f}]"
     return text
-
-
-def _ci_note(doc: dict[str, Any]) -> str:
-    source = doc.get("ci_source", "metrics artifact")
-    if source == "none":
-        return "not available: the run logged neither its metrics file nor its predictions"
-    metrics = ", ".join(CI_METRICS)
-    return f"for {metrics}; {source}"
 
 
 def _count(n: Any, noun: str) -> str:

@@ -7,8 +7,6 @@ headless runs and never changes the process-wide backend. Every writer returns t
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +15,12 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from sklearn import metrics
 
-from cnmc.atomic import atomic_write_text
+from cnmc.atomic import atomic_write_png, atomic_write_text
 from cnmc.calibration import expected_calibration_error, reliability_bins
+from cnmc.metrics_registry import label
 
 CLASS_NAMES = ("hem", "all")  # index = label: Hem = 0, ALL = 1
-BAR_METRICS = {
-    "accuracy": "Accuracy",
-    "precision_all": "Precision (ALL)",
-    "recall_all": "Recall (ALL)",
-    "f1_all": "F1 (ALL)",
-    "roc_auc": "AUC",
-}
-
-
-def _save(fig: Figure, path: Path | str) -> Path:
-    """Write the PNG to a temporary sibling first, so a crash never leaves a truncated image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+BAR_METRICS = {name: label(name) for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc")}
 
 
 def _confusion(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
@@ -64,7 +47,7 @@ def confusion_matrix_png(
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Actual")
     ax.set_title(title)
-    return _save(fig, path)
+    return atomic_write_png(fig, path)
 
 
 def confusion_matrix_json(y_true: ArrayLike, y_pred: ArrayLike, path: Path | str) -> Path:
@@ -123,7 +106,7 @@ def roc_png(y_true: ArrayLike, prob_all: ArrayLike, path: Path | str, title: str
         title=title,
     )
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return atomic_write_png(fig, path)
 
 
 def reliability_png(
@@ -154,42 +137,7 @@ def reliability_png(
     ax.legend(loc="upper left", fontsize=8)
     hist.set(xlabel="Confidence of the predicted class", ylabel="Cells")
     hist.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def training_curves_png(history: Sequence[Mapping[str, float]], path: Path | str) -> Path:
-    """Losses (left) and validation macro F1 / AUC (right), best epoch by macro F1 marked.
-
-    Each entry: ``epoch, train_loss, val_loss, val_f1_macro, val_roc_auc``. The best epoch is
-    the one early stopping keeps (highest validation macro F1, earliest on ties).
-    """
-    table = pd.DataFrame(list(history))
-    best = table.loc[table["val_f1_macro"].idxmax()]
-    fig = Figure(figsize=(10, 4))
-    loss_ax, score_ax = fig.subplots(1, 2)
-    loss_ax.plot(table["epoch"], table["train_loss"], "o-", ms=3, label="train loss")
-    loss_ax.plot(table["epoch"], table["val_loss"], "o-", ms=3, label="validation loss")
-    loss_ax.set(xlabel="Epoch", ylabel="Cross-entropy loss", title="Loss")
-    score_ax.plot(table["epoch"], table["val_f1_macro"], "o-", ms=3, label="validation F1 (macro)")
-    score_ax.plot(table["epoch"], table["val_roc_auc"], "o-", ms=3, label="validation ROC AUC")
-    score_ax.set(xlabel="Epoch", ylabel="Score", title="Validation scores")
-    for ax in (loss_ax, score_ax):
-        ax.axvline(
-            best["epoch"], color="grey", ls="--", lw=1, label=f"best epoch {int(best['epoch'])}"
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    score_ax.plot(best["epoch"], best["val_f1_macro"], "*", ms=12, color="C3", zorder=3)
-    score_ax.annotate(
-        f"best F1 {best['val_f1_macro']:.4f}",
-        (best["epoch"], best["val_f1_macro"]),
-        textcoords="offset points",
-        xytext=(0, -18),
-        ha="center",
-        fontsize=9,
-        bbox={"boxstyle": "round", "fc": "white", "ec": "grey", "alpha": 0.9},
-    )
-    return _save(fig, path)
+    return atomic_write_png(fig, path)
 
 
 def metric_bars_png(table: pd.DataFrame, path: Path | str, title: str) -> Path:
@@ -226,4 +174,4 @@ def metric_bars_png(table: pd.DataFrame, path: Path | str, title: str) -> Path:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     axes[0].set_ylabel(f"% (axis starts at {low:.0f})")
     fig.suptitle(title)
-    return _save(fig, path)
+    return atomic_write_png(fig, path)

@@ -31,10 +31,11 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.tracking import MlflowClient
 
+from cnmc import tracking
 from cnmc.atomic import atomic_write_text
-from cnmc.config import PromoteConfig
+from cnmc.config import Params, PromoteConfig
 from cnmc.errors import CnmcError
-from cnmc.metric_names import MLFLOW_PREFIX, mlflow_key
+from cnmc.metrics_registry import MLFLOW_PREFIX, mlflow_key
 from cnmc.tracking import experiment_name, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,13 @@ def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowCli
     log.info("%s", reason)
     return replace(result, promoted=champion_version == result.version, champion_version=champion_version,
                    model_card=card)
+
+
+def promote_and_write(params: Params, out_dir: Path) -> PromotionResult:
+    """The promote stage: :func:`promote` under ``params`` on the current data, then :func:`write_promotion`."""
+    result = promote(params.promote, params.split.protocol, tracking.data_hash())
+    write_promotion(result, out_dir)
+    return result
 
 
 def write_promotion(result: PromotionResult, out_dir: Path | str) -> Path:

@@ -1,23 +1,25 @@
 """The comparison table in the form of the paper's Table 2 (Ahmed et al. 2025), ours beside theirs.
 
-Input: one metrics JSON per trained model, written by the trainer (schema: ``MetricsFile``).
+Input: one metrics document per trained model (:class:`cnmc.metrics_document.MetricsDocument`).
 Output: ``comparison.md`` (what the CLI prints), ``comparison.csv`` and ``comparison.png``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 import pandas as pd
 
 from cnmc.atomic import atomic_write_text
+from cnmc.config import Params
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.errors import CnmcError
+from cnmc.metrics_document import MetricsDocument, load_document
+from cnmc.metrics_registry import label
 from cnmc.plots import metric_bars_png
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,9 @@ PROTOCOLS = {
     "subject": "subject-disjoint: test = unseen subjects",
     "paper": "paper: cell-level 90/10 split, subjects shared — optimistic",
 }
-# Column key -> markdown header; values are percentages with two decimals.
-COLUMNS = {
-    "accuracy": "Accuracy",
-    "precision_all": "Precision (ALL)",
-    "recall_all": "Recall (ALL)",
-    "f1_all": "F1 (ALL)",
-    "roc_auc": "AUC",
-    "f1_macro": "F1 (macro)",
-    "balanced_accuracy": "Balanced acc.",
-}
-THRESHOLD_KEYS = ("at_0.5", "at_tuned")
-_NUMBER = (int, float, type(None))  # JSON null / NaN stand for an undefined metric (AUC, one class)
+# The table's metrics (headers from the metrics registry); values are percentages with two decimals.
+COLUMNS = {name: label(name) for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc",
+                                          "f1_macro", "balanced_accuracy")}
 NOTES = """# Comparison with Ahmed et al. 2025, Table 2
 
 Test-set metrics in %. Precision, recall and F1 are those of the ALL (positive) class: the paper
@@ -63,44 +56,6 @@ image, at the same temperature and threshold.
 The paper's protocol splits cells, not subjects, so one person's cells can be in train and test:
 its scores are optimistic. Under `subject` the test set holds unseen subjects.
 """
-
-
-# ``test`` of a metrics file: cnmc.evaluate.evaluate_split's output. "at_0.5" and "at_tuned" are
-# binary_metrics at 0.5 (the paper's argmax) and at the validation-tuned threshold; the optional
-# "ci95" is {"at_0.5": {"f1_all": [low, high], ...}, "at_tuned": {...}}.
-SplitMetrics = TypedDict(
-    "SplitMetrics",
-    {
-        "at_0.5": dict[str, float],
-        "at_tuned": dict[str, float],
-        "ci95": NotRequired[dict[str, dict[str, list[float]]]],
-    },
-)
-
-
-class _OptionalMetrics(TypedDict, total=False):
-    """Keys of newer metrics files; the report works without them."""
-
-    test_tta: SplitMetrics  # the same evaluation with test-time augmentation (same threshold)
-    validation: dict[str, Any]  # can_judge, reason, n_all, n_hem: whether threshold and T were fitted
-    calibration: dict[str, float]  # temperature, test_ece_before/after, test_nll_before/after
-
-
-class MetricsFile(_OptionalMetrics):
-    """What the trainer writes per model (e.g. ``outputs/metrics/<backbone>.json``).
-
-    ``test`` is ``cnmc.evaluate.evaluate_split`` on the test set (extra keys such as
-    ``per_subject`` are fine). Metric values are fractions in [0, 1]; the report shows percent.
-    """
-
-    backbone: str  # timm-style name; PAPER_TABLE2 keys get the paper's row beside them
-    protocol: str  # "subject" or "paper" (split.protocol)
-    data_hash: str  # identifies the data/splits the model saw; rows to compare must share it
-    threshold: float  # tuned on validation data only
-    test: SplitMetrics
-    best_epoch: int
-    epochs_run: int
-    train_seconds: float
 
 
 @dataclass(frozen=True)
@@ -117,42 +72,15 @@ class Report:
         return self.tables_text
 
 
-def load_metrics_file(path: Path) -> MetricsFile:
-    """Read and check one metrics file; any problem is a CnmcError naming the file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CnmcError(f"{path}: cannot read metrics file ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CnmcError(f"{path}: metrics file must hold a JSON object")
-    missing = [key for key in MetricsFile.__required_keys__ if key not in data]
-    if missing:
-        raise CnmcError(f"{path}: metrics file lacks {', '.join(sorted(missing))}")
-    if not isinstance(data["threshold"], int | float):
-        raise CnmcError(f"{path}: threshold must be a number, not {data['threshold']!r}")
-    for section in ("test", "test_tta") if "test_tta" in data else ("test",):
-        for key in THRESHOLD_KEYS:
-            metrics = data[section].get(key) if isinstance(data[section], dict) else None
-            if not isinstance(metrics, dict):
-                raise CnmcError(f"{path}: metrics file lacks {section}.{key}")
-            bad = [name for name in COLUMNS if not isinstance(metrics.get(name, ""), _NUMBER)]
-            if bad:
-                raise CnmcError(f"{path}: {section}.{key} lacks numbers for {', '.join(bad)}")
-    calibration = data.get("calibration", {})
-    if not isinstance(calibration, dict) or not all(isinstance(v, _NUMBER) for v in calibration.values()):
-        raise CnmcError(f"{path}: calibration must map names to numbers")
-    return data  # type: ignore[return-value]
-
-
 def _percent(value: Any) -> float:
     return round(float(value) * 100, 2) if value is not None else math.nan
 
 
-def _rows(path: Path, run: MetricsFile) -> list[dict[str, Any]]:
+def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
     """The paper's row (NaN where it lacks the backbone), ours at 0.5 and at the tuned threshold,
-    and, when the run has it, ours with TTA at the tuned threshold."""
-    common = {"protocol": run["protocol"], "backbone": run["backbone"]}
-    paper = PAPER_TABLE2.get(run["backbone"], {})
+    and ours with TTA at the tuned threshold."""
+    common = {"protocol": run.protocol, "backbone": run.backbone}
+    paper = PAPER_TABLE2.get(run.backbone, {})
     rows = [
         {
             **common,
@@ -162,44 +90,39 @@ def _rows(path: Path, run: MetricsFile) -> list[dict[str, Any]]:
             **{key: paper.get(key, math.nan) for key in COLUMNS},
         }
     ]
-    tuned = float(run["threshold"])
-    how = "val-tuned" if _validation_judged(run) else "not tuned: validation too small"
-    ours = [("test", "at_0.5", 0.5, "ours, t=0.50"),
-            ("test", "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})")]
-    if "test_tta" in run:
-        ours.append(("test_tta", "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} ({how})"))
-    for section, key, threshold, result in ours:
-        split: dict[str, Any] = run[section]  # type: ignore[literal-required]
-        low, high = split.get("ci95", {}).get(key, {}).get("f1_all", (None, None))
+    tuned = run.threshold
+    how = "val-tuned" if run.validation.can_judge else "not tuned: validation too small"
+    ours = [(run.test, "at_0.5", 0.5, "ours, t=0.50"),
+            (run.test, "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})"),
+            (run.test_tta, "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} ({how})")]
+    for split, key, threshold, result in ours:
+        metrics = split.at_half if key == "at_0.5" else split.at_tuned
+        low, high = split.ci95.get(key, {}).get("f1_all", (None, None))
         rows.append(
             {
                 **common,
                 "result": result,
-                "tta": section == "test_tta",
+                "tta": split is run.test_tta,
                 "threshold": threshold,
-                **{name: _percent(split[key][name]) for name in COLUMNS},
+                **{name: _percent(metrics.get(name)) for name in COLUMNS},
                 "f1_all_ci_low": _percent(low),
                 "f1_all_ci_high": _percent(high),
-                "data_hash": run["data_hash"],
-                "best_epoch": run["best_epoch"],
-                "epochs_run": run["epochs_run"],
-                "train_seconds": run["train_seconds"],
+                "data_hash": run.data_hash,
+                "best_epoch": run.best_epoch,
+                "epochs_run": run.epochs_run,
+                "train_seconds": run.train_seconds,
                 "metrics_file": str(path),
             }
         )
     return rows
 
 
-def _validation_judged(run: MetricsFile) -> bool:
-    return bool(run.get("validation", {}).get("can_judge", True))
-
-
-def _validation_notes(runs: list[tuple[Path, MetricsFile]]) -> str:
+def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:
     """One line per run whose validation set was too small to fit threshold, temperature or epoch."""
     return "\n".join(
-        f"- **{run['backbone']}: nothing fitted on validation** ({run['validation']['reason']}): "
+        f"- **{run.backbone}: nothing fitted on validation** ({run.validation.reason}): "
         "threshold 0.5, temperature 1, the last epoch kept."
-        for _, run in runs if not _validation_judged(run)
+        for _, run in runs if not run.validation.can_judge
     )
 
 
@@ -221,20 +144,14 @@ def _markdown_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _calibration_table(runs: list[tuple[Path, MetricsFile]]) -> str:
-    """Temperature and test ECE / NLL before and after scaling, for the runs that have them."""
-    rows = [run for _, run in runs if run.get("calibration")]
-    if not rows:
-        return ""
+def _calibration_table(runs: list[tuple[Path, MetricsDocument]]) -> str:
+    """Temperature and test ECE / NLL before and after scaling."""
     lines = ["Calibration on test (temperature T fitted on validation; ECE: 15 bins, top-label):", "",
              "| Model | T | ECE before | ECE after | NLL before | NLL after |", "|---|---:|---:|---:|---:|---:|"]
-    for run in rows:
-        c = run["calibration"]
-        values = [c.get(k) for k in ("temperature", "test_ece_before", "test_ece_after",
-                                     "test_nll_before", "test_nll_after")]
-        cells = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-                 for v in values]
-        lines.append(f"| {run['backbone']} | " + " | ".join(cells) + " |")
+    for _, run in runs:
+        c = run.calibration
+        values = [c.temperature, c.test_ece_before, c.test_ece_after, c.test_nll_before, c.test_nll_after]
+        lines.append(f"| {run.backbone} | " + " | ".join("—" if math.isnan(v) else f"{v:.3f}" for v in values) + " |")
     return "\n".join(lines)
 
 
@@ -245,30 +162,42 @@ def _order(protocol: str, backbone: str) -> tuple[bool, str, int, str]:
     return protocol != "subject", protocol, rank, backbone
 
 
-def _warnings(runs: list[tuple[Path, MetricsFile]]) -> list[str]:
+def _warnings(runs: list[tuple[Path, MetricsDocument]]) -> list[str]:
     """Rows that must not be compared directly: mixed protocols, mixed data, duplicate models."""
     out = []
-    protocols = sorted({run["protocol"] for _, run in runs})
+    protocols = sorted({run.protocol for _, run in runs})
     if len(protocols) > 1:
         out.append(f"mixed protocols ({', '.join(protocols)}): compare rows within a protocol only")
     for protocol in protocols:
-        group = [(path, run) for path, run in runs if run["protocol"] == protocol]
-        hashes = sorted({run["data_hash"] for _, run in group})
+        group = [(path, run) for path, run in runs if run.protocol == protocol]
+        hashes = sorted({run.data_hash for _, run in group})
         if len(hashes) > 1:
             out.append(f"protocol {protocol}: models saw different data ({', '.join(hashes)})")
-        backbones = [run["backbone"] for _, run in group]
+        backbones = [run.backbone for _, run in group]
         for name in sorted({b for b in backbones if backbones.count(b) > 1}):
-            files = ", ".join(str(path) for path, run in group if run["backbone"] == name)
+            files = ", ".join(str(path) for path, run in group if run.backbone == name)
             out.append(f"protocol {protocol}: {name} appears more than once ({files})")
     return out
+
+
+def report_backbones(params: Params, metrics_dir: Path, out_dir: Path) -> Report:
+    """The report over the metrics files of ``train.backbones`` (the DVC matrix); missing ones are warned about."""
+    files = [metrics_dir / f"{name}.json" for name in params.train.backbones]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        log.warning("no metrics yet for %s", ", ".join(missing))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise CnmcError(f"{metrics_dir}: no metrics files (run `cnmc train` or `dvc repro` first)")
+    return build_report(files, out_dir)
 
 
 def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
     """Read the trainer's metrics files and write comparison.md/.csv/.png under ``out_dir``."""
     if not metrics_files:
         raise CnmcError("no metrics files given to the report")
-    runs = [(Path(path), load_metrics_file(Path(path))) for path in metrics_files]
-    runs.sort(key=lambda item: _order(item[1]["protocol"], item[1]["backbone"]))
+    runs: list[tuple[Path, MetricsDocument]] = [(Path(path), load_document(path)) for path in metrics_files]
+    runs.sort(key=lambda item: _order(item[1].protocol, item[1].backbone))
     table = pd.DataFrame([row for path, run in runs for row in _rows(path, run)])
     warnings = _warnings(runs)
     for message in warnings:
@@ -277,7 +206,7 @@ def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
     sections = []
     for protocol, rows in table.groupby("protocol", sort=False):
         hashes = ", ".join(sorted(rows["data_hash"].dropna().unique()))
-        group = [item for item in runs if item[1]["protocol"] == protocol]
+        group = [item for item in runs if item[1].protocol == protocol]
         calibration, notes = _calibration_table(group), _validation_notes(group)
         demo = f" — **demo data**: {DEMO_NOTE}" if hashes == DEMO_DATA_HASH else ""
         sections.append(

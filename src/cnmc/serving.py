@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +37,10 @@ import pandas as pd
 import torch
 
 from cnmc.data.images import ImageProblem, open_rgb
-from cnmc.data.store import normalize_batch
 from cnmc.data.transforms import resize_transform
-from cnmc.tta import predict_tta
+from cnmc.inference import array_batches, predict_logits, prob_all
+from cnmc.model_spec import ModelSpec
+from cnmc.tta import tta_views
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 32
@@ -50,26 +49,6 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 # Inference parameters a request may send (``"params"``); their values here are the defaults.
 INFERENCE_PARAMS: dict[str, Any] = {"tta": False}
 _DATA_URL = re.compile(r"data:[\w.+/-]*;base64,", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything besides the weights that prediction needs (stored as ``model.json``)."""
-
-    backbone: str
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    threshold: float
-    temperature: float = 1.0
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> ModelSpec:
-        raw = json.loads(Path(path).read_text())
-        return cls(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
 
 
 class InvalidInput(ValueError):
@@ -183,21 +162,12 @@ def _image_values(model_input: Any) -> list[Any]:
     return values
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool = False) -> np.ndarray:
-    """Probability of ALL for a uint8 (N, S, S, 3) batch, in chunks, on the model's device:
+    """Probability of ALL for a uint8 (N, S, S, 3) batch on the model's device:
     ``softmax(logits / spec.temperature)``; with ``tta``, its mean over the 8 D4 views."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(images), BATCH_SIZE):
-        batch = normalize_batch(torch.from_numpy(images[start : start + BATCH_SIZE]), spec.mean, spec.std)
-        batch = batch.to(device)
-        if tta:
-            prob = predict_tta(model, batch, spec.temperature)
-        else:
-            prob = torch.softmax(model(batch).float() / spec.temperature, dim=1)
-        out.append(prob[:, 1].cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
+    logits = predict_logits(model, array_batches(images, BATCH_SIZE), spec.mean, spec.std,
+                            views=tta_views if tta else None)
+    return prob_all(logits, spec.temperature)
 
 
 def encode_file(path: Path) -> str:
@@ -205,9 +175,9 @@ def encode_file(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def log_pyfunc(model_dir: Path, example_image: Path, registered_model_name: str | None = None) -> Any:
-    """Log ``model_dir`` (``weights.pt`` + ``model.json``) as the run's pyfunc model ``model``, with
-    only the code and the requirements that inference needs (:mod:`cnmc.model_env`)."""
+def log_pyfunc(weights: Path, spec: Path, example_image: Path, registered_model_name: str | None = None) -> Any:
+    """Log ``weights`` (``weights.pt``) and ``spec`` (``model.json``) as the run's pyfunc model
+    ``model``, with only the code and the requirements that inference needs (:mod:`cnmc.model_env`)."""
     import tempfile
 
     from mlflow.models import infer_signature
@@ -220,7 +190,7 @@ def log_pyfunc(model_dir: Path, example_image: Path, registered_model_name: str 
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=LeukemiaClassifier(),
-            artifacts={"weights": str(model_dir / "weights.pt"), "spec": str(model_dir / "model.json")},
+            artifacts={"weights": str(weights), "spec": str(spec)},
             code_paths=[str(model_env.copy_code(Path(tmp)))],
             signature=infer_signature(example, output, params=INFERENCE_PARAMS),
             input_example=example,

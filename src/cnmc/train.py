@@ -31,7 +31,7 @@ from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.errors import CnmcError
 from cnmc.evaluate import binary_metrics, judging_shortfall
 from cnmc.head_init import fit_probe_head
-from cnmc.tta import VIEW_NAMES, tta_views
+from cnmc.inference import autocast, model_input, predict_logits, prob_all
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,10 @@ class Trainer:
         if self.cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.cfg, self.seed, self.progress = cfg, seed, progress
-        self.train_ds = StoreDataset(train, mean, std, transform=train_transform)
-        self.val_ds = StoreDataset(val, mean, std)
+        self.mean, self.std = mean, std
+        # uint8 batches: normalised on the device (cnmc.inference.model_input), a quarter of the bytes to move.
+        self.train_ds = StoreDataset(train, mean, std, transform=train_transform, normalize=False)
+        self.val_ds = StoreDataset(val, mean, std, normalize=False)
         # A validation set too small in a class cannot pick an epoch: then every epoch runs and the last is kept.
         self.val_shortfall = judging_shortfall(val.targets, min_val_per_class)
         self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
@@ -132,14 +134,8 @@ class Trainer:
             self.loader_kwargs["persistent_workers"] = True
 
     # -- one epoch -----------------------------------------------------------------------
-    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=self.cuda)
-        if self.cuda and self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets.to(self.device, non_blocking=self.cuda)
-
     def _autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
@@ -153,8 +149,9 @@ class Trainer:
         )
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.progress)
-        for images, targets in bar:
-            images, targets = self._to_device(images, targets)
+        for raw, host_targets in bar:
+            images = model_input(raw, self.mean, self.std, self.device, self.cuda and self.cfg.channels_last)
+            targets = host_targets.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss = self.loss_fn(self.model(images), targets)
@@ -168,32 +165,14 @@ class Trainer:
             bar.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
 
-    @torch.no_grad()
     def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
-        """Probabilities of ALL for every image of ``dataset``, in order, and the mean loss."""
-        logits, loss = self.predict_logits(dataset)
-        return torch.softmax(torch.from_numpy(logits), dim=1)[:, 1].numpy(), loss
-
-    @torch.no_grad()
-    def predict_logits(self, dataset: StoreDataset, tta: bool = False) -> tuple[np.ndarray, float]:
-        """Raw logits (N, 2) float32 for every image of ``dataset``, in order, and the mean loss.
-
-        With ``tta``: (N, V, 2), one logit pair per view of :func:`cnmc.tta.tta_views` (view 0 is
-        the plain image, so ``[:, 0]`` equals the logits without TTA); the loss is that of view 0.
-        """
-        self.model.eval()
+        """Probabilities of ALL for every image of ``dataset`` (uint8 batches), in order, and the mean loss."""
         loader = batch_loader(dataset, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
-        out, total = [], 0.0
-        for images, targets in loader:
-            images, targets = self._to_device(images, targets)
-            views = []
-            for view in tta_views(images) if tta else [images]:
-                with self._autocast():
-                    views.append(self.model(view).float())
-            total += self.loss_fn(views[0], targets).item() * len(targets)
-            out.append((torch.stack(views, dim=1) if tta else views[0]).cpu().numpy())
-        empty = np.empty((0, len(VIEW_NAMES), 2) if tta else (0, 2), dtype=np.float32)
-        return np.concatenate(out) if out else empty, total / max(len(dataset), 1)
+        logits = predict_logits(self.model, (images for images, _ in loader), self.mean, self.std,
+                                amp_dtype=self.amp_dtype, channels_last=self.cuda and self.cfg.channels_last)
+        targets = torch.from_numpy(dataset.store.targets.astype(np.int64))
+        loss = self.loss_fn(torch.from_numpy(logits), targets).item() if len(targets) else 0.0
+        return prob_all(logits), loss
 
     def _init_head(self) -> None:
         plain = StoreDataset(self.train_ds.store, self.train_ds.mean, self.train_ds.std)

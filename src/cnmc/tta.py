@@ -2,7 +2,7 @@
 mirror images of a square image.
 
 A blood cell has no up, down, left or right, so each of the 8 views is as valid an input as the
-original; :func:`predict_tta` averages the (temperature-scaled) softmax over them. It is off by
+original; :func:`cnmc.inference.prob_all` averages the (temperature-scaled) softmax over them. It is off by
 default everywhere: evaluation reports it beside plain inference (``test_tta`` in the metrics
 file), and the served model applies it only when a request asks (``params: {"tta": true}``).
 The decision threshold stays the one tuned on plain validation probabilities.
@@ -36,18 +36,3 @@ def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
         transposed,
         transposed.flip(-2, -1),
     ]
-
-
-@torch.no_grad()
-def view_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Logits for every view, (V, N, C) float32; one forward pass per view (memory of one batch)."""
-    return torch.stack([model(view).float() for view in tta_views(batch)])
-
-
-@torch.no_grad()
-def predict_tta(model: torch.nn.Module, batch: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities (N, C): the mean over the 8 views of ``softmax(logits / temperature)``.
-
-    The model is used as it is: put it in eval mode first (as for plain inference).
-    """
-    return torch.softmax(view_logits(model, batch) / temperature, dim=-1).mean(dim=0)

@@ -263,15 +263,15 @@ class _Objective:
         import mlflow
         import torch
 
-        from cnmc.experiment import _weights_in_dir
         from cnmc.models.backbones import create_backbone
+        from cnmc.runs import weights_in_dir
         from cnmc.train import Trainer
 
         params, cfg = self.params, self.params.tune
         train_cfg = params.train.model_copy(update={"epochs": cfg.epochs, "lr": lr})
         torch.manual_seed(params.seed)  # every trial starts from the same weights
         net = create_backbone(cfg.backbone, pretrained=params.train.pretrained,
-                              weights_path=_weights_in_dir(params.train.weights_dir, cfg.backbone))
+                              weights_path=weights_in_dir(params.train.weights_dir, cfg.backbone))
 
         def on_epoch(row: dict[str, float]) -> None:
             epoch, value = int(row["epoch"]), float(row[OBJECTIVE])
@@ -363,7 +363,7 @@ def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cnmc.experiment import flat_params
+    from cnmc.runs import flat_params
     from cnmc.tracking import data_hash, experiment_name, git_commit
 
     cfg, protocol = params.tune, params.split.protocol

@@ -248,6 +248,22 @@ class ImageStore:
         self.__dict__.update(state)
         self._buffers = _BatchBuffers()
 
+    def load_uint8_batch(
+        self, indices: Sequence[int] | np.ndarray, transform: Transform | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``indices`` as a uint8 (B, S, S, 3) tensor (``transform`` applied to the rows the
+        store marks) and their int64 targets: what a device that normalises for itself is fed."""
+        idx = np.asarray(indices, dtype=np.int64)
+        raw = np.ascontiguousarray(self.images[idx])  # one gather from the memmap
+        batch = torch.from_numpy(raw)
+        if transform is not None:
+            chw = batch.permute(0, 3, 1, 2)
+            apply = self.transformed(idx)
+            batch = torch.stack(
+                [transform(img) if on else img for img, on in zip(chw, apply, strict=True)]
+            ).permute(0, 2, 3, 1)
+        return batch, torch.from_numpy(self.targets[idx])
+
     def load_batch(
         self,
         indices: Sequence[int] | np.ndarray,
@@ -260,18 +276,10 @@ class ImageStore:
         The float tensor may reuse the memory of an earlier batch that nothing references any
         more (see ``_BatchBuffers``); a batch that is still referenced is never overwritten.
         """
-        idx = np.asarray(indices, dtype=np.int64)
-        raw = np.ascontiguousarray(self.images[idx])  # one gather from the memmap
-        batch = torch.from_numpy(raw)
-        if transform is not None:
-            chw = batch.permute(0, 3, 1, 2)
-            apply = self.transformed(idx)
-            batch = torch.stack(
-                [transform(img) if on else img for img, on in zip(chw, apply, strict=True)]
-            ).permute(0, 2, 3, 1)
+        batch, targets = self.load_uint8_batch(indices, transform)
         n, h, w, _ = batch.shape
         out = self._buffers.get((n, 3, h, w))
-        return normalize_batch(batch, mean, std, out=out), torch.from_numpy(self.targets[idx])
+        return normalize_batch(batch, mean, std, out=out), targets
 
     def batches(
         self,
@@ -329,7 +337,8 @@ class StoreDataset(Dataset):
     trial's strength) is applied to the uint8 (3, S, S) tensor before normalisation, on the rows
     the store's ``transform_mask`` selects (all rows of a plain store).
     ``ds[[i, j, ...]]`` gives a whole batch ``(float (B, 3, S, S), int64 (B,))`` in one memmap
-    slice: use it through :func:`batch_loader`, the fast path.
+    slice: use it through :func:`batch_loader`, the fast path. With ``normalize=False`` a batch is
+    uint8 (B, S, S, 3), for :func:`cnmc.inference.model_input` to normalise on the device.
     """
 
     def __init__(
@@ -338,7 +347,9 @@ class StoreDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         transform: Transform | None = None,
+        normalize: bool = True,
     ):
+        self.normalize = normalize
         self.store = store if isinstance(store, ImageStore) else ImageStore(store)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -353,6 +364,8 @@ class StoreDataset(Dataset):
             if self.transform is not None and self.store.transformed([int(item)])[0]:
                 image = self.transform(image)
             return normalize_image(image, self.mean, self.std), int(self.store.targets[int(item)])
+        if not self.normalize:
+            return self.store.load_uint8_batch(item, self.transform)
         return self.store.load_batch(item, self.mean, self.std, self.transform)
 
 

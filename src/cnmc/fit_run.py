@@ -1,0 +1,71 @@
+"""The ``train@<backbone>`` stage: fine-tune one backbone and log the fit to a new MLflow run.
+
+It writes the weights, the uncalibrated ``model.json`` and ``fit.json`` (the run id and what the
+fit found) to ``outputs/models/<backbone>``, and the training curves. Everything that judges the
+model (temperature, threshold, test metrics, the logged pyfunc) is the evaluate stage's
+(:mod:`cnmc.evaluate_run`), so that changing how a model is judged or served retrains nothing.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+
+from cnmc.config import Params
+from cnmc.curves import training_curves_png
+from cnmc.errors import CnmcError
+from cnmc.metrics_document import FitSummary
+from cnmc.model_spec import ModelSpec
+from cnmc.models.backbones import create_backbone
+from cnmc.runs import RunPaths, flat_params, mkdir, open_stores, start_run, store_hash, weights_in_dir
+from cnmc.train import Trainer, config_fingerprint
+
+
+def fit_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool = False,
+                weights_path: str | None = None, progress: bool = True) -> FitSummary:
+    """Train ``backbone`` on the store, log params and per-epoch metrics, save the selected weights."""
+    stores = open_stores(paths)
+    weights_path = weights_path or weights_in_dir(params.train.weights_dir, backbone)
+    # Seed before building: a random-init model (or the new head of a pretrained one) draws its
+    # starting weights here, so the same seed, settings and data give the same run.
+    torch.manual_seed(params.seed)
+    net = create_backbone(backbone, pretrained=params.train.pretrained, weights_path=weights_path)
+    fingerprint = config_fingerprint({"params": flat_params(params, backbone), "store": store_hash(paths.store)})
+    trainer = Trainer(net.model, net.mean, net.std, stores["train"], stores["val"], params.train,
+                      params.seed, paths.checkpoint, fingerprint, params.split.min_images_per_class,
+                      progress=progress)
+
+    run_id_file = paths.checkpoint.with_name("mlflow_run_id")
+    resume_run = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    with start_run(params, backbone, resume_run, extra_params={"weights": net.weights}) as run:
+        mkdir(paths.checkpoint.parent)
+        run_id_file.write_text(run.info.run_id)
+        logged_epochs = _logged_epochs(run.info.run_id)
+
+        def on_epoch(row: dict[str, float]) -> None:
+            if int(row["epoch"]) not in logged_epochs:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        try:
+            fit = trainer.fit(resume=resume, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise CnmcError(f"interrupted: the last epoch's checkpoint is in {paths.checkpoint}; "
+                            "rerun with --resume to continue") from None
+        curves = training_curves_png(fit.history, mkdir(paths.curves.parent) / paths.curves.name)
+        mlflow.log_artifact(str(curves), artifact_path="plots")
+        model_dir = mkdir(paths.model_dir)
+        torch.save(trainer.model.state_dict(), model_dir / "weights.pt")
+        ModelSpec(backbone, stores["train"].image_size, net.mean, net.std).save(model_dir / "model.json")
+        summary = FitSummary(
+            backbone=backbone, run_id=run.info.run_id, weights=net.weights, best_epoch=fit.best_epoch,
+            epochs_run=len(fit.history), epoch_selection=fit.selection, stopped_early=fit.stopped_early,
+            train_seconds=round(fit.seconds, 1), best_val_f1_macro=fit.best_val_f1_macro,
+        )
+        summary.save(paths.fit_file)
+    return summary
+
+
+def _logged_epochs(run_id: str) -> set[int]:
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_f1_macro")
+    return {m.step for m in history}

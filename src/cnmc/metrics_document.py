@@ -1,0 +1,138 @@
+"""The metrics document: what evaluating one trained model found, as one typed object.
+
+The evaluate stage writes it (``outputs/metrics/<backbone>.json``, also a run artifact); the
+report, the model card and MLflow logging read it, and promotion ranks by the MLflow keys it
+logs (:func:`MetricsDocument.mlflow_metrics`). Metric values are fractions in [0, 1]; JSON null
+stands for an undefined one (ROC AUC with one class present).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cnmc.atomic import atomic_write_text
+from cnmc.errors import CnmcError
+from cnmc.metrics_registry import SCALAR_METRICS, mlflow_key
+
+# binary_metrics at one threshold: the registry's metrics, the counts, and per-subject summaries.
+ThresholdMetrics = dict[str, float | None]
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SplitEvaluation(_Document):
+    """:func:`cnmc.evaluate.evaluate_split` of one split: at 0.5 (the paper's argmax) and at the
+    validation-tuned threshold, per subject, and the 95% bootstrap intervals."""
+
+    at_half: ThresholdMetrics = Field(alias="at_0.5")
+    at_tuned: ThresholdMetrics
+    threshold: float
+    per_subject: dict[str, dict[str, Any]] = {}
+    ci95: dict[str, dict[str, list[float | None]]] = {}
+
+
+class Validation(_Document):
+    """Whether validation could fit the temperature and the threshold, and the selected model on it."""
+
+    can_judge: bool
+    reason: str
+    n_all: int
+    n_hem: int
+    min_images_per_class: int
+    at_threshold: ThresholdMetrics
+
+
+class Calibration(_Document):
+    """Temperature scaling (fitted on validation) and how calibrated test probabilities are."""
+
+    temperature: float
+    test_ece_before: float
+    test_ece_after: float
+    test_nll_before: float
+    test_nll_after: float
+    test_tta_ece: float
+    val_nll_before: float
+    val_nll_after: float
+
+
+class FitSummary(_Document):
+    """What training found (``fit.json`` beside the weights): read by evaluation and kept in its document."""
+
+    backbone: str
+    run_id: str
+    weights: str = ""
+    best_epoch: int
+    epochs_run: int
+    epoch_selection: str
+    stopped_early: bool
+    train_seconds: float
+    best_val_f1_macro: float
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.model_dump_json(indent=2, by_alias=True) + "\n")
+
+
+class MetricsDocument(FitSummary):
+    """Everything one evaluation found, with the training facts it rests on."""
+
+    protocol: str
+    data_hash: str
+    threshold: float
+    validation: Validation
+    test: SplitEvaluation
+    test_tta: SplitEvaluation
+    calibration: Calibration
+
+    def save(self, path: Path) -> None:
+        text = json.dumps(self.model_dump(by_alias=True), indent=2, default=_json_number)
+        atomic_write_text(path, text + "\n")
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """The run's evaluation metrics by MLflow key: test at the tuned threshold (``test_*``), at
+        0.5 (``test_t0.5_*``), with TTA (``test_tta_*``), the selected model on validation
+        (``final_val_*``, what promotion ranks), calibration and the threshold."""
+        out: dict[str, float] = {}
+        for prefix, values in ((mlflow_key("test", ""), self.test.at_tuned),
+                               ("test_t0.5_", self.test.at_half),
+                               ("test_tta_", self.test_tta.at_tuned),
+                               (mlflow_key("val", ""), self.validation.at_threshold)):
+            out |= {f"{prefix}{name}": float(v) for name, v in values.items()
+                    if name in SCALAR_METRICS and v is not None}
+        return out | self.calibration.model_dump() | {"threshold": self.threshold}
+
+
+def _json_number(value: Any) -> Any:
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_document(path: Path | str, kind: type[FitSummary] = MetricsDocument) -> Any:
+    """Read a metrics document (or a ``fit.json``); any problem is one line naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CnmcError(f"{path}: cannot read {kind.__name__} ({exc.__class__.__name__}: {exc})") from exc
+    return parse_document(raw, str(path), kind)
+
+
+def parse_document(raw: Any, source: str, kind: type[FitSummary] = MetricsDocument) -> Any:
+    if not isinstance(raw, dict):
+        raise CnmcError(f"{source}: a {kind.__name__} must be a JSON object")
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise CnmcError(f"{source}: {key}: {first['msg']}") from exc
+
+
+def finite(value: float | None) -> float:
+    """A metric as a float, NaN where it is undefined (JSON null)."""
+    return math.nan if value is None else float(value)

@@ -1,0 +1,28 @@
+"""What prediction needs besides the weights (``model.json``): written by training, calibrated by
+evaluation, carried by the served model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The backbone, the input size and normalisation, and the decision rule of one model."""
+
+    backbone: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    threshold: float = 0.5
+    temperature: float = 1.0
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelSpec:
+        raw = json.loads(Path(path).read_text())
+        return cls(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})

@@ -1,0 +1,176 @@
+"""The DVC pipeline, defined once: ``dvc.yaml`` and ``tuning/dvc.yaml`` are rendered from here
+(``python -m cnmc.stages``), and a test fails when the files on disk differ from the rendering.
+
+Each stage names its entry module and its data; what it must declare follows by construction:
+
+* **deps**: the stage's data plus every project source file the entry module imports, followed
+  to the end (:func:`cnmc.imports.code_closure`). A file a stage never runs is never its dep, so
+  a serving docstring retrains nothing.
+* **params**: every setting of the typed config (:class:`cnmc.config.Params`) that the stage's
+  code reads, found by reading the code: a section's field counts when the code names the section
+  (``params.train``, or its class ``TrainConfig``) and the field (``cfg.head_init``); a top-level
+  setting counts when the code names it (``params.seed``, an argument ``seed``). Settings marked
+  ``runtime_only`` in the config (workers, device) and the stage's own matrix list are left out;
+  ``${...}`` in the command is added.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from cnmc.config import Params
+from cnmc.imports import PACKAGE_DIR, code_closure, parsed
+
+PROJECT_DIR = PACKAGE_DIR.parents[1]  # src/cnmc -> the repository
+CONFIG_FILE = PACKAGE_DIR / "config.py"  # defines the settings; reading one happens elsewhere
+MATRIX_KEY = "train.backbones"
+
+
+@dataclass(frozen=True)
+class Out:
+    """An output path; ``cache=False`` keeps it in git's working tree (small reports, plots)."""
+
+    path: str
+    cache: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def render(self) -> str | dict[str, Any]:
+        extra = ({} if self.cache else {"cache": False}) | self.options
+        return {self.path: extra} if extra else self.path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    cmd: str
+    entry: str  # the module the command runs
+    data: tuple[str, ...] = ()  # data deps (other stages' outputs, the raw data)
+    outs: tuple[Out, ...] = ()
+    metrics: tuple[Out, ...] = ()
+    plots: tuple[Out, ...] = ()
+    matrix: bool = False  # one stage per backbone of train.backbones
+    wdir: str = ""
+
+    def code_deps(self) -> list[str]:
+        files, _ = code_closure(self.entry)
+        return [path.relative_to(PROJECT_DIR).as_posix() for path in files]
+
+    def params(self) -> list[str]:
+        used = settings_read(self.entry)
+        interpolated = set(re.findall(r"\$\{(?!item\.)([\w.]+)\}", self.cmd))
+        return sorted((used - ({MATRIX_KEY} if self.matrix else set())) | interpolated, key=_param_order)
+
+    def render(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.matrix:
+            body["matrix"] = {"backbone": "${" + MATRIX_KEY + "}"}
+        if self.wdir:
+            body["wdir"] = self.wdir
+        body["cmd"] = self.cmd
+        body["deps"] = list(self.data) + self.code_deps()
+        body["params"] = self.params()
+        for name in ("outs", "metrics", "plots"):
+            if entries := getattr(self, name):
+                body[name] = [out.render() for out in entries]
+        return body
+
+
+def settings_read(entry: str) -> set[str]:
+    """``section.key`` (or top-level ``key``) of every setting the closure of ``entry`` reads."""
+    files, _ = code_closure(entry)
+    attributes: set[str] = set()  # cfg.head_init
+    names: set[str] = set()  # TrainConfig, seed (an argument)
+    for path in files:
+        if path == CONFIG_FILE:
+            continue
+        for node in ast.walk(parsed(path)):
+            if isinstance(node, ast.Attribute):
+                attributes.add(node.attr)
+            elif isinstance(node, ast.Name | ast.arg):
+                names.add(node.id if isinstance(node, ast.Name) else node.arg)
+    read = set()
+    for name, info in Params.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            if name in attributes or section.__name__ in names:
+                read |= {f"{name}.{key}" for key, sub in section.model_fields.items()
+                         if key in attributes and not _runtime_only(sub.json_schema_extra)}
+        elif name in attributes or name in names:
+            read.add(name)
+    return read
+
+
+def _runtime_only(extra: Any) -> bool:
+    return isinstance(extra, dict) and bool(extra.get("runtime_only"))
+
+
+def _param_order(key: str) -> tuple[int, int]:
+    """Params in the order params.yaml holds them."""
+    order = list(Params().model_dump())
+    section, _, name = key.partition(".")
+    fields = list(getattr(Params(), section).model_dump()) if name else []
+    return order.index(section), fields.index(name) if name else -1
+
+
+PIPELINE = (
+    Stage("manifest", "cnmc manifest ${data_dir} -o outputs/manifest.csv --report outputs/data_report.json",
+          "cnmc.data.manifest", data=("${data_dir}",),
+          outs=(Out("outputs/manifest.csv"), Out("outputs/data_report.json", cache=False))),
+    Stage("split", "cnmc split --manifest outputs/manifest.csv --out-dir outputs/splits --report "
+          "outputs/split_report.json", "cnmc.data.split", data=("outputs/manifest.csv",),
+          outs=(Out("outputs/splits"), Out("outputs/split_report.json", cache=False))),
+    Stage("augment", "cnmc augment --splits-dir outputs/splits --out-dir outputs/images --preview "
+          "outputs/plots/augment_preview.png", "cnmc.data.augment", data=("outputs/splits",),
+          outs=(Out("outputs/images"),), plots=(Out("outputs/plots/augment_preview.png", cache=False),)),
+    Stage("train", "cnmc train --backbone ${item.backbone} --no-evaluate", "cnmc.fit_run",
+          data=("outputs/images",), matrix=True, outs=(Out("outputs/models/${item.backbone}"),),
+          plots=(Out("outputs/curves/${item.backbone}/curves.png", cache=False),)),
+    Stage("evaluate", "cnmc evaluate --backbone ${item.backbone}", "cnmc.evaluate_run",
+          data=("outputs/images", "outputs/models/${item.backbone}"), matrix=True,
+          outs=(Out("outputs/evaluation/${item.backbone}"),),
+          metrics=(Out("outputs/metrics/${item.backbone}.json", cache=False),),
+          plots=(Out("outputs/plots/${item.backbone}", cache=False),)),
+    Stage("report", "cnmc report --metrics-dir outputs/metrics --out-dir outputs/report", "cnmc.report",
+          data=("outputs/metrics",), outs=(Out("outputs/report", cache=False),)),
+    Stage("promote", "cnmc promote --out-dir registry", "cnmc.registry",
+          data=("outputs/metrics", "outputs/report"),
+          outs=(Out("registry/champion.json", cache=False), Out("registry/model_card.md", cache=False))),
+)
+TUNING = (
+    Stage("tune", "cnmc tune --output outputs/tuned.yaml", "cnmc.tune", data=("outputs/images",), wdir="..",
+          outs=(Out("outputs/tuned.yaml", cache=False),)),
+)
+FILES = {
+    "dvc.yaml": (PIPELINE, "The pipeline: raw data (data/, tracked by data.dvc) -> manifest -> split -> augment\n"
+                 "-> train@<backbone> (fit) -> evaluate@<backbone> -> report -> promote."),
+    "tuning/dvc.yaml": (TUNING, "Optional Optuna tuning, kept out of the default `dvc repro` (which reads ../dvc.yaml "
+                        "only).\nRun it with `dvc repro tuning/dvc.yaml`; each run adds trials to the study."),
+}
+HEADER = ("# Generated by `python -m cnmc.stages` from src/cnmc/stages.py: edit that, not this file.\n"
+          "# deps = each stage's data + the source files its code imports; params = the settings it reads.\n")
+
+
+def render(stages: tuple[Stage, ...], about: str) -> str:
+    body = yaml.safe_dump({"stages": {s.name: s.render() for s in stages}}, sort_keys=False, width=120)
+    return HEADER + "".join(f"# {line}\n" for line in about.splitlines()) + body
+
+
+def write_all(root: Path = PROJECT_DIR) -> list[Path]:
+    written = []
+    for name, (stages, about) in FILES.items():
+        path = root / name
+        path.write_text(render(stages, about))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for written in write_all():
+        print(f"wrote {written}")

@@ -1,0 +1,64 @@
+"""The DVC stage files are rendered from cnmc.stages, and what each stage declares follows from the
+typed config and the code the stage runs: a setting or a source file a stage uses is never missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from cnmc.config import Params
+from cnmc.stages import FILES, PIPELINE, TUNING, render, settings_read
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage(name: str):  # noqa: ANN201
+    return next(s for s in PIPELINE + TUNING if s.name == name)
+
+
+def test_the_stage_files_are_the_rendering_of_cnmc_stages() -> None:
+    for name, (stages, about) in FILES.items():
+        assert (ROOT / name).read_text() == render(stages, about), (
+            f"{name} is out of date: run `python -m cnmc.stages` and commit the result"
+        )
+
+
+def test_every_setting_the_fit_reads_retrains_and_nothing_else_does() -> None:
+    params = set(stage("train").params())
+    assert {"train.head_init", "train.freeze_bn", "split.min_images_per_class", "seed"} <= params
+    runtime = {f"train.{k}" for k in ("device", "num_workers", "backbones")}
+    every_train_setting = {f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields} - runtime
+    assert every_train_setting <= params, every_train_setting - params
+    assert not params & runtime and not any(p.startswith(("promote.", "tune.", "augment.")) for p in params)
+
+
+def test_serving_code_is_a_dep_of_evaluate_and_not_of_train() -> None:
+    train, evaluate = set(stage("train").code_deps()), set(stage("evaluate").code_deps())
+    judged = {f"src/cnmc/{name}.py" for name in ("serving", "tta", "explain", "calibration", "model_env")}
+    assert not train & judged, train & judged
+    assert judged <= evaluate and "src/cnmc/fit_run.py" not in evaluate and "src/cnmc/train.py" not in evaluate
+    assert {"src/cnmc/train.py", "src/cnmc/fit_run.py", "src/cnmc/models/backbones.py"} <= train
+
+
+def test_tuning_trials_declare_the_training_settings_they_read() -> None:
+    params = set(stage("tune").params())
+    assert {"tune.n_trials", "tune.storage", "train.lr", "train.head_init", "train.freeze_bn", "seed"} <= params
+
+
+def test_the_derivation_follows_the_code(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A setting counts once the code names its section (or config class) and the field."""
+    import cnmc.stages as stages
+
+    code = tmp_path / "probe.py"
+    code.write_text("def f(cfg: SplitConfig, seed: int):\n    return cfg.val_fraction, cfg.epochs\n")
+    monkeypatch.setattr(stages, "code_closure", lambda entry: ([code], set()))
+    assert settings_read("probe") == {"seed", "split.val_fraction"}
+
+
+def test_promote_and_report_read_their_settings_through_their_own_modules() -> None:
+    assert {"split.protocol", "promote.metric", "promote.rank_on"} <= set(stage("promote").params())
+    assert stage("report").params() == ["train.backbones"]
+    rendered = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert rendered["train"]["cmd"].endswith("--no-evaluate")
+    assert rendered["evaluate"]["deps"][:2] == ["outputs/images", "outputs/models/${item.backbone}"]
