@@ -156,3 +156,19 @@ def test_two_data_sets_side_by_side_are_ambiguous(tmp_path: Path) -> None:
     kaggle(tmp_path / "b")
     with pytest.raises(CnmcError, match="several data sets"):
         detect_layout(tmp_path)
+
+
+def test_links_to_folders_are_not_followed(tmp_path: Path) -> None:
+    root = kaggle(tmp_path / "real")
+    fold_2 = root / "training_data" / "fold_2"
+    for path in sorted(fold_2.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    fold_2.rmdir()
+    fold_2.symlink_to("fold_1")  # would put fold_1's cells in a second fold
+    layout = detect_layout(root)
+    assert sorted(sources(layout)) == ["final/", "fold_0/all", "fold_0/hem", "fold_1/all", "fold_1/hem", "prelim/"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cnmc").symlink_to(root)
+    with pytest.raises(CnmcError, match="cnmc is a symbolic link to a folder, which is not followed: name the folder"):
+        detect_layout(tmp_path / "data")
+    assert detect_layout(tmp_path / "data" / "cnmc").root == tmp_path / "data" / "cnmc"  # named: followed

@@ -6,8 +6,12 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -287,6 +291,62 @@ def test_bad_files_are_excluded_or_converted_with_reasons(tmp_path: Path) -> Non
         "manifest: 17 images (10 all, 5 hem, 2 unlabelled) from 8 subjects, layout kaggle; "
         "3 converted, 18 excluded (see outputs/data_report.json), 0 duplicate groups"
     )
+
+
+@pytest.mark.timeout(60)  # two links to . or .. made the old walk endless
+def test_links_are_not_followed_out_of_their_folder_nor_listed_twice(tmp_path: Path) -> None:
+    base = make_kaggle(tmp_path)
+    plain = build_manifest(base).table
+    fold = base / "C-NMC_Leukemia/training_data/fold_0"
+    (fold / "all/here").symlink_to(".")
+    (fold / "all/up").symlink_to("..")
+    (fold / "all/hem_cells").symlink_to("../hem")
+    (fold / "all/UID_2_1_1_all.bmp").symlink_to("../hem/UID_H2_1_1_hem.bmp")  # a Hem cell as ALL
+    (fold / "all/UID_1_9_1_all.bmp").symlink_to("UID_1_1_1_all.bmp")  # a listed cell, again
+    os.link(fold / "hem/UID_H2_1_1_hem.bmp", fold / "hem/UID_H2_9_1_hem.bmp")
+    (fold / "all/UID_1_8_1_all.bmp").symlink_to("gone.bmp")
+    (fold / "all/UID_1_7_1_all.bmp").symlink_to("UID_1_7_1_all.bmp")
+    manifest = build_manifest(base)
+    pd.testing.assert_frame_equal(manifest.table, plain)
+    assert not manifest.duplicates
+    folder, real = fold.as_posix(), Path(os.path.realpath(fold)).as_posix()
+    assert {e.path: e.reason for e in manifest.excluded} == {
+        f"{folder}/all/here/": "symbolic link to a folder (not followed)",
+        f"{folder}/all/up/": "symbolic link to a folder (not followed)",
+        f"{folder}/all/hem_cells/": "symbolic link to a folder (not followed)",
+        f"{folder}/all/UID_2_1_1_all.bmp": (
+            f"symbolic link to {real}/hem/UID_H2_1_1_hem.bmp, outside its folder all/ (not followed)"
+        ),
+        f"{folder}/all/UID_1_9_1_all.bmp": f"same file as {folder}/all/UID_1_1_1_all.bmp (listed once)",
+        f"{folder}/hem/UID_H2_9_1_hem.bmp": f"same file as {folder}/hem/UID_H2_1_1_hem.bmp (listed once)",
+        f"{folder}/all/UID_1_8_1_all.bmp": "broken symbolic link to gone.bmp (no such file)",
+        f"{folder}/all/UID_1_7_1_all.bmp": "symbolic link loop",
+    }
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and Unix sockets are POSIX")
+def test_special_files_are_excluded_without_being_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real CLI in a subprocess: opening the FIFO would block it, and the timeout fail the test."""
+    base = make_kaggle(tmp_path / "data")
+    fold = base / "C-NMC_Leukemia/training_data/fold_0"
+    os.mkfifo(fold / "all/UID_6_1_1_all.bmp")
+    monkeypatch.chdir(fold / "hem")  # a relative name: socket paths are limited to about 100 bytes
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("UID_H6_1_1_hem.bmp")
+    out = tmp_path / "out"
+    src = Path(manifest_module.__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    command = ["manifest", str(base), "-q", "-o", str(out / "m.csv"), "--report", str(out / "r.json")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnmc", *command], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "r.json").read_text())
+    assert {e["path"]: e["reason"] for e in report["excluded"]} == {
+        f"{fold.as_posix()}/all/UID_6_1_1_all.bmp": "not a regular file (FIFO)",
+        f"{fold.as_posix()}/hem/UID_H6_1_1_hem.bmp": "not a regular file (socket)",
+    }
+    assert report["totals"]["images"] == 13
 
 
 def test_missing_labels_csv_is_an_error(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ gets a row, bad files are reported and don't stop the batch, globs and folders e
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,3 +156,30 @@ def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
     assert (summary.predicted, summary.failed) == (2, 1)
     assert table["error"].isna().tolist() == [True, False, True]
     assert table["error"][1] == "not an image (unrecognised format)"
+
+
+@pytest.mark.timeout(60, func_only=True)  # a FIFO opened for reading would block for good
+def test_broken_links_and_special_files_get_error_rows_and_folder_links_are_not_followed(
+    model: TinyModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "images"
+    files = write_images(folder)
+    (folder / "gone.png").symlink_to("missing.png")
+    (folder / "here").symlink_to(".")
+    (folder / "up").symlink_to("..")
+    fifo = tmp_path / "fifo.bmp"
+    os.mkfifo(fifo)
+    out = tmp_path / "p.csv"
+    inputs = [str(folder), str(fifo), os.devnull, str(folder / "**" / "*.png"), str(folder / "*" / "a.bmp")]
+    with caplog.at_level(logging.WARNING, logger="cnmc"):
+        summary = predict_paths(model.model_uri, inputs, out, progress=False)
+    table = pd.read_csv(out)
+    in_folder = sorted([*files.values(), folder / "gone.png"], key=Path.as_posix)
+    assert list(table["path"]) == [str(p) for p in [*in_folder, fifo, Path(os.devnull)]]  # each once
+    errors = table.set_index("path")["error"]
+    assert errors[str(folder / "gone.png")] == "broken symbolic link to missing.png (no such file)"
+    assert errors[str(fifo)] == "not a regular file (FIFO)"
+    assert errors[os.devnull] == "not a regular file (character device)"
+    assert (summary.total, summary.predicted, summary.failed) == (10, 5, 5)
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warnings == [f"{folder / name}: symbolic link to a folder (not followed)" for name in ("here", "up")]

@@ -3,13 +3,14 @@
 Inputs are image files, folders (searched recursively for image extensions) and glob patterns.
 Every file gets one output row, in input order: a predicted ``label``, ``prob_all`` and
 ``threshold``, or an ``error`` naming why it couldn't be used (unreadable, not an image,
-truncated, too large). A bad file never stops the batch: each file is read and decoded first
-with the serving code's own checks, then the good ones go through the loaded pyfunc in batches.
+truncated, too large, a broken link, not a regular file). A bad file never stops the batch: each
+file is read and decoded first with the serving code's own checks, then the good ones go through
+the loaded pyfunc in batches. Links to folders inside a folder or below a ``**`` are not
+followed (:func:`cnmc.data.layout.walk_files`), so a link loop can neither repeat nor hang.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import os
@@ -24,7 +25,8 @@ from typing import Any
 import pandas as pd
 
 from cnmc.atomic import atomic_write_text
-from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.data.images import ImageProblem, open_rgb, read_image_file
+from cnmc.data.layout import walk_files
 from cnmc.errors import CnmcError
 from cnmc.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES
 
@@ -93,9 +95,9 @@ def predict_paths(model_uri: str, inputs: list[str], out_csv: Path, batch_size: 
 def find_images(inputs: Iterable[str]) -> list[Path]:
     """Files named by ``inputs`` in order, without duplicates; :class:`CnmcError` if one matches nothing.
 
-    A file is taken as it is (a non-image becomes an error row); a folder gives its image files
-    (recursively, by extension); a pattern with ``* ? [`` is expanded (``**`` recurses), its
-    folders like folders.
+    A file is taken as it is (a non-image, a broken link or a FIFO becomes an error row); a
+    folder gives its image files (recursively, by extension); a pattern with ``* ? [`` is
+    expanded (``**`` recurses), its folders like folders.
     """
     found: list[Path] = []
     seen: set[Path] = set()
@@ -105,28 +107,50 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
     for text in inputs:
         text = str(text)
         path = Path(text)
-        if path.is_file():
-            matches = [path]
-        elif path.is_dir():
+        if path.is_dir():
             matches = _images_under(path)
             if not matches:
                 raise CnmcError(f"{text}: folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        elif os.path.lexists(path):  # a file, or something named like one: its row will say
+            matches = [path]
         elif _GLOB_CHARS & set(text):
-            matches = []
-            for hit in sorted(glob.glob(text, recursive=True)):
-                hit_path = Path(hit)
-                matches.extend(_images_under(hit_path) if hit_path.is_dir() else [hit_path])
-            matches = [m for m in matches if m.is_file()]
+            matches = [m for hit in _glob(text) for m in (_images_under(hit) if hit.is_dir() else [hit])]
             if not matches:
                 raise CnmcError(f"{text}: no file matches this pattern")
         else:
             raise CnmcError(f"{text}: no such file or folder")
         for match in matches:
-            key = match.resolve()
+            key = _identity(match)
             if key not in seen:
                 seen.add(key)
                 found.append(match)
     return found
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The paths ``pattern`` matches, sorted; hidden names only where the pattern has one, as
+    with :func:`glob.glob`, whose ``**`` however follows links to folders (two links to ``.``
+    make that endless), where pathlib's, used here, does not."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    base, rest = Path(*parts[:first]), Path(*parts[first:])
+    try:
+        hits = list(base.glob(rest.as_posix()))
+    except ValueError as exc:  # e.g. "a**": pathlib takes ** only as a whole path component
+        raise CnmcError(f"{pattern}: {exc}") from None
+    if not any(part.startswith(".") for part in rest.parts):
+        hits = [hit for hit in hits if not any(p.startswith(".") for p in hit.relative_to(base).parts)]
+    return sorted(hits)
+
+
+def _identity(path: Path) -> object:
+    """The same file gives the same key, however it is named or linked to; a path that can't be
+    followed (a broken link) is its own."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return (status.st_dev, status.st_ino)
 
 
 def load_image_model(model_uri: str) -> Any:
@@ -147,7 +171,12 @@ def load_image_model(model_uri: str) -> Any:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every entry below ``folder`` named like an image, whatever it is (a broken link or a FIFO
+    gets its error row); links to folders are logged and not followed."""
+    files, unsearched = walk_files(folder, skip_hidden=False)
+    for path, reason in unsearched:
+        log.warning("%s: %s", path, reason)
+    return [path for path in files if path.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def _predict_chunk(model: Any, files: list[Path]) -> list[dict[str, Any]]:
@@ -182,14 +211,10 @@ def _predict_chunk(model: Any, files: list[Path]) -> list[dict[str, Any]]:
 def _read_image(path: Path) -> bytes:
     """The file's bytes if it decodes as an image (the checks the served model makes), else CnmcError."""
     try:
-        size = os.path.getsize(path)
-        if size > MAX_IMAGE_BYTES:
-            raise CnmcError(f"too large ({size:,} bytes, limit {MAX_IMAGE_BYTES:,})")
-        data = path.read_bytes()
+        data = read_image_file(path, MAX_IMAGE_BYTES)
+        open_rgb(data)
     except OSError as exc:
         raise CnmcError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})") from None
-    try:
-        open_rgb(data)
     except ImageProblem as exc:
         raise CnmcError(str(exc)) from None
     except Exception as exc:  # Pillow plugins raise almost anything on malformed bytes

@@ -1,12 +1,17 @@
 """Open any image the pipeline may meet as 8-bit RGB, or say precisely why it can't.
 
 Every stage that reads pixels (manifest checks, augmentation, prediction) goes through
-:func:`open_rgb`, so a file accepted once is read the same way everywhere.
+:func:`open_rgb`, so a file accepted once is read the same way everywhere, and every stage that
+reads an image file's bytes goes through :func:`read_image_file`, so none of them ever opens a
+FIFO, a socket or a device that only looks like an image.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -17,8 +22,63 @@ from PIL import Image, UnidentifiedImageError
 MAX_PIXELS = 40_000_000
 
 
+# What a path that is not a regular file is, for the reason; the first test that holds names it.
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISDIR, "folder"),
+)
+# Opening a FIFO for reading waits for a writer unless non-blocking; a terminal must not become ours.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
 class ImageProblem(ValueError):
     """The file is not a usable image; ``str(exc)`` is a short reason."""
+
+
+def read_image_file(path: Path | str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed), at most ``max_bytes`` of them.
+
+    A FIFO named like an image blocks whoever opens it until some writer comes, and a device
+    may never end, so only regular files are read: the type is checked before opening (nothing
+    else is even opened) and again on the open descriptor, which is opened non-blocking so
+    that a FIFO swapped in between cannot block either. Raises :class:`ImageProblem` for
+    anything that is not a regular file (a broken link or a link loop too) or is too large,
+    and leaves other :class:`OSError` (no such file, permission denied) to the caller.
+    """
+    try:
+        _require_regular(os.stat(path).st_mode)
+    except OSError as exc:
+        raise _link_problem(path, exc) or exc from None
+    with open(os.open(path, _OPEN_FLAGS), "rb") as file:
+        status = os.fstat(file.fileno())
+        _require_regular(status.st_mode)
+        _require_size(status.st_size, max_bytes)
+        data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+    _require_size(len(data), max_bytes)
+    return data
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "special file")
+        raise ImageProblem(f"not a regular file ({kind})")
+
+
+def _require_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ImageProblem(f"too large ({size:,} bytes, limit {max_bytes:,})")
+
+
+def _link_problem(path: Path | str, exc: OSError) -> ImageProblem | None:
+    """What ``os.stat``'s failure means when ``path`` is a symbolic link that leads nowhere."""
+    if exc.errno == errno.ELOOP:
+        return ImageProblem("symbolic link loop")
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return ImageProblem(f"broken symbolic link to {os.readlink(path)} (no such file)")
+    return None
 
 
 def open_rgb(source: Path | str | bytes) -> tuple[Image.Image, str]:
@@ -26,9 +86,10 @@ def open_rgb(source: Path | str | bytes) -> tuple[Image.Image, str]:
 
     Grayscale, palette, RGBA (composited on black, like the cells' background), CMYK and
     16-bit/float images are converted to 8-bit RGB. Raises :class:`ImageProblem` for empty,
-    truncated, corrupt, oversized or non-image input.
+    truncated, corrupt, oversized or non-image input, and for a path that is not a regular file
+    (:func:`read_image_file`).
     """
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    data = source if isinstance(source, bytes) else read_image_file(source)
     if not data:
         raise ImageProblem("empty file")
     try:

@@ -10,12 +10,15 @@ closest wins), so both ``data/`` and ``data/C-NMC_Leukemia`` work:
 * ``folder``: any folder holding ``all/`` and ``hem/`` class folders (a single fold folder too).
 
 Real copies are untidy, so folder names match case-insensitively and a folder nested in a
-namesake (``fold_0/fold_0/all``, as in some Kaggle mirrors) is stepped through. This module
-only looks at names; reading pixels and labels is :mod:`cnmc.data.manifest`'s job.
+namesake (``fold_0/fold_0/all``, as in some Kaggle mirrors) is stepped through. Symbolic links
+to folders are never followed below the folder the user names (:func:`walk_files` says why).
+This module only looks at names and folders; reading pixels and labels is
+:mod:`cnmc.data.manifest`'s job.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +136,7 @@ def detect_layout(data_dir: Path) -> Layout:
     if not data_dir.is_dir():
         raise CnmcError(f"data folder {data_dir} is not a folder")
     level = [data_dir]
+    searched: list[Path] = []
     for _ in range(SEARCH_DEPTH + 1):
         found = [layout for folder in level if (layout := _layout_at(folder)) is not None]
         if len(found) > 1:
@@ -142,11 +146,20 @@ def detect_layout(data_dir: Path) -> Layout:
             )
         if found:
             return found[0]
+        searched += level
         level = [sub for folder in level for sub in _subdirs(folder)]
     raise CnmcError(
         f"no C-NMC data found in {data_dir} (searched {SEARCH_DEPTH} levels down); "
-        f"expected {EXPECTED}"
+        f"expected {EXPECTED}{_link_hint(searched)}"
     )
+
+
+def _link_hint(searched: list[Path]) -> str:
+    """Where the data may be hiding behind a link to a folder, which the search did not follow."""
+    link = next((sub for folder in searched for sub in _entries(folder) if _is_folder_link(sub)), None)
+    if link is None:
+        return ""
+    return f"; {link} is a symbolic link to a folder, which is not followed: name the folder it leads to"
 
 
 def _layout_at(folder: Path) -> Layout | None:
@@ -218,12 +231,76 @@ def _child(folder: Path, name: str) -> Path | None:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    """Visible subfolders in name order; macOS/hidden folders never hold data."""
+    """Visible subfolders in name order, links to folders left out (see :func:`walk_files`);
+    macOS/hidden folders never hold data."""
+    return [e for e in _entries(folder) if e.is_dir() and not e.is_symlink() and not is_hidden(e.name)]
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, in name order; nothing where it cannot be listed."""
     try:
-        entries = sorted(folder.iterdir())
+        return sorted(folder.iterdir())
     except OSError:
         return []
-    return [e for e in entries if e.is_dir() and not is_hidden(e.name)]
+
+
+def _is_folder_link(path: Path) -> bool:
+    return path.is_symlink() and path.is_dir()
+
+
+def walk_files(root: Path, skip_hidden: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every entry below ``root`` that is not a folder, in path order: files, links to files,
+    broken links, FIFOs, sockets, devices (what they are is for the reader to find out); and
+    each folder not searched, with the one-line reason.
+
+    Links to folders are never followed: one to ``.`` or ``..`` would list the same images
+    over and over (two of them, endlessly), and one into the other class folder would give
+    its cells this folder's label. A folder reached twice anyway (a bind mount) is searched once.
+    ``skip_hidden`` leaves out hidden and ``__MACOSX`` folders (:func:`is_hidden`).
+    """
+    files: list[Path] = []
+    unsearched: list[tuple[Path, str]] = []
+    searched: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in searched:
+                unsearched.append((folder, "folder already searched (reached again through a mount)"))
+                continue
+            searched.add((status.st_dev, status.st_ino))
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            unsearched.append((folder, f"cannot list the folder ({exc.strerror or exc.__class__.__name__})"))
+            continue
+        for entry in entries:
+            path = folder / entry.name
+            if not _leads_to_folder(entry):
+                files.append(path)
+            elif reason := _not_searched(entry, skip_hidden):
+                unsearched.append((path, reason))
+            else:
+                pending.append(path)
+    return sorted(files, key=Path.as_posix), sorted(unsearched, key=lambda item: item[0].as_posix())
+
+
+def _leads_to_folder(entry: os.DirEntry[str]) -> bool:
+    """``entry.is_dir()``, but False for a link loop, where ``is_dir`` raises: it is a file entry."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _not_searched(entry: os.DirEntry[str], skip_hidden: bool) -> str | None:
+    """Why :func:`walk_files` does not enter the folder (or link to one) ``entry``, or None."""
+    if skip_hidden and is_hidden(entry.name):
+        return "hidden or system folder, not searched"
+    if entry.is_symlink():
+        return "symbolic link to a folder (not followed)"
+    return None
 
 
 def is_hidden(name: str) -> bool:

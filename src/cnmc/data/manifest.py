@@ -4,6 +4,11 @@ Every file below the layout's root is accounted for: it becomes a manifest row, 
 excluded with a reason in the data report. Bad files never stop the stage; only a data set
 with nothing usable, or a missing or malformed preliminary-phase labels CSV, does.
 
+Links and special files: links to folders are not followed (reported); a link to a file is
+listed only where its target lies in the link's own image folder, since the label comes from
+the link's place; a file reached twice (a link to a listed file, a hard link) is listed once;
+only regular files are opened (FIFOs, sockets and devices are reported, never read).
+
 Label policy: a cell's label comes from its class folder (training folds, class folders) or
 from the labels CSV (preliminary set). Where the file name also states a class, name and
 folder/CSV must agree, and the subject must agree with both: C-NMC gives every healthy donor
@@ -33,7 +38,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cnmc.atomic import atomic_write_text
-from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.data.images import ImageProblem, open_rgb, read_image_file
 from cnmc.data.layout import (
     CLASSES,
     FOLDS,
@@ -46,6 +51,7 @@ from cnmc.data.layout import (
     detect_layout,
     is_hidden,
     parse_cell_name,
+    walk_files,
 )
 from cnmc.errors import CnmcError
 
@@ -252,7 +258,8 @@ def plan_files(layout: Layout) -> tuple[list[Candidate], list[Exclusion]]:
         outcome = _plan_file(path, group, layout.root, labels)
         (candidates if isinstance(outcome, Candidate) else excluded).append(outcome)
     excluded += _missing_prelim(layout, labels, prelim_names)
-    return candidates, excluded
+    candidates, repeated = _list_once(candidates)
+    return candidates, excluded + repeated
 
 
 def prelim_labels(layout: Layout) -> dict[str, PrelimLabel]:
@@ -311,19 +318,10 @@ def _validate_prelim_labels(table: pd.DataFrame, csv_path: Path) -> None:
 
 
 def _files(root: Path) -> tuple[list[Path], list[Exclusion]]:
-    """All files below ``root`` in path order; hidden and ``__MACOSX`` folders are skipped whole."""
-    files: list[Path] = []
-    skipped: list[Exclusion] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        folder = Path(dirpath)
-        hidden = [d for d in dirnames if is_hidden(d)]
-        skipped += [
-            Exclusion(f"{(folder / d).as_posix()}/", "hidden or system folder, not searched")
-            for d in hidden
-        ]
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        files += [folder / name for name in filenames]
-    return sorted(files, key=Path.as_posix), skipped
+    """All files below ``root`` in path order, and the folders not searched (hidden and
+    ``__MACOSX`` folders, links to folders) as exclusions."""
+    files, unsearched = walk_files(root, skip_hidden=True)
+    return files, [Exclusion(f"{folder.as_posix()}/", reason) for folder, reason in unsearched]
 
 
 def _plan_file(
@@ -338,6 +336,9 @@ def _plan_file(
         )
     if group is None:
         return Exclusion(path.as_posix(), "outside the recognised image folders")
+    link = _link_out_of(path, group)
+    if link:
+        return Exclusion(path.as_posix(), link)
     if group.source == "prelim":
         return _plan_prelim(path, labels)
     cell = parse_cell_name(name)
@@ -351,6 +352,43 @@ def _plan_file(
     if conflict:
         return Exclusion(path.as_posix(), conflict)
     return Candidate(path, group.label, cell.subject, group.source, name)
+
+
+def _link_out_of(path: Path, group: Group) -> str | None:
+    """Why the link ``path`` may not give its target ``group``'s label, or None.
+
+    The label (and for prelim cells the CSV row) comes from where the link is; a target in
+    another folder has its own, possibly different, label there or none known at all.
+    """
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    if Path(os.path.realpath(group.directory)) in target.parents:
+        return None
+    return f"symbolic link to {target.as_posix()}, outside its folder {group.directory.name}/ (not followed)"
+
+
+def _list_once(candidates: list[Candidate]) -> tuple[list[Candidate], list[Exclusion]]:
+    """One row per file: a link to a listed file, or a hard link, would count one cell twice.
+
+    Files that are not links come first, each in path order, so the file itself keeps its row.
+    A path that cannot be followed is kept: reading it reports why.
+    """
+    first: dict[tuple[int, int], Path] = {}
+    kept: list[Candidate] = []
+    repeated: list[Exclusion] = []
+    for candidate in sorted(candidates, key=lambda c: (c.path.is_symlink(), c.path.as_posix())):
+        try:
+            status = os.stat(candidate.path)
+        except OSError:
+            kept.append(candidate)
+            continue
+        same = first.setdefault((status.st_dev, status.st_ino), candidate.path)
+        if same == candidate.path:
+            kept.append(candidate)
+        else:
+            repeated.append(Exclusion(candidate.path.as_posix(), f"same file as {same.as_posix()} (listed once)"))
+    return sorted(kept, key=lambda c: c.path.as_posix()), repeated
 
 
 def _plan_prelim(path: Path, labels: dict[str, PrelimLabel]) -> Candidate | Exclusion:
@@ -395,7 +433,9 @@ def _missing_prelim(
 def check_image(path: Path) -> ImageCheck:
     """Hash and fully decode one file. Runs in worker processes, so it reports, never raises."""
     try:
-        data = path.read_bytes()
+        data = read_image_file(path)
+    except ImageProblem as exc:
+        return ImageCheck(problem=str(exc))
     except OSError as exc:
         return ImageCheck(
             problem=f"cannot read the file ({exc.strerror or exc.__class__.__name__})"
