@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_optional(int), help="override tune.epochs (per trial)")
     p.add_argument("--study-name", type=_optional(str), help="override tune.study_name (resumed if it exists)")
     p.add_argument("--storage", type=_optional(str),
-                   help="override tune.storage, e.g. sqlite:///optuna.db or postgresql://user@host/db")
+                   help="override tune.storage: journal:PATH (workers on one machine or a shared disk) "
+                   "or an RDB URL, e.g. postgresql://user@host/db (many machines)")
     p.add_argument("--backbone", help="override tune.backbone")
     p.add_argument("--store", default="outputs/images", help="image store from `cnmc augment` (default: %(default)s)")
     p.add_argument("-o", "--output", default="outputs/tuned.yaml", help="best parameters file (default: %(default)s)")
