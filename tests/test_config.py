@@ -35,6 +35,8 @@ def test_paper_profile_has_the_papers_values(tmp_path: Path) -> None:
         ("augment:\n  strength: 2\n", "augment.strength: Input should be less than or equal to 1"),
         ("augment: [1\n", "not valid YAML"),
         ("- 1\n", "expected a mapping"),
+        ("tune:\n  storage: optuna.db\n", "tune.storage: .*expected journal:PATH .* or an RDB URL"),
+        ("tune:\n  storage: 'journal:'\n", "tune.storage: .*got 'journal:'"),
     ],
 )
 def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -43,6 +45,21 @@ def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str
     with pytest.raises(CnmcError, match=message) as info:
         load_params(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("storage", "journal"),
+    [
+        (Params().tune.storage, Path("optuna-journal.log")),  # the default: a journal file
+        ("journal:/shared/disk/optuna.log", Path("/shared/disk/optuna.log")),
+        ("sqlite:///optuna.db", None),
+        ("postgresql+psycopg2://user:secret@db-host:5432/optuna", None),
+    ],
+)
+def test_tune_storage_is_a_journal_file_or_an_rdb_url(storage: str, journal: Path | None) -> None:
+    from cnmc.config import journal_path
+
+    assert journal_path(Params.model_validate({"tune": {"storage": storage}}).tune.storage) == journal
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,6 @@
-"""Optuna tuning (cnmc.tune) on the tiny store: a tracked study and tuned.yaml, pruning, a failed
-trial that does not stop the study, resuming, two concurrent workers on one SQLite study, and the
-store view that replays the augment stage's balancing with T on the fly."""
+"""Optuna tuning (cnmc.tune) on the tiny store: a tracked study and tuned.yaml, pruning (in SQLite),
+a failed trial that does not stop the study, resuming, two concurrent `cnmc tune` workers on one
+journal file, and the store view that replays the augment stage's balancing with T on the fly."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def tune_params(tmp_path: Path, **tune_cfg: object) -> Params:
     raw = Params().model_dump()
     raw["train"] |= {"pretrained": False, "device": "cpu", "batch_size": 16, "num_workers": 0}
     raw["tune"] |= {"backbone": "test_resnet", "epochs": 1, "n_trials": 3, "study_name": STUDY,
-                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}", **tune_cfg}
+                    "storage": f"journal:{tmp_path / 'optuna-journal.log'}", **tune_cfg}
     return Params.model_validate(raw)
 
 
 def load(params: Params) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=params.tune.storage)
+    return optuna.load_study(study_name=STUDY, storage=tune.make_storage(params.tune.storage))
 
 
 def child_runs(parent_id: str) -> list:
@@ -108,7 +108,7 @@ def test_pruned_trial_is_recorded(tiny_store, mlflow_db, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setattr(tune, "build_pruner", lambda params: optuna.pruners.ThresholdPruner(lower=1.1))
-    params = tune_params(tmp_path, epochs=2)
+    params = tune_params(tmp_path, epochs=2, storage=f"sqlite:///{tmp_path / 'optuna.db'}")  # RDB storage too
     summary = tune.run_study(params, tiny_store / "images", n_trials=1, progress=False)
 
     (trial,) = load(params).trials
@@ -150,38 +150,35 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(tiny_store, mlflow_db, t
     assert parent.info.status == "FINISHED" and parent.data.tags["param_importances"].startswith("skipped")
 
 
-WORKER = """
-import sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-from cnmc.config import Params
-from cnmc.tune import run_study
-params = Params.model_validate_json(Path(sys.argv[1]).read_text())
-print(run_study(params, Path(sys.argv[2]), n_trials=2, progress=False).parent_run_id)
-"""
+def test_two_concurrent_workers_share_one_journal(tiny_store, mlflow_db, tmp_path):
+    from mlflow.tracking import MlflowClient
 
-
-def test_two_concurrent_workers_share_one_sqlite_study(tiny_store, mlflow_db, tmp_path):
-    params = tune_params(tmp_path)
-    config = tmp_path / "params.json"
-    config.write_text(params.model_dump_json())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    params, per_worker = tune_params(tmp_path), 2
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump(params.model_dump()))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # two workers, two cores
     workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(config), str(tiny_store / "images")], cwd=tmp_path,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-m", "cnmc", "tune", "--params", str(config), "-q",
+                          "--n-trials", str(per_worker), "--store", str(tiny_store / "images"),
+                          "--output", str(tmp_path / f"tuned-{i}.yaml")],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
     ]
     outputs = [w.communicate(timeout=240) for w in workers]
     for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err[-3000:]
 
-    trials = load(params).trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({(t.params["lr"], t.params["strength"]) for t in trials}) == 4  # workers seeded apart
-    parents = [out.strip().splitlines()[-1] for out, _ in outputs]
-    assert sum(len(child_runs(p)) for p in parents) == 4
+    trials = load(params).trials  # none lost, none duplicated
+    assert sorted(t.number for t in trials) == list(range(2 * per_worker))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({(t.params["lr"], t.params["strength"]) for t in trials}) == 2 * per_worker  # workers seeded apart
+    for i in range(2):
+        assert set(yaml.safe_load((tmp_path / f"tuned-{i}.yaml").read_text())) == {"train", "augment"}
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
+    parents = [r.info for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and len(runs) == 2 + 2 * per_worker  # a nested run per trial
+    assert max(p.start_time for p in parents) < min(p.end_time for p in parents)  # the workers overlapped
 
 
 def test_live_augmentation_view_replays_the_balancing(tiny_store):

@@ -7,13 +7,14 @@ NAME`` writes either one to ``params.yaml``, the file DVC tracks.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cnmc.errors import CnmcError
 from cnmc.metrics_registry import SCALAR_METRICS
@@ -22,6 +23,8 @@ PARAMS_FILE = "params.yaml"
 # Marks a setting that changes how fast a stage runs, never what it produces: DVC does not rerun for it.
 RUNTIME_ONLY = {"runtime_only": True}
 PROFILES = ("demo", "paper")
+JOURNAL_PREFIX = "journal:"  # tune.storage = journal:PATH names an Optuna journal file
+_RDB_URL = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # SQLAlchemy's dialect[+driver]://...
 
 
 class _Section(BaseModel):
@@ -113,8 +116,25 @@ class TuneConfig(_Section):
     strength_min: float = Field(0.0, ge=0, le=1, description="augmentation-strength search range")
     strength_max: float = Field(1.0, ge=0, le=1, description="upper end of the strength range")
     pruner: Literal["median", "none"] = Field("median", description="prune trials worse than the median")
-    storage: str = Field("sqlite:///optuna.db", description="Optuna RDB storage URL (shared by workers)")
+    storage: str = Field(
+        "journal:optuna-journal.log",
+        description="study storage: journal:PATH (workers on one machine or shared disk) or an RDB URL (many machines)",
+    )
     study_name: str = Field("cnmc-tune", description="study to create or resume")
+
+    @field_validator("storage")
+    @classmethod
+    def _journal_file_or_rdb_url(cls, value: str) -> str:
+        """One field holds either form, so the prefix or scheme must say which; a bare path is
+        refused rather than guessed (a SQLite file? a journal?)."""
+        if value.startswith(JOURNAL_PREFIX):
+            path = value.removeprefix(JOURNAL_PREFIX)
+            if path.strip() and not path.startswith("//"):
+                return value
+        elif _RDB_URL.match(value):
+            return value
+        raise ValueError(f"expected journal:PATH (e.g. journal:optuna-journal.log) or an RDB URL "
+                         f"(e.g. postgresql://user@host/db, sqlite:///optuna.db), got {value!r}")
 
 
 class Params(_Section):
@@ -127,6 +147,11 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     promote: PromoteConfig = PromoteConfig()
     tune: TuneConfig = TuneConfig()
+
+
+def journal_path(storage: str) -> Path | None:
+    """The journal file a ``tune.storage`` setting names, or None where it is an RDB URL."""
+    return Path(storage.removeprefix(JOURNAL_PREFIX)) if storage.startswith(JOURNAL_PREFIX) else None
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

@@ -2,9 +2,11 @@
 
 Each trial trains ``tune.backbone`` for ``tune.epochs`` epochs; its value is the best validation
 macro F1 (the test split is never opened). Every epoch is reported to Optuna, which may prune.
-The study lives in RDB storage (``tune.storage``), so a second call, or several worker processes
-at once, add trials to the same study. Each call is one MLflow parent run with a nested run per
-trial; the parent gets the study's best ``lr``/``strength``, its history and importance plots.
+The study lives in ``tune.storage`` (see :func:`make_storage`): a journal file by default, so a
+second call, or several worker processes at once on one machine or a shared disk, add trials to
+the same study; an RDB URL (PostgreSQL) does the same for workers on many machines. Each call is
+one MLflow parent run with a nested run per trial; the parent gets the study's best
+``lr``/``strength``, its history and importance plots.
 
 Strength without rewriting the store: a trial trains on the augment stage's balanced set with
 each augmented image swapped for T(its original) at the trial's strength, drawn on the fly each
@@ -40,7 +42,7 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from cnmc.atomic import atomic_write_text
-from cnmc.config import Params
+from cnmc.config import Params, journal_path
 from cnmc.data.store import ImageStore
 from cnmc.data.transforms import paper_transform
 from cnmc.errors import CnmcError
@@ -51,8 +53,8 @@ OBJECTIVE = "val_f1_macro"
 # Trial failures that end the trial, not the study: a diverging loss (FloatingPointError from the
 # trainer), CUDA out-of-memory and other runtime errors (torch raises RuntimeError subclasses).
 TRIAL_ERRORS: tuple[type[BaseException], ...] = (FloatingPointError, RuntimeError, MemoryError)
-SQLITE_TIMEOUT_S = 30  # wait this long for another worker's write lock instead of failing
-HEARTBEAT_S = 60  # a trial whose worker died is marked FAIL after 2 missed heartbeats
+SQLITE_TIMEOUT_S = 30  # wait this long for another writer's lock instead of failing
+HEARTBEAT_S = 60  # RDB only: a trial whose worker died is marked FAIL after 2 missed heartbeats
 OPEN_ATTEMPTS = 5
 
 
@@ -65,7 +67,7 @@ class StudySummary:
     """The study after one ``run_study`` call; ``str()`` is the line the CLI prints."""
 
     study_name: str
-    storage: str  # URL, any password hidden
+    storage: str  # tune.storage, any password hidden
     backbone: str
     epochs: int  # per trial
     best_trial: int | None  # None: no trial of the study has completed
@@ -129,7 +131,7 @@ def run_study(params: Params, store_root: Path, n_trials: int | None = None, pro
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise CnmcError(f"interrupted: the finished trials stay in study '{cfg.study_name}' "
-                            f"({_safe_url(cfg.storage)}); run `cnmc tune` again to add more") from None
+                            f"({_safe_storage(cfg.storage)}); run `cnmc tune` again to add more") from None
         summary = _summary(study, params, objective.trials_run, parent.info.run_id, started)
         _log_study(study, summary)
     log.info("%s", summary)
@@ -143,24 +145,26 @@ def open_study(params: Params) -> optuna.Study:
     cfg = params.tune
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
-                study = optuna.create_study(
-                    storage=make_storage(cfg.storage), study_name=cfg.study_name, direction="maximize",
-                    load_if_exists=True, sampler=_FirstTrialSeededTPE(params.seed), pruner=build_pruner(params),
-                )
+            study = optuna.create_study(
+                storage=make_storage(cfg.storage), study_name=cfg.study_name, direction="maximize",
+                load_if_exists=True, sampler=_FirstTrialSeededTPE(params.seed), pruner=build_pruner(params),
+            )
             break
         except (sa_exc.OperationalError, sa_exc.IntegrityError, optuna.exceptions.StorageInternalError) as exc:
             # Two workers creating the tables at once, a database server not up yet: try again.
             if attempt == OPEN_ATTEMPTS:
-                raise CnmcError(f"tune.storage {_safe_url(cfg.storage)!r}: cannot open the Optuna storage "
+                raise CnmcError(f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
                                 f"({exc.__class__.__name__}: {exc})") from exc
             time.sleep(0.5 * attempt)
         except (sa_exc.SQLAlchemyError, ImportError) as exc:
-            raise CnmcError(f"tune.storage {_safe_url(cfg.storage)!r}: not a usable database URL "
+            raise CnmcError(f"tune.storage {_safe_storage(cfg.storage)!r}: not a usable database URL "
+                            f"({exc.__class__.__name__}: {exc})") from exc
+        except OSError as exc:  # a journal (or SQLite) file that cannot be created or written
+            raise CnmcError(f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
                             f"({exc.__class__.__name__}: {exc})") from exc
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise CnmcError(f"study '{cfg.study_name}' in {_safe_url(cfg.storage)} minimises; use another tune.study_name")
+        raise CnmcError(f"study '{cfg.study_name}' in {_safe_storage(cfg.storage)} minimises; "
+                        "use another tune.study_name")
     # One study, one objective: trials of another backbone or length would not be comparable.
     for key, value in (("backbone", cfg.backbone), ("epochs", cfg.epochs)):
         existing = study.user_attrs.get(key)
@@ -172,15 +176,34 @@ def open_study(params: Params) -> optuna.Study:
     return study
 
 
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage; for SQLite, writers wait for each other's lock (several workers, one file)."""
+def make_storage(setting: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage a ``tune.storage`` setting names (the one place that reads it).
+
+    ``journal:PATH``: a journal file that parallel workers on one machine or a shared disk append
+    to under a lock file; Optuna advises it over SQLite, whose one write lock makes concurrent
+    workers wait or fail. The lock is an ``O_EXCL`` file (``JournalFileOpenLock``): safe on local
+    disks and NFSv3+, and unlike the default symlink lock it needs no privilege on Windows.
+    Journals have no heartbeat: the trial of a killed worker stays ``running``.
+
+    Anything else is an RDB URL: PostgreSQL (or MySQL) for workers on many machines, SQLite for
+    one worker at a time. The heartbeat lets a dead worker's trial be marked failed.
+    """
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+    journal = journal_path(setting)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        file = str(journal)
+        return JournalStorage(JournalFileBackend(file, lock_obj=JournalFileOpenLock(file)))
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    if setting.startswith("sqlite:///"):
+        path = setting.removeprefix("sqlite:///").split("?", 1)[0]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
+        return optuna.storages.RDBStorage(setting, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S)
 
 
 def build_pruner(params: Params) -> optuna.pruners.BasePruner:
@@ -377,7 +400,7 @@ def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any
         for tuned in ("train.lr", "augment.strength", "train.epochs"):  # set per trial, not from here
             base.pop(tuned, None)
         tune_params = {f"tune.{k}": v for k, v in cfg.model_dump().items()}
-        tune_params["tune.storage"] = _safe_url(cfg.storage)
+        tune_params["tune.storage"] = _safe_storage(cfg.storage)
         mlflow.log_params(base | tune_params | {"n_trials": n_trials})
         mlflow.set_tags({
             "backbone": cfg.backbone, "protocol": protocol, "data_hash": data_hash(), "git_commit": git_commit(),
@@ -452,7 +475,7 @@ def _summary(study: optuna.Study, params: Params, trials_run: int, run_id: str |
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     cfg = params.tune
     return StudySummary(
-        study_name=cfg.study_name, storage=_safe_url(cfg.storage), backbone=cfg.backbone, epochs=cfg.epochs,
+        study_name=cfg.study_name, storage=_safe_storage(cfg.storage), backbone=cfg.backbone, epochs=cfg.epochs,
         best_trial=best.number if best else None, best_value=float(best.value) if best else None,
         best_params={k: float(v) for k, v in best.params.items()} if best else {},
         trials_run=trials_run, states=states, parent_run_id=run_id, seconds=time.perf_counter() - started,
@@ -502,8 +525,11 @@ def _check_ranges(params: Params, n_trials: int) -> None:
         raise CnmcError(f"tune.strength_min ({cfg.strength_min:g}) is above tune.strength_max ({cfg.strength_max:g})")
 
 
-def _safe_url(url: str) -> str:
-    """The storage URL with any password masked (it goes into logs, MLflow and tuned.yaml)."""
+def _safe_storage(url: str) -> str:
+    """``tune.storage`` as logs, MLflow and tuned.yaml show it: a journal path as given, an RDB URL
+    with any password masked."""
+    if journal_path(url) is not None:
+        return url
     try:
         from sqlalchemy.engine import make_url
 
