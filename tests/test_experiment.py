@@ -250,7 +250,8 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
     run = MlflowClient(tracking_uri=mlflow_db).get_run(document["run_id"])
     assert run.data.tags["validation_can_judge"] == "false" and run.data.metrics["threshold"] == 0.5
     assert "final_val_f1_macro" in run.data.metrics
-    assert _threshold_note(MetricsDocument.model_validate(document)).startswith("**Nothing was fitted on validation** (validation holds")
+    note = _threshold_note(MetricsDocument.model_validate(document))
+    assert note.startswith("**Nothing was fitted on validation** (validation holds")
 
 
 @pytest.mark.parametrize(
