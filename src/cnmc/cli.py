@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def setting(p: argparse.ArgumentParser, flag: str, key: str, **kwargs: object) -> None:
         """A flag people type daily, shorthand for ``--set KEY=VALUE`` (an empty value keeps the file's)."""
-        p.add_argument(flag, dest=SETTING_PREFIX + key, metavar=kwargs.pop("metavar", "VALUE"),
-                       help=f"override {key} (same as --set {key}=VALUE)", **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("metavar", "VALUE")
+        p.add_argument(flag, dest=SETTING_PREFIX + key, help=f"override {key} (same as --set {key}=VALUE)",
+                       **kwargs)  # type: ignore[arg-type]
 
     def add_model(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model URI (default: models:/<promote.model_name>@<promote.alias> of --params)")

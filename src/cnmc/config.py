@@ -21,7 +21,7 @@ from cnmc.metrics_registry import SCALAR_METRICS
 
 PARAMS_FILE = "params.yaml"
 # Marks a setting that changes how fast a stage runs, never what it produces: DVC does not rerun for it.
-RUNTIME_ONLY = {"runtime_only": True}
+RUNTIME_ONLY: dict[str, Any] = {"runtime_only": True}
 PROFILES = ("demo", "paper")
 JOURNAL_PREFIX = "journal:"  # tune.storage = journal:PATH names an Optuna journal file
 _RDB_URL = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # SQLAlchemy's dialect[+driver]://...
@@ -96,8 +96,15 @@ class PromoteConfig(_Section):
     rank_on: Literal["val", "test"] = Field(
         "val", description="split whose metrics rank the runs (val: test stays unseen by the choice)"
     )
-    metric: Literal[SCALAR_METRICS] = Field("f1_macro", description="metric to maximise (at the reported threshold)")
-    tie_breaker: Literal[SCALAR_METRICS] = Field("roc_auc", description="second metric for ties")
+    metric: str = Field("f1_macro", description="metric to maximise (at the reported threshold)")
+    tie_breaker: str = Field("roc_auc", description="second metric for ties")
+
+    @field_validator("metric", "tie_breaker")
+    @classmethod
+    def _a_registered_metric(cls, name: str) -> str:
+        if name not in SCALAR_METRICS:
+            raise ValueError(f"{name!r} is not a metric; choose one of {', '.join(SCALAR_METRICS)}")
+        return name
 
     @property
     def model_uri(self) -> str:

@@ -60,7 +60,7 @@ def target_layer(model: torch.nn.Module) -> torch.nn.Module:
         return layer4[-1]
     if isinstance(getattr(model, "conv_head", None), torch.nn.Conv2d) and hasattr(model, "blocks"):
         bn2 = getattr(model, "bn2", None)
-        return bn2 if isinstance(bn2, torch.nn.Module) else model.conv_head
+        return bn2 if isinstance(bn2, torch.nn.Module) else model.conv_head  # type: ignore[return-value]
     raise CnmcError(
         f"Grad-CAM: no target layer known for {type(model).__name__} (supported: timm ResNets, whose "
         "last block is model.layer4[-1], and timm EfficientNets, whose head is model.conv_head/bn2)"
@@ -213,7 +213,7 @@ def select_examples(
         raise ValueError("index needs a 'label' (all/hem) or 'target' (1/0) column")
     predicted = (probs >= threshold).astype(np.int64)
     rng = np.random.default_rng(seed)
-    chosen = []
+    chosen: list[dict[str, Any]] = []
     for label, correct in GROUPS:
         mask = (truth == (1 if label == "all" else 0)) & ((predicted == truth) == correct)
         rows = np.flatnonzero(mask)

@@ -10,6 +10,9 @@ model that already separates the classes as well as the frozen features allow.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -21,25 +24,28 @@ PROBE_C = 1.0  # inverse L2 strength of the probe (sklearn's default; pooled fea
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, batches: object, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logit features (N, D) and targets (N,) of every batch, the model in eval mode."""
     model.eval()
     feats, targets = [], []
-    for images, target in batches:  # type: ignore[attr-defined]
-        x = model.forward_features(images.to(device))
-        feats.append(model.forward_head(x, pre_logits=True).float().cpu().numpy())
+    timm_model: Any = model  # timm's forward_features / forward_head
+    for images, target in batches:
+        x = timm_model.forward_features(images.to(device))
+        feats.append(timm_model.forward_head(x, pre_logits=True).float().cpu().numpy())
         targets.append(target.numpy())
     return np.concatenate(feats), np.concatenate(targets)
 
 
 @torch.no_grad()
-def fit_probe_head(model: nn.Module, batches: object, device: torch.device, seed: int) -> float:
+def fit_probe_head(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int
+) -> float:
     """Set ``model``'s 2-class linear head to a logistic regression on its frozen features.
 
     The two logits are ``-z/2`` and ``z/2`` with ``z`` the probe's decision function, so the
     softmax of the head equals the probe's probability. Returns the probe's training accuracy.
     """
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # timm's
     if not isinstance(head, nn.Linear) or head.out_features != 2:
         raise CnmcError(f"head_init linear_probe needs a 2-class linear head, the model has {head}")
     x, y = pooled_features(model, batches, device)

@@ -100,7 +100,7 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
     expanded (``**`` recurses), its folders like folders.
     """
     found: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[object] = set()
     inputs = list(inputs)
     if not inputs:
         raise CnmcError("no input: give image files, folders or glob patterns")

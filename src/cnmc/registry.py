@@ -139,9 +139,9 @@ def _best_candidate(client: MlflowClient, cfg: PromoteConfig, protocol: str, dat
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise CnmcError(f"no experiment {experiment!r} in this MLflow store: {todo}")
-    for value, what in ((protocol, "protocol"), (data_hash, "data hash")):
-        if "'" in value:
-            raise CnmcError(f"{what} {value!r}: quotes are not allowed")
+    for text, what in ((protocol, "protocol"), (data_hash, "data hash")):
+        if "'" in text:
+            raise CnmcError(f"{what} {text!r}: quotes are not allowed")
     runs = _search_runs(client, found.experiment_id,
                         f"tags.protocol = '{protocol}' and tags.data_hash = '{data_hash}' "
                         "and attributes.status = 'FINISHED'")
@@ -150,11 +150,11 @@ def _best_candidate(client: MlflowClient, cfg: PromoteConfig, protocol: str, dat
     candidates = []
     for run in runs:
         value = run.data.metrics.get(metric)
-        model = models.get(run.info.run_id)
-        if value is None or math.isnan(value) or model is None:
+        logged = models.get(run.info.run_id)
+        if value is None or math.isnan(value) or logged is None:
             continue
         tie_value = run.data.metrics.get(tie, -math.inf)
-        candidates.append(_Candidate(run, model, value, -math.inf if math.isnan(tie_value) else tie_value))
+        candidates.append(_Candidate(run, logged, value, -math.inf if math.isnan(tie_value) else tie_value))
     if not candidates:
         raise CnmcError(
             f"experiment {experiment!r} has no finished run with metric {metric!r} and a logged model "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.pyfunc import PythonModel, PythonModelContext
 import numpy as np
 import pandas as pd
 import torch
@@ -108,10 +109,10 @@ def value_bytes(value: Any, row: int = 0) -> bytes:
     return data
 
 
-class LeukemiaClassifier(mlflow.pyfunc.PythonModel):
+class LeukemiaClassifier(PythonModel):
     """ALL-vs-Hem classifier over encoded images; weights and spec are MLflow artifacts."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         from cnmc.models.backbones import create_backbone
 
         self.spec = ModelSpec.load(Path(context.artifacts["spec"]))

@@ -423,8 +423,9 @@ def _log_study(study: optuna.Study, summary: StudySummary) -> None:
         mlflow.set_tag("best_trial", "none")
         log.warning("study '%s': no completed trial yet, nothing to report as best", summary.study_name)
         return
-    mlflow.log_metrics({"best_lr": summary.best_lr, "best_strength": summary.best_strength,
-                        "best_val_f1_macro": summary.best_value, "best_trial": summary.best_trial})
+    best = {"best_lr": summary.best_lr, "best_strength": summary.best_strength,
+            "best_val_f1_macro": summary.best_value, "best_trial": summary.best_trial}
+    mlflow.log_metrics({k: float(v) for k, v in best.items() if v is not None})
     mlflow.set_tag("best_trial", str(summary.best_trial))
     mlflow.log_text(render_tuned_params(summary), "tuned.yaml")
     mlflow.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
@@ -476,7 +477,7 @@ def _summary(study: optuna.Study, params: Params, trials_run: int, run_id: str |
     cfg = params.tune
     return StudySummary(
         study_name=cfg.study_name, storage=_safe_storage(cfg.storage), backbone=cfg.backbone, epochs=cfg.epochs,
-        best_trial=best.number if best else None, best_value=float(best.value) if best else None,
+        best_trial=best.number if best else None, best_value=float(best.value) if best and best.value is not None else None,
         best_params={k: float(v) for k, v in best.params.items()} if best else {},
         trials_run=trials_run, states=states, parent_run_id=run_id, seconds=time.perf_counter() - started,
     )

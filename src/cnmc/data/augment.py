@@ -425,14 +425,14 @@ def write_preview(train_dir: Path, preview_path: Path, cfg: AugmentConfig, seed:
     by_class: list[list[int]] = []
     for label in LABELS:
         rows = np.flatnonzero(((index["label"] == label) & (augmented == 0)).to_numpy())
-        rows = _rng(seed, _TAG_PREVIEW, TARGETS[label]).permutation(rows)
-        rows = rows[np.argsort(-n_aug[rows], kind="stable")]  # originals with stored copies first
-        by_class.append([int(r) for r in rows])
+        shuffled = _rng(seed, _TAG_PREVIEW, TARGETS[label]).permutation(rows)
+        shuffled = shuffled[np.argsort(-n_aug[shuffled], kind="stable")]  # originals with stored copies first
+        by_class.append([int(r) for r in shuffled])
     chosen: list[int] = []
     while len(chosen) < cfg.preview_images and any(by_class):
-        for rows in by_class:
-            if rows and len(chosen) < cfg.preview_images:
-                chosen.append(rows.pop(0))
+        for queue in by_class:
+            if queue and len(chosen) < cfg.preview_images:
+                chosen.append(queue.pop(0))
 
     transform = paper_transform(cfg.image_size, cfg.strength)
     ncols = 1 + PREVIEW_AUGMENTATIONS

@@ -256,7 +256,10 @@ def plan_files(layout: Layout) -> tuple[list[Candidate], list[Exclusion]]:
         if group is not None and group.source == "prelim":
             prelim_names.add(path.name.lower())
         outcome = _plan_file(path, group, layout.root, labels)
-        (candidates if isinstance(outcome, Candidate) else excluded).append(outcome)
+        if isinstance(outcome, Candidate):
+            candidates.append(outcome)
+        else:
+            excluded.append(outcome)
     excluded += _missing_prelim(layout, labels, prelim_names)
     candidates, repeated = _list_once(candidates)
     return candidates, excluded + repeated
@@ -423,7 +426,9 @@ def _missing_prelim(
 ) -> list[Exclusion]:
     """Labels CSV rows without their image."""
     prelim = layout.prelim_dir
-    missing = sorted(set(labels) - seen) if prelim else []
+    if prelim is None:
+        return []
+    missing = sorted(set(labels) - seen)
     return [
         Exclusion((prelim / new).as_posix(), f"listed in {LABELS_CSV} but the file is missing")
         for new in missing

@@ -206,9 +206,10 @@ class ImageStore:
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows must be in [0, {len(self)}), got {rows.min()}..{rows.max()}")
         if transform_mask is not None:
-            mask: np.ndarray | None = np.asarray(transform_mask, dtype=bool)
-            if mask.shape != rows.shape:
-                raise ValueError(f"transform_mask has shape {mask.shape}, rows {rows.shape}")
+            given = np.asarray(transform_mask, dtype=bool)
+            if given.shape != rows.shape:
+                raise ValueError(f"transform_mask has shape {given.shape}, rows {rows.shape}")
+            mask: np.ndarray | None = given
         else:
             mask = None if self.transform_mask is None else self.transform_mask[rows]
         view = copy.copy(self)  # shallow: the memmap is shared
@@ -385,7 +386,7 @@ def batch_loader(
     """
     if shuffle:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        sampler = RandomSampler(dataset, generator=generator)
+        sampler: RandomSampler | SequentialSampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(

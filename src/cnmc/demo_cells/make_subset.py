@@ -94,7 +94,9 @@ def write_subset(source: Path, out: Path) -> None:
     rows = []
     for number, path in enumerate(order, start=1):
         shutil.copyfile(path, out / PRELIM / f"{number}.png")
-        rows.append((path.name, f"{number}.png", 1 if NAME.match(path.name).group(4).lower() == "all" else 0))
+        match = NAME.match(path.name)
+        assert match is not None  # the subset was chosen by this pattern
+        rows.append((path.name, f"{number}.png", 1 if match.group(4).lower() == "all" else 0))
     with open(out / LABELS, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(("Patient_ID", "new_names", "labels"))

@@ -51,7 +51,7 @@ def create_backbone(
     """Build ``name`` with a new ``num_classes`` head; CnmcError if its weights can't be had."""
     if name not in SUPPORTED:
         raise CnmcError(f"unknown backbone {name!r}: choose one of {', '.join(SUPPORTED)}")
-    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
     if not pretrained:
         if weights_path:
             raise CnmcError(f"weights_path {weights_path} is set but pretrained is false: drop one")
@@ -67,7 +67,7 @@ def create_backbone(
     else:
         model, weights = _from_hub(name, num_classes), "hub"
     config = timm.data.resolve_data_config({}, model=model)
-    mean, std = norm if norm else (tuple(config["mean"]), tuple(config["std"]))
+    mean, std = norm if norm else (_rgb(config["mean"]), _rgb(config["std"]))
     return Backbone(
         model=model,
         name=name,
@@ -76,6 +76,12 @@ def create_backbone(
         input_size=int(config["input_size"][-1]),
         weights=weights,
     )
+
+
+def _rgb(values: object) -> tuple[float, float, float]:
+    """timm's per-channel mean or std as the three floats a Backbone holds."""
+    red, green, blue = (float(v) for v in values)  # type: ignore[attr-defined]
+    return red, green, blue
 
 
 def _from_file(name: str, path: Path, num_classes: int) -> torch.nn.Module:
@@ -102,7 +108,7 @@ def _from_file(name: str, path: Path, num_classes: int) -> torch.nn.Module:
         raise CnmcError(f"weights file {path} does not fit {name}: {_one_line(exc)}") from exc
     # timm drops a head of another size and then loads non-strictly, so a file with foreign key
     # names would leave the backbone random without a word.
-    head = model.pretrained_cfg["classifier"]
+    head = model.pretrained_cfg["classifier"]  # type: ignore[index]  # timm's dict
     heads = (head,) if isinstance(head, str) else tuple(head)
     missing = [
         key

@@ -88,5 +88,5 @@ def load_imagenet(name: str, num_classes: int = IMAGENET_CLASSES) -> torch.nn.Mo
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(map_state_dict(name, state, model.state_dict()))
     if num_classes != IMAGENET_CLASSES:
-        model.reset_classifier(num_classes)
+        model.reset_classifier(num_classes)  # type: ignore[operator]  # timm's
     return model
