@@ -37,11 +37,9 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check src tests bench
 
-# Serve the registered champion over HTTP on 127.0.0.1:$(PORT) (uvicorn must be on PATH: it is, here).
+# Serve the registered champion (params.yaml: promote) over HTTP on 127.0.0.1:$(PORT) (README: serving).
 serve: install
-	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/mlflow models serve \
-		-m "$$($(BIN)/python -c 'from cnmc.config import load_params; print(load_params().promote.model_uri)')" \
-		--env-manager local --host 127.0.0.1 -p $(PORT)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/cnmc serve --port $(PORT)
 
 # The MLflow UI on the project's runs: open http://127.0.0.1:$(UI_PORT) (README: comparing backbones).
 ui: install

@@ -1,4 +1,7 @@
-"""Serving latency and throughput: ``mlflow models serve`` over HTTP vs the pyfunc in process.
+"""Serving latency and throughput: ``cnmc serve`` (or ``mlflow models serve``) over HTTP vs the pyfunc in process.
+
+``--server mlflow`` measures MLflow's own server instead of ``cnmc serve`` (the same scoring app,
+without our guard and limits), so the two runs show what the guard costs.
 
 Goal measured: HTTP p50 latency for one 450x450 BMP (base64 in ``dataframe_split``) at most 2x
 the in-process ``pyfunc.predict`` p50 of the same request, i.e. the scoring server (JSON parse,
@@ -17,7 +20,7 @@ the server is measured while the in-process model is idle and vice versa. The se
 stopped at the end, whatever happens.
 
 Run (from the project root):
-    .venv/bin/python bench/bench_serving.py [--backbone test_resnet] [--requests 200] [--model URI]
+    .venv/bin/python bench/bench_serving.py [--server cnmc|mlflow] [--backbone test_resnet] [--model URI]
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ import torch
 from _samples import sample_bmps  # bench/ is on sys.path when a script here runs
 from PIL import Image
 
-from cnmc import local_server
-
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the server-process helper the tests use
+import local_server  # noqa: E402
+
+SERVERS = {"cnmc": ("cnmc serve", local_server.cnmc_serve),
+           "mlflow": ("mlflow models serve", local_server.mlflow_serve)}
 
 
 def sample_bmp(tmp: Path) -> tuple[bytes, str]:
@@ -77,21 +82,17 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     (tmp / "example.bmp").write_bytes(example)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("bench-serving", artifact_location=(tmp / "mlruns").as_uri())  # not ./mlruns
     mlflow.set_experiment("bench-serving")
     with mlflow.start_run():
         info = log_pyfunc(model_dir / "weights.pt", model_dir / "model.json", tmp / "example.bmp")
     return uri, info.model_uri
 
 
-def start_server(model_uri: str, tracking_uri: str | None, port: int, threads: int, cwd: Path,
+def start_server(server: str, model_uri: str, tracking_uri: str | None, port: int, threads: int, cwd: Path,
                  log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    return local_server.start(command, cwd, env, log)
+    command = SERVERS[server][1](model_uri, port)
+    return local_server.start(command, cwd, local_server.serving_env(tracking_uri, threads), log)
 
 
 class Client:
@@ -165,6 +166,7 @@ def load_test(port: int, body: bytes, clients: int, requests: int, max_seconds: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", choices=sorted(SERVERS), default="cnmc", help="server to measure (default cnmc)")
     parser.add_argument("--model", help="serve this model URI (default: log a random-weight one)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0",
                         help="backbone of the logged random model (default tf_efficientnet_lite0)")
@@ -200,14 +202,16 @@ def main() -> None:
                     f"logged in {time.perf_counter() - t0:.1f} s")
         port = local_server.free_port()
         log = tmp / "server.log"
-        proc = start_server(model_uri, tracking_uri, port, args.threads, tmp, log)
+        proc = start_server(args.server, model_uri, tracking_uri, port, args.threads, tmp, log)
+        server = SERVERS[args.server][0]
+        http_row = f"HTTP ({server})"
         try:
             up = local_server.wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
             model = mlflow.pyfunc.load_model(model_uri)
             pyfunc = model.unwrap_python_model()
             spec, net = pyfunc.spec, pyfunc.model
             print(f"image: {what} ({len(image):,} bytes); model: {made}")
-            print(f"server: mlflow models serve on 127.0.0.1:{port}, up in {up:.1f} s; "
+            print(f"server: {server} on 127.0.0.1:{port}, up in {up:.1f} s; "
                   f"torch threads {args.threads}; cpus {os.cpu_count()}")
 
             b64 = base64.b64encode(image).decode("ascii")
@@ -241,7 +245,7 @@ def main() -> None:
             with torch.no_grad():
                 n = args.latency_samples
                 rows = {
-                    "HTTP (mlflow models serve)": latencies(http_one, n),
+                    http_row: latencies(http_one, n),
                     "pyfunc.predict in process": latencies(lambda: model.predict(frame), n),
                     "bare model forward": latencies(lambda: net(tensor), n),
                 }
@@ -256,7 +260,7 @@ def main() -> None:
             print(f"\nlatency, one image ({n} sequential requests after 3 warm-up):")
             for name, ms in rows.items():
                 print(f"  {name:30s} {pct(ms)}")
-            ratio = np.percentile(rows["HTTP (mlflow models serve)"], 50) / np.percentile(
+            ratio = np.percentile(rows[http_row], 50) / np.percentile(
                 rows["pyfunc.predict in process"], 50)
             verdict = "met" if ratio <= 2.0 else "NOT met"
             print(f"  HTTP p50 / in-process predict p50 = {ratio:.2f}x (goal <= 2x: {verdict})")

@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny prepared image store (made once per session through the real
-pipeline functions) and a temporary SQLite MLflow store (migrated once, copied per test)."""
+pipeline functions), a temporary SQLite MLflow store (migrated once, copied per test), tiny
+tracked runs, and the champion among them served by ``cnmc serve`` and ``mlflow models serve``
+(each started once a session, when a test first asks for it)."""
 
 from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,3 +215,95 @@ def tiny_runs(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pyte
     """``tiny_runs("test_resnet")``: a finished tiny run of that backbone (trained on first use),
     all in one temporary SQLite store (``tiny_runs.tracking_uri``) under ``tiny_runs.work``."""
     return TinyRuns(tiny_store, mlflow_db_template, tmp_path_factory.mktemp("tiny-runs"))
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The tiny ``test_resnet`` run, registered and given the ``champion`` alias by ``cnmc promote``'s
+    own :func:`cnmc.registry.promote`, in the ``tiny_runs`` store."""
+
+    tracking_uri: str
+    name: str
+    version: str
+    run_id: str
+    backbone: str
+    data_hash: str
+    threshold: float
+    temperature: float
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}@champion"
+
+
+@pytest.fixture(scope="session")
+def champion(tiny_runs: TinyRuns) -> Champion:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cnmc.config import PromoteConfig
+    from cnmc.registry import promote
+
+    run = tiny_runs("test_resnet")
+    client = MlflowClient(tracking_uri=run.tracking_uri)
+    tags = client.get_run(run.run_id).data.tags
+    with pytest.MonkeyPatch.context() as mp:  # the registry store looks the logged model up globally
+        mp.setenv("MLFLOW_TRACKING_URI", run.tracking_uri)
+        try:
+            result = promote(PromoteConfig(), tags["protocol"], tags["data_hash"], client=client)
+        finally:
+            mlflow.set_tracking_uri(None)
+    version = client.get_model_version(result.name, result.version)
+    metrics = client.get_run(result.run_id).data.metrics
+    return Champion(run.tracking_uri, result.name, result.version, result.run_id, result.backbone, result.data_hash,
+                    float(version.tags["threshold"]), metrics["temperature"])
+
+
+# The limits of the session's `cnmc serve` (small, so that the tests of them send little).
+SERVED_MAX_BATCH = 8
+SERVED_MAX_BODY_MB = 8
+
+
+@dataclass(frozen=True)
+class Server:
+    """A model server subprocess serving the champion: base URL, the champion's threshold, its log."""
+
+    url: str
+    threshold: float
+    log: Path
+
+
+def _run_server(command: Callable[[str, int], list[str]], champion: Champion, work: Path) -> Iterator[Server]:
+    """Start ``command(model_uri, port)`` for the champion on a free port; stop it afterwards."""
+    import local_server
+
+    port = local_server.free_port()
+    log = work / "server.log"
+    proc = local_server.start(command(champion.model_uri, port), work,
+                              local_server.serving_env(champion.tracking_uri), log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        local_server.wait_until_up(f"{url}/ping", proc, log)
+        yield Server(url, champion.threshold, log)
+    finally:
+        local_server.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def cnmc_server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``cnmc serve`` of the champion, with small limits (``SERVED_MAX_BATCH``, ``SERVED_MAX_BODY_MB``)."""
+    import local_server
+
+    def command(model_uri: str, port: int) -> list[str]:
+        return local_server.cnmc_serve(model_uri, port, "--max-batch", str(SERVED_MAX_BATCH),
+                                       "--max-body-mb", str(SERVED_MAX_BODY_MB))
+
+    yield from _run_server(command, champion, tmp_path_factory.mktemp("cnmc-serve"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``mlflow models serve`` of the champion (one worker), as ``make serve`` ran it before ``cnmc serve``."""
+    import local_server
+
+    yield from _run_server(local_server.mlflow_serve, champion, tmp_path_factory.mktemp("mlflow-serve"))

@@ -50,3 +50,11 @@ def test_real_cells_bench_help_and_skip_without_data(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "skipped:" in proc.stdout, proc.stderr
     proc = _run("bench_cnmc_real.py", "--variants", "lite9")
     assert proc.returncode == 2 and "unknown variants" in proc.stderr
+
+
+def test_serving_bench_help() -> None:
+    """It imports the tests' server helper (``tests/local_server.py``) and offers both servers."""
+    proc = _run("bench_serving.py", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--server", "--model", "--clients", "--requests"):
+        assert flag in proc.stdout

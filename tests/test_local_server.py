@@ -1,4 +1,4 @@
-"""cnmc.local_server on a real child server (python -m http.server) and on one that dies."""
+"""local_server on a real child server (python -m http.server) and on one that dies."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import local_server
 import pytest
-
-from cnmc import local_server
 
 
 def test_start_wait_and_stop_a_real_server(tmp_path: Path) -> None:

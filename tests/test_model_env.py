@@ -12,7 +12,8 @@ def test_the_closure_is_the_serving_code_and_not_the_project() -> None:
     files, external = code_closure(ENTRY)
     names = {path.relative_to(PACKAGE_DIR).as_posix() for path in files}
     assert {"__init__.py", "serving.py", "tta.py", "models/backbones.py", "data/images.py"} <= names
-    for unwanted in ("local_server.py", "cli.py", "train.py", "tune.py", "explain.py", "data/manifest.py"):
+    for unwanted in ("http_server.py", "http_guard.py", "cli.py", "train.py", "tune.py", "explain.py",
+                     "data/manifest.py"):
         assert unwanted not in names, unwanted
     assert not any(name.startswith("demo_cells") for name in names)
     assert {"torch", "timm", "mlflow", "PIL"} <= external and "optuna" not in external

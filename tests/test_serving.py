@@ -1,7 +1,9 @@
-"""The served model over HTTP: a real ``mlflow models serve`` (one per module) for a tiny run's
-pyfunc takes base64 image bytes as ``dataframe_split``, ``dataframe_records`` or ``inputs`` and
-answers every bad input with a 4xx JSON message naming the problem (never a stack trace), then
-goes on serving. The decode path behind those messages is also checked in process (fast)."""
+"""The served model over HTTP: real ``mlflow models serve`` and ``cnmc serve`` processes (one of each
+a session, ``conftest.py``) for the tiny champion take base64 image bytes as ``dataframe_split``,
+``dataframe_records`` or ``inputs``, answer every bad input with a 4xx JSON message naming the
+problem (never a stack trace), then go on serving; on good requests ``cnmc serve`` answers byte for
+byte what ``mlflow models serve`` answers. The decode path behind those messages is also checked in
+process (fast). What only ``cnmc serve`` does is in ``test_http_server.py``."""
 
 from __future__ import annotations
 
@@ -12,33 +14,24 @@ import json
 import os
 import pickle
 import re
-import shutil
 import struct
-import sys
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_params
+from conftest import Server
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from cnmc import local_server
 from cnmc.data.images import MAX_PIXELS
-from cnmc.experiment import train_and_log
 from cnmc.model_spec import ModelSpec
-from cnmc.runs import RunPaths
 from cnmc.serving import InvalidInput, LeukemiaClassifier, decode_base64_images
 
-BIN = Path(sys.executable).parent
 BACKBONE = "test_resnet"
 
 
@@ -237,59 +230,30 @@ def test_unexpected_decode_errors_become_invalid_input(
         decode_base64_images([b64(good_bmp)], 32)
 
 
-# -- over HTTP: one real `mlflow models serve` per module ----------------------------------------
-@dataclass(frozen=True)
-class Server:
-    url: str
-    threshold: float
-    log: Path
+# -- over HTTP: the same contract from `mlflow models serve` and `cnmc serve` (one of each a session) --
+@pytest.fixture(scope="module", params=["mlflow_server", "cnmc_server"])
+def server(request: pytest.FixtureRequest) -> Server:
+    """Each HTTP contract test runs against both servers of the champion."""
+    return request.getfixturevalue(request.param)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A one-epoch run's pyfunc served by ``mlflow models serve`` on a free loopback port."""
-    work = tmp_path_factory.mktemp("serving")
-    root = Path(shutil.copytree(tiny_store, work / "outputs"))
-    db = work / "mlflow.db"
-    shutil.copyfile(mlflow_db_template, db)
-    uri = f"sqlite:///{db}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(work)
-        try:
-            document = train_and_log(tiny_params(), BACKBONE, RunPaths(root, BACKBONE), progress=False)
-        finally:
-            mlflow.set_tracking_uri(None)
-
-    port = local_server.free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri,
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    log = work / "server.log"
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{document.run_id}/model",
-               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    proc = local_server.start(command, work, env, log)
+def send(url: str, body: bytes, content_type: str) -> tuple[int, str, bytes]:
+    """POST ``body`` to ``url``'s ``/invocations``: status, Content-Type and the answer's bytes."""
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": content_type})
     try:
-        url = f"http://127.0.0.1:{port}"
-        local_server.wait_until_up(f"{url}/ping", proc, log)
-        yield Server(url, document.threshold, log)
-    finally:
-        local_server.stop(proc)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
 
 
 def post(server: Server, body: Any, content_type: str = "application/json") -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{server.url}/invocations", data=data,
-                                     headers={"Content-Type": content_type})
+    status, _, answer = send(server.url, data, content_type)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        text = error.read().decode()
-        try:
-            return error.code, json.loads(text)
-        except json.JSONDecodeError:
-            return error.code, text
+        return status, json.loads(answer)
+    except json.JSONDecodeError:
+        return status, answer.decode()
 
 
 def assert_predictions(server: Server, status: int, body: Any, n: int) -> list[dict[str, Any]]:
@@ -369,3 +333,35 @@ def test_served_model_logs_no_traceback_for_bad_input(server: Server) -> None:
     log = server.log.read_text()
     assert "Exception in ASGI application" not in log
     assert "Internal Server Error" not in log
+
+
+def good_requests(good_bmp: bytes) -> dict[str, tuple[bytes, str]]:
+    """name -> (body, Content-Type): every request format MLflow's server takes, one real-size cell."""
+    image = cell_image()
+    values = [b64(good_bmp), b64(encoded(image, "PNG")), b64(encoded(image, "JPEG")),
+              b64(encoded(cell_image(seed=1, size=450), "BMP"))]
+    split = {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
+    frame = pd.DataFrame({"image": values})
+    as_json = {
+        "dataframe_split": split,
+        "dataframe_records": {"dataframe_records": [{"image": v} for v in values]},
+        "inputs": {"inputs": values},
+        "instances": {"instances": values[:2]},
+        "tta": {**split, "params": {"tta": True}},
+    }
+    requests = {name: (json.dumps(body).encode(), "application/json") for name, body in as_json.items()}
+    requests["charset"] = (requests["inputs"][0], "application/json; charset=UTF-8")
+    requests["csv"] = (frame.to_csv(index=False).encode(), "text/csv")
+    requests["parquet"] = (frame.to_parquet(), "application/vnd.apache.parquet")
+    return requests
+
+
+@pytest.mark.slow
+def test_cnmc_serve_answers_good_requests_byte_for_byte_like_mlflow_models_serve(
+    mlflow_server: Server, cnmc_server: Server, good_bmp: bytes
+) -> None:
+    for name, (body, content_type) in good_requests(good_bmp).items():
+        theirs = send(mlflow_server.url, body, content_type)
+        ours = send(cnmc_server.url, body, content_type)
+        assert theirs[0] == 200, (name, theirs[2][:300])
+        assert ours == theirs, (name, ours[2][:300], theirs[2][:300])

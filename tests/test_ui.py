@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import local_server
 import pytest
-
-from cnmc import local_server
 
 BIN = Path(sys.executable).parent
 BACKBONES = ("test_resnet", "test_efficientnet")

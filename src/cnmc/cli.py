@@ -47,6 +47,19 @@ def _params(args: argparse.Namespace) -> Params:
     return apply_overrides(params, shorthand + list(args.set or []))
 
 
+def _positive(convert: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type for a number above zero."""
+
+    def parse(text: str) -> float:
+        value = convert(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
 def _model_uri(args: argparse.Namespace) -> str:
     """``--model``, else the registered alias that ``params.yaml: promote`` names."""
     return args.model or _params(args).promote.model_uri
@@ -154,6 +167,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     summary = predict_paths(_model_uri(args), args.inputs, Path(args.output), batch_size=args.batch_size,
                             progress=not args.quiet)
     print(summary.line())
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cnmc.http_server import serve
+
+    serve(_model_uri(args), args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -293,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="predictions.csv", help="output CSV (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = add("serve", cmd_serve, "Serve a model (default: the champion) over HTTP: MLflow's scoring app, with "
+            "JSON errors, request limits and GET /info (README: serving).")
+    add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
+    p.add_argument("--max-batch", type=_positive(int), default=64,
+                   help="images per request; more is refused with 413 (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=_positive(float), default=64.0,
+                   help="request body limit in MiB; larger is refused with 413 (default: %(default)s)")
 
     p = add("tune", cmd_tune, "Tune learning rate and augmentation strength with Optuna (validation macro F1).")
     add_params(p)

@@ -5,10 +5,11 @@ A client sends encoded image bytes (base64 in a column ``image``) and gets back 
 images took (:func:`cnmc.data.images.open_rgb`, then the stage's resize and normalisation),
 so served and evaluated predictions agree.
 
-Serving (``mlflow models serve -m <uri> --env-manager local``): the signature has one string
-column ``image``, so a request is ``{"dataframe_split": {"columns": ["image"], "data": [[b64]]}}``,
-``{"dataframe_records": [{"image": b64}]}`` or ``{"inputs": [b64, ...]}`` (MLflow's server maps a
-plain JSON list onto the signature's single column). Every problem with a value (not base64, not
+Serving (``cnmc serve``, :mod:`cnmc.http_server`; or ``mlflow models serve -m <uri> --env-manager
+local``): the signature has one string column ``image``, so a request is ``{"dataframe_split":
+{"columns": ["image"], "data": [[b64]]}}``, ``{"dataframe_records": [{"image": b64}]}`` or
+``{"inputs": [b64, ...]}`` (MLflow's server maps a plain JSON list onto the signature's single
+column). Every problem with a value (not base64, not
 an image, empty, truncated, too large, not a string) raises :class:`InvalidInput`, which
 ``predict`` turns into ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with a message
 naming the row and the problem, never a stack trace. Values are only ever bytes: no request can
@@ -32,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.pyfunc import PythonModel, PythonModelContext
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.transforms import resize_transform

@@ -1,7 +1,8 @@
-"""A local HTTP server (``mlflow models serve``, ``mlflow server``) as a child process group:
-start it on a free loopback port, wait until it answers, stop it with all its workers.
+"""A local HTTP server (``cnmc serve``, ``mlflow models serve``, ``mlflow server``) as a child
+process group: start it on a free loopback port, wait until it answers, stop it with all its workers.
 
-The serving and UI tests and the serving benchmark drive real servers this way.
+The serving and UI tests and the serving benchmark drive real servers this way (the benchmark puts
+``tests/`` on ``sys.path`` for it); none of it is part of the product.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 LOG_TAIL = 3000  # characters of the server log quoted when it fails
+BIN = Path(sys.executable).parent
 
 
 class ServerDidNotStart(RuntimeError):
@@ -27,6 +30,28 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cnmc_serve(model_uri: str, port: int, *flags: str) -> list[str]:
+    """The command line of ``cnmc serve`` for ``model_uri`` on 127.0.0.1:``port``."""
+    return [sys.executable, "-m", "cnmc", "serve", "--model", model_uri, "--host", "127.0.0.1",
+            "--port", str(port), *flags]
+
+
+def mlflow_serve(model_uri: str, port: int) -> list[str]:
+    """The command line of ``mlflow models serve`` for ``model_uri`` on 127.0.0.1:``port`` (one worker)."""
+    return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+
+
+def serving_env(tracking_uri: str | None, threads: int = 1) -> dict[str, str]:
+    """The environment of a model server here: the venv's ``bin`` on ``PATH`` (``mlflow models
+    serve`` starts ``uvicorn`` from it), ``threads`` torch threads, no model hub, no progress bars."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
 
 
 def start(command: Sequence[str], cwd: Path, env: Mapping[str, str], log: Path) -> subprocess.Popen:

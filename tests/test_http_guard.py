@@ -1,0 +1,91 @@
+"""cnmc.http_guard in process, on toy ASGI apps (fast): good answers pass byte for byte, error
+answers and exceptions become small JSON, MLflow's echoes are cut out of messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from cnmc.http_guard import MESSAGE_LIMIT, HttpGuard, client_message, content_type_problem
+
+
+def run(app: Any, body: bytes = b"{}", path: str = "/invocations",
+        headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)) -> list[dict]:
+    """The messages ``HttpGuard(app)`` sends for one POST of ``body``."""
+    sent: list[dict] = []
+    events = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return events.pop(0) if events else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
+    asyncio.run(HttpGuard(app, max_body_bytes=1000)(scope, receive, send))
+    return sent
+
+
+def answering(status: int, body: bytes, content_type: bytes = b"application/json") -> Any:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def test_good_answers_pass_untouched() -> None:
+    sent = run(answering(200, b'{"predictions": []}'))
+    assert sent[0]["headers"] == [(b"content-type", b"application/json")]
+    assert sent[1]["body"] == b'{"predictions": []}'
+
+
+def test_error_answers_and_exceptions_become_small_json() -> None:
+    async def raising(scope: dict, receive: Any, send: Any) -> None:
+        raise RuntimeError("model exploded")
+
+    cases = [
+        (answering(415, b"The scoring server only supports UTF-8", b"text/plain"), 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (answering(404, b'{"detail":"Not Found"}'), 404, "NOT_FOUND"),
+        (answering(504, b"Request processing time exceeded limit"), 504, "GATEWAY_TIMEOUT"),
+        (answering(400, json.dumps({"error_code": "BAD_REQUEST", "message": "bad\nthing",
+                                    "stack_trace": "Traceback ..."}).encode()), 400, "BAD_REQUEST"),
+        (raising, 500, "INTERNAL_SERVER_ERROR"),
+    ]
+    for app, status, code in cases:
+        start, body = run(app)
+        assert start["status"] == status
+        answer = json.loads(body["body"])
+        assert set(answer) == {"error_code", "message"} and answer["error_code"] == code
+        assert "\n" not in answer["message"] and "model exploded" not in answer["message"]
+
+
+def test_bodies_over_the_limit_never_reach_the_app() -> None:
+    async def never(scope: dict, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was called")
+
+    start, body = run(never, body=b"x" * 1001)
+    assert start["status"] == 413 and json.loads(body["body"])["error_code"] == "REQUEST_ENTITY_TOO_LARGE"
+    start, _ = run(never, headers=((b"content-type", b"application/json"), (b"content-length", b"5000")))
+    assert start["status"] == 413
+
+
+def test_messages_lose_mlflows_echoes_and_stay_short() -> None:
+    data = "A" * 100_000
+    echo = f"Failed to predict data '{{'image': array(['{data}'])}}'. \nError: row 0: bad"
+    assert client_message(echo) == "row 0: bad"
+    assert client_message(f"Ensure that input is a valid JSON formatted string.\nInput: \n{data}\n") == (
+        "Ensure that input is a valid JSON formatted string.")
+    long = client_message("start " + data + " the end")
+    assert len(long) == MESSAGE_LIMIT and long.startswith("start A") and long.endswith("A the end")
+
+
+def test_content_types_follow_mlflows_rules() -> None:
+    for accepted in ("application/json", "application/json; charset=UTF-8", "text/csv",
+                     "application/vnd.apache.parquet"):
+        assert content_type_problem(accepted) is None, accepted
+    for refused in (None, "", "text/plain", "Application/JSON", "application/json; charset=latin-1",
+                    "application/json; format=pandas-split"):
+        assert content_type_problem(refused), refused
