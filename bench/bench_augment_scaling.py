@@ -105,9 +105,7 @@ def main() -> None:
         warm = tmp / "warm"
         make_splits(warm, {"train": {"all": 2, "hem": 2}, "val": {"all": 1, "hem": 1}})
         warm_cfg = AugmentConfig(image_size=32, per_class=4, workers=1, preview_images=1)
-        prepare_dataset(
-            warm / "splits", warm / "store", warm_cfg, 0, warm / "p.png", progress=False
-        )
+        prepare_dataset(warm / "splits", warm / "store", warm_cfg, 0, warm / "p.png", progress=False)
 
         seconds: dict[int, float] = {}
         cpu: dict[int, float] = {}
@@ -116,16 +114,11 @@ def main() -> None:
         for workers in (1, cores):
             out = tmp / f"store_w{workers}"
             start, cpu_start = time.perf_counter(), cpu_seconds()
-            summary = prepare_dataset(
-                splits, out, config(workers), args.seed, tmp / f"preview_w{workers}.png", False
-            )
+            summary = prepare_dataset(splits, out, config(workers), args.seed, tmp / f"preview_w{workers}.png", False)
             seconds[workers] = time.perf_counter() - start
             cpu[workers] = cpu_seconds() - cpu_start
             outputs[workers] = store_bytes(out)
-            print(
-                f"  workers={workers}: {seconds[workers]:6.2f} s wall, "
-                f"{cpu[workers]:6.2f} s CPU  {summary}"
-            )
+            print(f"  workers={workers}: {seconds[workers]:6.2f} s wall, {cpu[workers]:6.2f} s CPU  {summary}")
 
     assert outputs[1] == outputs[cores], "outputs differ between worker counts"
     train_imgs = args.per_class * 2

@@ -102,35 +102,52 @@ def fold_splits(labelled: pd.DataFrame, test_rows: np.ndarray, params: Params, p
     if protocol == "subject":
         return split_manifest(pool, params.split, params.seed, test_manifest=test)
     # The paper's protocol has no subjects: a stratified cell-level validation share of the pool.
-    train, val = train_test_split(pool, test_size=params.split.val_fraction, stratify=pool["label"],
-                                  random_state=params.seed)
-    tables = {name: t.sort_values("path").assign(split=name).reset_index(drop=True)
-              for name, t in (("train", train), ("val", val), ("test", test))}
+    train, val = train_test_split(
+        pool, test_size=params.split.val_fraction, stratify=pool["label"], random_state=params.seed
+    )
+    tables = {
+        name: t.sort_values("path").assign(split=name).reset_index(drop=True)
+        for name, t in (("train", train), ("val", val), ("test", test))
+    }
     return Splits("paper", tables)
 
 
-def run_fold(labelled: pd.DataFrame, name: str, variant: Variant, fold: int, test_rows: np.ndarray,
-             params: Params, out: Path) -> dict:
+def run_fold(
+    labelled: pd.DataFrame, name: str, variant: Variant, fold: int, test_rows: np.ndarray, params: Params, out: Path
+) -> dict:
     """Train and evaluate one (variant, fold) in its own work folder; return its result record."""
-    params = params.model_copy(update={
-        "train": params.train.model_copy(update={"pretrained": variant.pretrained}),
-        "split": params.split.model_copy(update={"protocol": variant.protocol}),
-    })
+    params = params.model_copy(
+        update={
+            "train": params.train.model_copy(update={"pretrained": variant.pretrained}),
+            "split": params.split.model_copy(update={"protocol": variant.protocol}),
+        }
+    )
     work = out / "work" / f"{name}-fold{fold}"
     shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
     splits = fold_splits(labelled, test_rows, params, variant.protocol)
     write_splits(splits, work / "splits", work / "split_report.json")
     print(f"  {name} fold {fold}: {splits.summary_line()}", flush=True)
-    prepare_dataset(work / "splits", work / "images", params.augment, params.seed,
-                    preview_path=work / "plots" / "augment_preview.png", progress=False)
+    prepare_dataset(
+        work / "splits",
+        work / "images",
+        params.augment,
+        params.seed,
+        preview_path=work / "plots" / "augment_preview.png",
+        progress=False,
+    )
     document = train_and_log(params, variant.backbone, RunPaths(work, variant.backbone), progress=False)
     predictions = pd.read_csv(RunPaths(work, variant.backbone).evaluation_dir / "predictions.csv")
     record = {
-        "variant": name, "fold": fold, "backbone": variant.backbone, "protocol": variant.protocol,
-        "pretrained": variant.pretrained, "threshold": document.threshold,
+        "variant": name,
+        "fold": fold,
+        "backbone": variant.backbone,
+        "protocol": variant.protocol,
+        "pretrained": variant.pretrained,
+        "threshold": document.threshold,
         "validation": document.validation.model_dump(),  # can_judge, counts and the metrics levers are chosen by
-        "best_epoch": document.best_epoch, "epochs_run": document.epochs_run,
+        "best_epoch": document.best_epoch,
+        "epochs_run": document.epochs_run,
         "seconds": round(time.perf_counter() - started, 1),
         "split": splits.report.get("splits", {}),
         "predictions": predictions[["path", "subject", "label", "prob_all", "prob_all_tta"]].to_dict(orient="list"),
@@ -154,7 +171,7 @@ def probe_features(labelled: pd.DataFrame, image_size: int) -> np.ndarray:
 
     def batches():
         for start in range(0, len(labelled), 64):
-            rows = labelled.iloc[start:start + 64]
+            rows = labelled.iloc[start : start + 64]
             pixels = [resize(torch.from_numpy(np.asarray(open_rgb(p)[0])).permute(2, 0, 1)) for p in rows["path"]]
             batch = torch.stack(pixels).permute(0, 2, 3, 1).contiguous()
             yield normalize_batch(batch, net.mean, net.std), torch.zeros(len(rows), dtype=torch.long)
@@ -162,8 +179,9 @@ def probe_features(labelled: pd.DataFrame, image_size: int) -> np.ndarray:
     return pooled_features(net.model, batches(), torch.device("cpu"))[0]
 
 
-def run_probe(labelled: pd.DataFrame, features: np.ndarray, name: str, fold: int, test_rows: np.ndarray,
-              params: Params) -> dict:
+def run_probe(
+    labelled: pd.DataFrame, features: np.ndarray, name: str, fold: int, test_rows: np.ndarray, params: Params
+) -> dict:
     """The frozen-feature floor on one fold: same split as the fine-tuned variants, no training of the backbone."""
     from sklearn.linear_model import LogisticRegression
 
@@ -181,13 +199,27 @@ def run_probe(labelled: pd.DataFrame, features: np.ndarray, name: str, fold: int
     threshold = 0.5 if shortfall else tune_threshold(val_y, val_p)
     test = labelled.loc[rows["test"]]
     prob = probe.predict_proba(features[rows["test"]])[:, 1]
-    predictions = {"path": list(test["path"]), "subject": list(test["subject"]), "label": list(test["label"]),
-                   "prob_all": prob.tolist(), "prob_all_tta": prob.tolist()}
-    return {"variant": name, "fold": fold, "backbone": VARIANTS[name].backbone, "protocol": "subject",
-            "pretrained": True, "threshold": float(threshold),
-            "validation": {"can_judge": not shortfall, "reason": shortfall}, "best_epoch": 0, "epochs_run": 0,
-            "seconds": round(time.perf_counter() - started, 1), "split": splits.report.get("splits", {}),
-            "predictions": predictions}
+    predictions = {
+        "path": list(test["path"]),
+        "subject": list(test["subject"]),
+        "label": list(test["label"]),
+        "prob_all": prob.tolist(),
+        "prob_all_tta": prob.tolist(),
+    }
+    return {
+        "variant": name,
+        "fold": fold,
+        "backbone": VARIANTS[name].backbone,
+        "protocol": "subject",
+        "pretrained": True,
+        "threshold": float(threshold),
+        "validation": {"can_judge": not shortfall, "reason": shortfall},
+        "best_epoch": 0,
+        "epochs_run": 0,
+        "seconds": round(time.perf_counter() - started, 1),
+        "split": splits.report.get("splits", {}),
+        "predictions": predictions,
+    }
 
 
 def scores(y: np.ndarray, p: np.ndarray, subjects: list[str], threshold: float) -> dict[str, float]:
@@ -204,8 +236,10 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     for variant, group in frame.groupby("variant", sort=False):
         views = [("prob_all", variant)] + ([] if VARIANTS[variant].probe else [("prob_all_tta", f"{variant}+tta")])
         for column, name in views:
-            folds = [(r["fold"], r["threshold"], r["validation"]["can_judge"], r["seconds"], r["predictions"])
-                     for r in group.to_dict(orient="records")]
+            folds = [
+                (r["fold"], r["threshold"], r["validation"]["can_judge"], r["seconds"], r["predictions"])
+                for r in group.to_dict(orient="records")
+            ]
             rows += _rows(name, folds, column, per_fold=column == "prob_all")
     members = [v for v in ("lite0", "lite1", "lite2") if v in set(frame["variant"])]
     if len(members) == 3:
@@ -228,9 +262,19 @@ def _rows(name: str, folds: list[tuple], column: str, per_fold: bool) -> list[di
         p, subjects = np.asarray(pred[column], dtype=float), [str(s) for s in pred["subject"]]
         if per_fold:
             at_t, at_half = scores(y, p, subjects, threshold), scores(y, p, subjects, 0.5)
-            rows.append({"variant": name, "fold": str(fold), "n": len(y), "subjects": len(set(subjects)),
-                         "threshold": threshold, **at_t, **{f"{k}@0.5": v for k, v in at_half.items()},
-                         "val_judged": judged, "seconds": seconds})
+            rows.append(
+                {
+                    "variant": name,
+                    "fold": str(fold),
+                    "n": len(y),
+                    "subjects": len(set(subjects)),
+                    "threshold": threshold,
+                    **at_t,
+                    **{f"{k}@0.5": v for k, v in at_half.items()},
+                    "val_judged": judged,
+                    "seconds": seconds,
+                }
+            )
         pooled_y.append(y)
         pooled_p.append(p)
         pooled_s += subjects
@@ -241,17 +285,37 @@ def _rows(name: str, folds: list[tuple], column: str, per_fold: bool) -> list[di
     at_t = scores(y, called, pooled_s, 0.5) | {"roc_auc": binary_metrics(y, p)["roc_auc"]}
     ci = bootstrap_ci(y, called, 0.5, ("balanced_accuracy",), n_boot=2000, groups=pooled_s)
     ci |= {"roc_auc": bootstrap_ci(y, p, 0.5, ("roc_auc",), n_boot=2000, groups=pooled_s)["roc_auc"]}
-    rows.append({"variant": name, "fold": "pooled", "n": len(y), "subjects": len(set(pooled_s)),
-                 "threshold": float("nan"), **at_t,
-                 **{f"{k}@0.5": v for k, v in scores(y, p, pooled_s, 0.5).items()},
-                 **{f"{k}_ci95": f"{lo:.3f}-{hi:.3f}" for k, (lo, hi) in ci.items()},
-                 "val_judged": all(f[2] for f in folds), "seconds": float(sum(f[3] for f in folds))})
+    rows.append(
+        {
+            "variant": name,
+            "fold": "pooled",
+            "n": len(y),
+            "subjects": len(set(pooled_s)),
+            "threshold": float("nan"),
+            **at_t,
+            **{f"{k}@0.5": v for k, v in scores(y, p, pooled_s, 0.5).items()},
+            **{f"{k}_ci95": f"{lo:.3f}-{hi:.3f}" for k, (lo, hi) in ci.items()},
+            "val_judged": all(f[2] for f in folds),
+            "seconds": float(sum(f[3] for f in folds)),
+        }
+    )
     return rows
 
 
 def print_summary(table: pd.DataFrame) -> None:
-    columns = ["variant", "fold", "n", "subjects", "threshold", *REPORTED, *(f"{k}@0.5" for k in REPORTED[:4]),
-               "roc_auc_ci95", "balanced_accuracy_ci95", "val_judged", "seconds"]
+    columns = [
+        "variant",
+        "fold",
+        "n",
+        "subjects",
+        "threshold",
+        *REPORTED,
+        *(f"{k}@0.5" for k in REPORTED[:4]),
+        "roc_auc_ci95",
+        "balanced_accuracy_ci95",
+        "val_judged",
+        "seconds",
+    ]
     shown = table.reindex(columns=columns)
     with pd.option_context("display.width", 250, "display.max_columns", None, "display.float_format", "{:.3f}".format):
         print(shown.to_string(index=False))
@@ -259,8 +323,10 @@ def print_summary(table: pd.DataFrame) -> None:
     if {"lite0", "lite0-paper"} <= set(pooled.index):
         keys = ["roc_auc", "balanced_accuracy"]
         gap = pooled.loc["lite0-paper", keys] - pooled.loc["lite0", keys]
-        print(f"\nleakage gap (cell-level minus subject-level, lite0, pooled): AUC {gap['roc_auc']:+.3f}, "
-              f"balanced accuracy {gap['balanced_accuracy']:+.3f}")
+        print(
+            f"\nleakage gap (cell-level minus subject-level, lite0, pooled): AUC {gap['roc_auc']:+.3f}, "
+            f"balanced accuracy {gap['balanced_accuracy']:+.3f}"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -269,8 +335,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-cnmc-real", help="results folder")
     ap.add_argument("--folds", type=int, default=3, help="subject-grouped folds (default 3)")
     ap.add_argument("--only-fold", type=int, help="run just this fold (0-based)")
-    ap.add_argument("--variants", default="lite0-probe,lite0,lite0-paper,lite0-random,lite1,lite2",
-                    help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        default="lite0-probe,lite0,lite0-paper,lite0-random,lite1,lite2",
+        help=f"comma-separated, of {', '.join(VARIANTS)}",
+    )
     ap.add_argument("--epochs", type=int, default=6, help="train.epochs (default 6: the issue's default path)")
     ap.add_argument("--image-size", type=int, default=128, help="augment.image_size (default 128)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="base settings (default params.yaml)")
@@ -293,18 +362,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         base = load_params(args.params)
-        params = base.model_copy(update={
-            "train": base.train.model_copy(update={"epochs": args.epochs}),
-            "augment": base.augment.model_copy(update={"image_size": args.image_size}),
-        })
+        params = base.model_copy(
+            update={
+                "train": base.train.model_copy(update={"epochs": args.epochs}),
+                "augment": base.augment.model_copy(update={"image_size": args.image_size}),
+            }
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.out / 'mlflow.db').resolve()}"
         os.environ["DVC_ROOT"] = str(args.out.resolve())  # data hash "untracked": not the project's data
         os.chdir(args.out)  # MLflow's artifact root (./mlruns) lands beside the bench's store
         labelled = build_manifest(args.data, progress=False).table.query("label in ('all', 'hem')")
         labelled = labelled.reset_index(drop=True)
-        print(f"{len(labelled)} labelled cells, {labelled['subject'].nunique()} subjects; {args.folds} folds; "
-              f"{args.epochs} epochs at {args.image_size} px, augment.per_class {params.augment.per_class}")
+        print(
+            f"{len(labelled)} labelled cells, {labelled['subject'].nunique()} subjects; {args.folds} folds; "
+            f"{args.epochs} epochs at {args.image_size} px, augment.per_class {params.augment.per_class}"
+        )
         features = None
         for name in args.variants.split(","):
             variant = VARIANTS[name]
@@ -319,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                     record = run_fold(labelled, name, variant, fold, test_rows, params, args.out)
                 results.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(record) + "\n")
-                print(f"  {name} fold {fold}: {record['seconds']:.0f} s, threshold {record['threshold']:.3f}",
-                      flush=True)
+                print(
+                    f"  {name} fold {fold}: {record['seconds']:.0f} s, threshold {record['threshold']:.3f}", flush=True
+                )
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))] if results.is_dir() else []
     if not records:
         print(f"no results in {results}")

@@ -63,9 +63,7 @@ def make_image_folder(root: Path, n: int, seed: int = 0) -> tuple[list[dict[str,
     return rows, describe_cells(real)
 
 
-def interleaved_rates(
-    paths: dict[str, Callable[[], int]], epochs: int
-) -> dict[str, tuple[float, float]]:
+def interleaved_rates(paths: dict[str, Callable[[], int]], epochs: int) -> dict[str, tuple[float, float]]:
     """(images per wall second, images per CPU second) of each path: one untimed warm-up epoch
     each, then ``epochs`` rounds timing one epoch of every path in turn, so that load changes on
     the machine hit all paths alike."""
@@ -99,17 +97,11 @@ def main() -> None:
         splits = tmp / "splits"
         splits.mkdir()
         pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS)).to_csv(splits / "train.csv", index=False)
-        pd.DataFrame(rows[:2], columns=list(REQUIRED_COLUMNS)).to_csv(
-            splits / "val.csv", index=False
-        )
+        pd.DataFrame(rows[:2], columns=list(REQUIRED_COLUMNS)).to_csv(splits / "val.csv", index=False)
         per_class = (args.images + 1) // 2  # both classes already have M images: nothing augmented
-        cfg = AugmentConfig(
-            image_size=SIZE, per_class=per_class, strength=1.0, workers=0, preview_images=1
-        )
+        cfg = AugmentConfig(image_size=SIZE, per_class=per_class, strength=1.0, workers=0, preview_images=1)
         t0 = time.perf_counter()
-        summary = prepare_dataset(
-            splits, tmp / "store", cfg, seed=0, preview_path=tmp / "p.png", progress=False
-        )
+        summary = prepare_dataset(splits, tmp / "store", cfg, seed=0, preview_path=tmp / "p.png", progress=False)
         build_s = time.perf_counter() - t0
         store = ImageStore(tmp / "store" / "train")
         assert len(store) == args.images, summary
@@ -152,9 +144,7 @@ def main() -> None:
         dataset = StoreDataset(store, IMAGENET_MEAN, IMAGENET_STD)
 
         def store_loader_epoch() -> int:
-            return sum(
-                len(x) for x, _ in batch_loader(dataset, batch_size=bs, shuffle=True, seed=0)
-            )
+            return sum(len(x) for x, _ in batch_loader(dataset, batch_size=bs, shuffle=True, seed=0))
 
         rates = interleaved_rates(
             {"baseline": baseline_epoch, "store": store_epoch, "loader": store_loader_epoch},
@@ -176,12 +166,8 @@ def main() -> None:
     print(f"  store build (prepare_dataset, one-time): {build_s:.2f} s")
     print("                                                    images/s   images/CPU-s")
     print(f"  baseline ImageFolder + Resize/ToTensor/Normalize: {base_rate:10.1f} {base_cpu:12.1f}")
-    print(
-        f"  image store, ImageStore.batches (fast path):     {store_rate:10.1f} {store_cpu:12.1f}"
-    )
-    print(
-        f"  image store via DataLoader (batch_loader):       {loader_rate:10.1f} {loader_cpu:12.1f}"
-    )
+    print(f"  image store, ImageStore.batches (fast path):     {store_rate:10.1f} {store_cpu:12.1f}")
+    print(f"  image store via DataLoader (batch_loader):       {loader_rate:10.1f} {loader_cpu:12.1f}")
     print(
         f"ratio store/baseline: {store_rate / base_rate:.1f}x (goal >= 10x); "
         f"per CPU-second {store_cpu / base_cpu:.1f}x; via DataLoader {loader_rate / base_rate:.1f}x"

@@ -50,8 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the server-process helper the tests use
 import local_server  # noqa: E402
 
-SERVERS = {"cnmc": ("cnmc serve", local_server.cnmc_serve),
-           "mlflow": ("mlflow models serve", local_server.mlflow_serve)}
+SERVERS = {
+    "cnmc": ("cnmc serve", local_server.cnmc_serve),
+    "mlflow": ("mlflow models serve", local_server.mlflow_serve),
+}
 
 
 def sample_bmp(tmp: Path) -> tuple[bytes, str]:
@@ -89,8 +91,9 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     return uri, info.model_uri
 
 
-def start_server(server: str, model_uri: str, tracking_uri: str | None, port: int, threads: int, cwd: Path,
-                 log: Path) -> subprocess.Popen:
+def start_server(
+    server: str, model_uri: str, tracking_uri: str | None, port: int, threads: int, cwd: Path, log: Path
+) -> subprocess.Popen:
     command = SERVERS[server][1](model_uri, port)
     return local_server.start(command, cwd, local_server.serving_env(tracking_uri, threads), log)
 
@@ -168,8 +171,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", choices=sorted(SERVERS), default="cnmc", help="server to measure (default cnmc)")
     parser.add_argument("--model", help="serve this model URI (default: log a random-weight one)")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0",
-                        help="backbone of the logged random model (default tf_efficientnet_lite0)")
+    parser.add_argument(
+        "--backbone",
+        default="tf_efficientnet_lite0",
+        help="backbone of the logged random model (default tf_efficientnet_lite0)",
+    )
     parser.add_argument("--image-size", type=int, default=128, help="model input side (params.yaml: 128)")
     parser.add_argument("--latency-samples", type=int, default=40, help="timed single requests per path")
     parser.add_argument("--batches", type=int, default=4, help="timed batches of --batch-size per path")
@@ -198,8 +204,10 @@ def main() -> None:
             made = f"given model {model_uri}"
         else:
             tracking_uri, model_uri = log_random_model(tmp, args.backbone, args.image_size, image)
-            made = (f"random-weight {args.backbone} pyfunc ({args.image_size} px), "
-                    f"logged in {time.perf_counter() - t0:.1f} s")
+            made = (
+                f"random-weight {args.backbone} pyfunc ({args.image_size} px), "
+                f"logged in {time.perf_counter() - t0:.1f} s"
+            )
         port = local_server.free_port()
         log = tmp / "server.log"
         proc = start_server(args.server, model_uri, tracking_uri, port, args.threads, tmp, log)
@@ -211,18 +219,22 @@ def main() -> None:
             pyfunc = model.unwrap_python_model()
             spec, net = pyfunc.spec, pyfunc.model
             print(f"image: {what} ({len(image):,} bytes); model: {made}")
-            print(f"server: {server} on 127.0.0.1:{port}, up in {up:.1f} s; "
-                  f"torch threads {args.threads}; cpus {os.cpu_count()}")
+            print(
+                f"server: {server} on 127.0.0.1:{port}, up in {up:.1f} s; "
+                f"torch threads {args.threads}; cpus {os.cpu_count()}"
+            )
 
             b64 = base64.b64encode(image).decode("ascii")
             frame = pd.DataFrame({"image": [b64]})
             one_body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64]]}}).encode()
             batch_body = json.dumps({"inputs": [b64] * args.batch_size}).encode()
-            batch_split = json.dumps({"dataframe_split": {"columns": ["image"],
-                                                          "data": [[b64]] * args.batch_size}}).encode()
+            batch_split = json.dumps(
+                {"dataframe_split": {"columns": ["image"], "data": [[b64]] * args.batch_size}}
+            ).encode()
             batch_frame = pd.DataFrame({"image": [b64] * args.batch_size})
-            tensor = normalize_batch(torch.from_numpy(decode_base64_images([b64], spec.image_size)),
-                                     spec.mean, spec.std)
+            tensor = normalize_batch(
+                torch.from_numpy(decode_base64_images([b64], spec.image_size)), spec.mean, spec.std
+            )
             batch_tensor = tensor.repeat(args.batch_size, 1, 1, 1)
 
             client = Client(port)
@@ -260,8 +272,7 @@ def main() -> None:
             print(f"\nlatency, one image ({n} sequential requests after 3 warm-up):")
             for name, ms in rows.items():
                 print(f"  {name:30s} {pct(ms)}")
-            ratio = np.percentile(rows[http_row], 50) / np.percentile(
-                rows["pyfunc.predict in process"], 50)
+            ratio = np.percentile(rows[http_row], 50) / np.percentile(rows["pyfunc.predict in process"], 50)
             verdict = "met" if ratio <= 2.0 else "NOT met"
             print(f"  HTTP p50 / in-process predict p50 = {ratio:.2f}x (goal <= 2x: {verdict})")
             print(f"\nthroughput, batches of {args.batch_size} ({args.batches} timed batches):")
@@ -273,8 +284,10 @@ def main() -> None:
             ms, errors = result["ms"], result["errors"]
             planned = args.clients * args.requests
             print(f"\nload test: {args.clients} clients x {args.requests} requests (one image each), loopback:")
-            print(f"  sent {result['sent']}/{planned} in {result['wall']:.1f} s "
-                  f"({result['sent'] / result['wall']:.1f} req/s); {pct(ms)}; errors {len(errors)}")
+            print(
+                f"  sent {result['sent']}/{planned} in {result['wall']:.1f} s "
+                f"({result['sent'] / result['wall']:.1f} req/s); {pct(ms)}; errors {len(errors)}"
+            )
             for error in errors[:5]:
                 print(f"    {error}")
             if result["sent"] < planned:

@@ -166,8 +166,9 @@ def write_splits(df: pd.DataFrame, plan: dict[str, list[str]], splits_dir: Path)
     return counts
 
 
-def result_row(test: dict[str, float], threshold: float, val_f1_macro: float, best_epoch: int,
-               epochs_run: int, started: float) -> dict[str, float]:
+def result_row(
+    test: dict[str, float], threshold: float, val_f1_macro: float, best_epoch: int, epochs_run: int, started: float
+) -> dict[str, float]:
     """The row a run adds to the summary: its test metrics and how it got there."""
     return {
         **{m: test[m] for m in ("f1_macro", "f1_all", "roc_auc", "accuracy")},
@@ -250,8 +251,9 @@ def run_bare_loop(
     for _ in range(BARE_EPOCHS):
         for rows in torch.randperm(len(train_x)).split(BARE_BATCH):
             batch = torch.stack([flips(image) for image in train_x[rows]])
-            loss = nn.functional.cross_entropy(net.model(normalize_batch(batch.permute(0, 2, 3, 1), net.mean, net.std)),
-                                               train_y[rows])
+            loss = nn.functional.cross_entropy(
+                net.model(normalize_batch(batch.permute(0, 2, 3, 1), net.mean, net.std)), train_y[rows]
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -277,14 +279,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=224, help="stored image side in px (default 224 = paper)")
     ap.add_argument("--per-class", type=int, default=100, help="M: training images per class (default 100)")
     ap.add_argument("--strength", type=float, default=1.0, help="strength of T (default 1 = paper)")
-    ap.add_argument("--head-init", choices=("linear_probe", "random"), default="linear_probe",
-                    help="pretrained variant's new head (train.head_init; default linear_probe = LP-FT)")
-    ap.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=True,
-                    help="pretrained variant keeps ImageNet batch-norm statistics (train.freeze_bn; default on)")
-    ap.add_argument("--seeds", default="0",
-                    help="comma list of seeds for augmentation, init and batch order; the folds stay fixed (default 0)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma list of {', '.join(VARIANTS)} (default all; bare = the issue's reference loop)")
+    ap.add_argument(
+        "--head-init",
+        choices=("linear_probe", "random"),
+        default="linear_probe",
+        help="pretrained variant's new head (train.head_init; default linear_probe = LP-FT)",
+    )
+    ap.add_argument(
+        "--freeze-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pretrained variant keeps ImageNet batch-norm statistics (train.freeze_bn; default on)",
+    )
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma list of seeds for augmentation, init and batch order; the folds stay fixed (default 0)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list of {', '.join(VARIANTS)} (default all; bare = the issue's reference loop)",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every epoch")
     return ap.parse_args(argv)
 
@@ -296,8 +312,10 @@ def fmt(x: float) -> str:
 def print_summary(table: pd.DataFrame, variants: list[str]) -> None:
     """Per (seed, fold) rows, then per variant the mean over all of them and each seed's mean."""
     print("\nSummary (test = held-out blocks; threshold tuned on validation blocks, 0.5 for bare)")
-    header = (f"{'seed':>4} {'fold':>4} {'variant':<11} {'macro-F1':>8} {'ALL-F1':>7} {'AUC':>6} {'acc':>6} "
-              f"{'thr':>6} {'epochs':>7}")
+    header = (
+        f"{'seed':>4} {'fold':>4} {'variant':<11} {'macro-F1':>8} {'ALL-F1':>7} {'AUC':>6} {'acc':>6} "
+        f"{'thr':>6} {'epochs':>7}"
+    )
     print(header)
     print("-" * len(header))
     for _, r in table.iterrows():
@@ -355,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     # random features is noise, and frozen statistics of a never-trained net normalise nothing.
     # So the random-init model trains with its own, live statistics and a random head.
     cfgs = {
-        "pretrained": random_cfg.model_copy(update={"pretrained": True, "head_init": args.head_init,
-                                                    "freeze_bn": args.freeze_bn}),
+        "pretrained": random_cfg.model_copy(
+            update={"pretrained": True, "head_init": args.head_init, "freeze_bn": args.freeze_bn}
+        ),
         "random": random_cfg,
     }
     print(
@@ -407,8 +426,9 @@ def prepare_fold(
 ) -> dict[str, ImageStore]:
     """Split CSVs and the augmented store of one fold, as the pipeline's ``augment`` stage makes them."""
     counts = write_splits(df, plan, fold_dir / "splits")
-    summary = prepare_dataset(fold_dir / "splits", fold_dir / "store", aug, seed, fold_dir / "preview.png",
-                              progress=False)
+    summary = prepare_dataset(
+        fold_dir / "splits", fold_dir / "store", aug, seed, fold_dir / "preview.png", progress=False
+    )
     print(
         f"  images: train {counts['train']} originals -> {summary.split_counts['train']} after T, "
         f"val {counts['val']}, test {counts['test']} (augment {summary.seconds:.0f} s)",

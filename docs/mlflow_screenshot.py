@@ -38,8 +38,14 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-quic",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
 ]
 PARAMS = ["backbone", "train.pretrained", "train.epochs"]
 METRICS = ["test_f1_all", "test_roc_auc", "test_f1_macro", "test_balanced_accuracy", "val_f1_macro"]
@@ -61,18 +67,26 @@ class Chromium:
             os.dup2(b, 4)
 
         self.proc = subprocess.Popen(
-            [binary, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self.profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=child_fds, close_fds=False, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                *CHROMIUM_FLAGS,
+                "--remote-debugging-pipe",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            preexec_fn=child_fds,
+            close_fds=False,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(cmd_r)
         os.close(res_w)
         self._buffer, self._id = b"", 0
         page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
         self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
-        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def call(self, method: str, session: str | None = None, timeout: float = 60, **params: object) -> dict:
         self._id += 1
@@ -141,9 +155,23 @@ def start_server(db: Path, work: Path) -> tuple[subprocess.Popen, str]:
     mlflow = Path(sys.executable).parent / "mlflow"
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -160,14 +188,28 @@ def start_server(db: Path, work: Path) -> tuple[subprocess.Popen, str]:
 def ui_state(experiment_id: str) -> dict[str, str]:
     """Local-storage entries: the runs table's columns and sort, no assistant panel, model-training mode."""
     state = {
-        "searchFilter": "attributes.status = 'FINISHED'", "orderByKey": "metrics.`test_f1_all`",
-        "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+        "searchFilter": "attributes.status = 'FINISHED'",
+        "orderByKey": "metrics.`test_f1_all`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
         "selectedColumns": [f"params.`{p}`" for p in PARAMS] + [f"metrics.`{m}`" for m in METRICS],
-        "columnOrder": [], "columnWidths": {"attributes.`Run Name`": 330}, "runsExpanded": {},
-        "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {}, "runsHiddenMode": "FIRST_10_RUNS",
-        "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
-        "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None, "groupsExpanded": {},
+        "columnOrder": [],
+        "columnWidths": {"attributes.`Run Name`": 330},
+        "runsExpanded": {},
+        "runsPinned": [],
+        "runsHidden": [],
+        "runsVisibilityMap": {},
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
         "autoRefreshEnabled": False,
         "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
     }
@@ -206,9 +248,11 @@ def screenshot(db: Path, experiment: str, out: Path, binary: str) -> Path:
     shutil.copyfile(db, copy)  # the project's store is only ever read
     with sqlite3.connect(copy) as con:
         row = con.execute("SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)).fetchone()
-        finished = con.execute("SELECT r.name FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
-                               "WHERE e.name = ? AND r.status = 'FINISHED' AND r.lifecycle_stage = 'active'",
-                               (experiment,)).fetchall()
+        finished = con.execute(
+            "SELECT r.name FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "WHERE e.name = ? AND r.status = 'FINISHED' AND r.lifecycle_stage = 'active'",
+            (experiment,),
+        ).fetchall()
     if row is None:
         raise SystemExit(f"{db}: no experiment {experiment!r}")
     experiment_id, names = str(row[0]), [n for (n,) in finished]
@@ -220,12 +264,20 @@ def screenshot(db: Path, experiment: str, out: Path, binary: str) -> Path:
         browser.wait("document.body.innerText.length > 20")
         for key, value in ui_state(experiment_id).items():
             browser.js(f"localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
-        query = urllib.parse.urlencode({
-            "workflowType": "machine_learning", "searchFilter": "attributes.status = 'FINISHED'",
-            "orderByKey": "metrics.`test_f1_all`", "orderByAsc": "false"}, quote_via=urllib.parse.quote)
+        query = urllib.parse.urlencode(
+            {
+                "workflowType": "machine_learning",
+                "searchFilter": "attributes.status = 'FINISHED'",
+                "orderByKey": "metrics.`test_f1_all`",
+                "orderByAsc": "false",
+            },
+            quote_via=urllib.parse.quote,
+        )
         browser.goto(f"{url}/#/experiments/{experiment_id}/runs?{query}")
-        browser.wait(" && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in names)
-                     + " && document.body.innerText.includes('test_f1_all')")
+        browser.wait(
+            " && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in names)
+            + " && document.body.innerText.includes('test_f1_all')"
+        )
         close_assistant(browser)
         autosize_columns(browser, ["attributes.`Run Name`", "params.`backbone`"])
         time.sleep(2)

@@ -37,11 +37,13 @@ def tiny_params(min_images_per_class: int = 1, **train: object):
 
     params = Params()
     train_cfg = {"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False, **train}
-    return params.model_copy(update={
-        "split": params.split.model_copy(update={"min_images_per_class": min_images_per_class}),
-        "train": params.train.model_copy(update=train_cfg),
-        "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
-    })
+    return params.model_copy(
+        update={
+            "split": params.split.model_copy(update={"min_images_per_class": min_images_per_class}),
+            "train": params.train.model_copy(update=train_cfg),
+            "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+        }
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -206,8 +208,14 @@ class TinyRuns:
             finally:
                 mlflow.set_tracking_uri(None)
         run = MlflowClient(tracking_uri=self.tracking_uri).get_run(document.run_id)
-        return TinyRun(self.tracking_uri, backbone, run.info.run_id, run.info.run_name,
-                       run.info.experiment_id, float(document.threshold))
+        return TinyRun(
+            self.tracking_uri,
+            backbone,
+            run.info.run_id,
+            run.info.run_name,
+            run.info.experiment_id,
+            float(document.threshold),
+        )
 
 
 @pytest.fixture(scope="session")
@@ -255,8 +263,16 @@ def champion(tiny_runs: TinyRuns) -> Champion:
             mlflow.set_tracking_uri(None)
     version = client.get_model_version(result.name, result.version)
     metrics = client.get_run(result.run_id).data.metrics
-    return Champion(run.tracking_uri, result.name, result.version, result.run_id, result.backbone, result.data_hash,
-                    float(version.tags["threshold"]), metrics["temperature"])
+    return Champion(
+        run.tracking_uri,
+        result.name,
+        result.version,
+        result.run_id,
+        result.backbone,
+        result.data_hash,
+        float(version.tags["threshold"]),
+        metrics["temperature"],
+    )
 
 
 # The limits of the session's `cnmc serve` (small, so that the tests of them send little).
@@ -279,8 +295,9 @@ def _run_server(command: Callable[[str, int], list[str]], champion: Champion, wo
 
     port = local_server.free_port()
     log = work / "server.log"
-    proc = local_server.start(command(champion.model_uri, port), work,
-                              local_server.serving_env(champion.tracking_uri), log)
+    proc = local_server.start(
+        command(champion.model_uri, port), work, local_server.serving_env(champion.tracking_uri), log
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         local_server.wait_until_up(f"{url}/ping", proc, log)
@@ -295,8 +312,9 @@ def cnmc_server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) ->
     import local_server
 
     def command(model_uri: str, port: int) -> list[str]:
-        return local_server.cnmc_serve(model_uri, port, "--max-batch", str(SERVED_MAX_BATCH),
-                                       "--max-body-mb", str(SERVED_MAX_BODY_MB))
+        return local_server.cnmc_serve(
+            model_uri, port, "--max-batch", str(SERVED_MAX_BATCH), "--max-body-mb", str(SERVED_MAX_BODY_MB)
+        )
 
     yield from _run_server(command, champion, tmp_path_factory.mktemp("cnmc-serve"))
 

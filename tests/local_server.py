@@ -34,21 +34,50 @@ def free_port() -> int:
 
 def cnmc_serve(model_uri: str, port: int, *flags: str) -> list[str]:
     """The command line of ``cnmc serve`` for ``model_uri`` on 127.0.0.1:``port``."""
-    return [sys.executable, "-m", "cnmc", "serve", "--model", model_uri, "--host", "127.0.0.1",
-            "--port", str(port), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "cnmc",
+        "serve",
+        "--model",
+        model_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *flags,
+    ]
 
 
 def mlflow_serve(model_uri: str, port: int) -> list[str]:
     """The command line of ``mlflow models serve`` for ``model_uri`` on 127.0.0.1:``port`` (one worker)."""
-    return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+    return [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
 
 
 def serving_env(tracking_uri: str | None, threads: int = 1) -> dict[str, str]:
     """The environment of a model server here: the venv's ``bin`` on ``PATH`` (``mlflow models
     serve`` starts ``uvicorn`` from it), ``threads`` torch threads, no model hub, no progress bars."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
@@ -57,8 +86,9 @@ def serving_env(tracking_uri: str | None, threads: int = 1) -> dict[str, str]:
 def start(command: Sequence[str], cwd: Path, env: Mapping[str, str], log: Path) -> subprocess.Popen:
     """Run ``command`` in its own session (so :func:`stop` reaches its workers), output to ``log``."""
     with log.open("w") as sink:
-        return subprocess.Popen(list(command), cwd=cwd, env=dict(env), stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            list(command), cwd=cwd, env=dict(env), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> float:

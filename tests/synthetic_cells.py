@@ -171,10 +171,7 @@ def _plan_subjects(cfg: SyntheticConfig, seed: int) -> tuple[list[tuple[int, _Su
     for offset, (label, prefix) in enumerate((("all", ""), ("hem", "H"))):
         ids = _shuffled(rng, list(range(1, n_train + n_prelim + 1)))
         sids = [f"{prefix}{i}" for i in ids]
-        subjects = [
-            _draw_subject(random.Random(f"cnmc-demo/{seed}/subject/{sid}"), sid, label)
-            for sid in sids
-        ]
+        subjects = [_draw_subject(random.Random(f"cnmc-demo/{seed}/subject/{sid}"), sid, label) for sid in sids]
         train += [((k + offset) % FOLDS, s) for k, s in enumerate(subjects[:n_train])]
         prelim += subjects[n_train:]
     return train, prelim
@@ -272,9 +269,7 @@ def _render_cell(rng: random.Random, subject: _Subject, size: int) -> np.ndarray
     return image
 
 
-def _nucleoli(
-    rng: random.Random, dx: np.ndarray, dy: np.ndarray, r_nuc: float, is_all: bool
-) -> np.ndarray:
+def _nucleoli(rng: random.Random, dx: np.ndarray, dy: np.ndarray, r_nuc: float, is_all: bool) -> np.ndarray:
     """Pale nucleoli as a 0..256 blend weight: prominent and frequent in blasts, rare in Hem."""
     count = sum(rng.random() < p for p in ((0.75, 0.45, 0.2) if is_all else (0.3, 0.05)))
     weight = np.zeros(np.broadcast_shapes(dx.shape, dy.shape), dtype=np.int64)

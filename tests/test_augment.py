@@ -58,9 +58,7 @@ def make_splits(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) ->
                         "split": split,
                     }
                 )
-        pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS)).to_csv(
-            splits / f"{split}.csv", index=False
-        )
+        pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS)).to_csv(splits / f"{split}.csv", index=False)
     return splits
 
 
@@ -184,9 +182,7 @@ def test_index_columns_and_origins(built):
     store = ImageStore(root / "store" / "train")
     idx = store.index
     assert list(idx.columns) == [*REQUIRED_COLUMNS, "target", "augmented", "origin", "aug_seed"]
-    assert set(store.targets[idx["label"] == "all"]) == {1} and set(
-        store.targets[idx["label"] == "hem"]
-    ) == {0}
+    assert set(store.targets[idx["label"] == "all"]) == {1} and set(store.targets[idx["label"] == "hem"]) == {0}
     assert store.targets.dtype == np.int64
     origin = idx["origin"].astype(int)
     for row, r in idx.iterrows():
@@ -198,11 +194,7 @@ def test_index_columns_and_origins(built):
         else:
             src = idx.iloc[origin[row]]
             assert src["augmented"] == "0"
-            assert (
-                src["label"] == r["label"]
-                and src["path"] == r["path"]
-                and src["subject"] == r["subject"]
-            )
+            assert src["label"] == r["label"] and src["path"] == r["path"] and src["subject"] == r["subject"]
             assert int(r["aug_seed"]) >= 0
     # round-robin: hem has 3 originals and 5 augmented -> every original used, none more than twice
     hem_aug = idx[(idx["label"] == "hem") & (idx["augmented"] == "1")]
@@ -282,13 +274,9 @@ def test_more_originals_than_m_keeps_a_seeded_subset(tmp_path, built, caplog):
     assert s.train_dropped == {"all": 2, "hem": 0}
     assert "5 of 7 original kept, 2 dropped" in str(s)
     store = ImageStore(tmp_path / "s" / "train")
-    assert (store.index["label"] == "all").sum() == 5 and (
-        store.index["augmented"] == "1"
-    ).sum() == 2
+    assert (store.index["label"] == "all").sum() == 5 and (store.index["augmented"] == "1").sum() == 2
     build(splits, tmp_path / "t", seed=7, per_class=5)
-    assert (tmp_path / "t" / "train" / "index.csv").read_text() == (
-        tmp_path / "s" / "train" / "index.csv"
-    ).read_text()
+    assert (tmp_path / "t" / "train" / "index.csv").read_text() == (tmp_path / "s" / "train" / "index.csv").read_text()
 
 
 def test_per_class_auto_keeps_every_original_and_balances_to_the_largest_class(tmp_path, built):

@@ -87,8 +87,9 @@ def test_ece_known_values() -> None:
 
 def test_reliability_diagram_is_written(tmp_path: Path) -> None:
     logits, y, _ = overconfident(n=2000)
-    out = reliability_png(y, prob_all(logits), prob_all(logits, 5.0), tmp_path / "plots" / "reliability.png",
-                          "test: before / after")
+    out = reliability_png(
+        y, prob_all(logits), prob_all(logits, 5.0), tmp_path / "plots" / "reliability.png", "test: before / after"
+    )
     assert out == tmp_path / "plots" / "reliability.png"
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5000
     assert not list(out.parent.glob(".*.tmp"))

@@ -112,14 +112,28 @@ def test_set_overrides_any_setting_once_validated_and_in_order(tmp_path) -> None
     def parsed(*argv: str):  # noqa: ANN202
         return _params(build_parser().parse_args(["train", "--backbone", "b", "--params", str(params), *argv]))
 
-    got = parsed("--set", "train.lr=3e-4", "--set", "train.backbones=[a, b]", "--epochs", "2",
-                 "--set", "augment.per_class=auto", "--set", "train.head_init=linear_probe")
+    got = parsed(
+        "--set",
+        "train.lr=3e-4",
+        "--set",
+        "train.backbones=[a, b]",
+        "--epochs",
+        "2",
+        "--set",
+        "augment.per_class=auto",
+        "--set",
+        "train.head_init=linear_probe",
+    )
     assert got.train.lr == 3e-4 and got.train.backbones == ["a", "b"] and got.train.epochs == 2
     assert got.train.head_init == "linear_probe" and got.augment.per_class == "auto"
     assert parsed("--set", "train.lr=").train.lr == 0.01  # empty: the file's value (MLproject's unset)
     assert parsed("--epochs", "3", "--set", "train.epochs=4").train.epochs == 4  # --set comes last
-    for bad, message in (("train.lr=-1", "train.lr: Input should be greater than 0"),
-                         ("train.bogus=1", "no setting 'train.bogus'"), ("nope=1", "no setting 'nope'"),
-                         ("train.lr", "expected KEY=VALUE"), ("train=1", "no setting 'train'")):
+    for bad, message in (
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+        ("train.bogus=1", "no setting 'train.bogus'"),
+        ("nope=1", "no setting 'nope'"),
+        ("train.lr", "expected KEY=VALUE"),
+        ("train=1", "no setting 'train'"),
+    ):
         with pytest.raises(CnmcError, match=re.escape(message)):
             parsed("--set", bad)

@@ -20,8 +20,11 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-real"
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,15 @@ def test_the_shipped_subset_is_the_real_layout_with_nothing_excluded(manifest) -
     assert report["layout"] == "kaggle" and report["excluded"] == [] and report["converted"] == []
     labelled = table[table["label"] != ""]
     counts = labelled.groupby(["source", "label"]).size().to_dict()
-    assert counts == {("fold_0", "all"): 64, ("fold_0", "hem"): 36, ("fold_1", "all"): 200,
-                      ("fold_1", "hem"): 130, ("fold_2", "all"): 4, ("prelim", "all"): 60, ("prelim", "hem"): 23}
+    assert counts == {
+        ("fold_0", "all"): 64,
+        ("fold_0", "hem"): 36,
+        ("fold_1", "all"): 200,
+        ("fold_1", "hem"): 130,
+        ("fold_2", "all"): 4,
+        ("prelim", "all"): 60,
+        ("prelim", "hem"): 23,
+    }
     assert (table["source"] == "final").sum() == 6 and (table.loc[table["source"] == "final", "label"] == "").all()
     subjects = labelled.groupby("label")["subject"].nunique().to_dict()
     assert subjects == {"all": 20, "hem": 11}  # at least 12 ALL and 6 Hem subjects

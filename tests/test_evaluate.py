@@ -45,10 +45,18 @@ def paper_b3() -> tuple[np.ndarray, np.ndarray]:
 def test_binary_metrics_match_hand_computed_values() -> None:
     m = binary_metrics(Y, P)
     expected = {
-        "accuracy": 3 / 5, "balanced_accuracy": 7 / 12, "specificity": 1 / 2,
-        "precision_all": 2 / 3, "recall_all": 2 / 3, "f1_all": 2 / 3,
-        "precision_macro": 7 / 12, "recall_macro": 7 / 12, "f1_macro": 7 / 12,
-        "precision_weighted": 3 / 5, "recall_weighted": 3 / 5, "f1_weighted": 3 / 5,
+        "accuracy": 3 / 5,
+        "balanced_accuracy": 7 / 12,
+        "specificity": 1 / 2,
+        "precision_all": 2 / 3,
+        "recall_all": 2 / 3,
+        "f1_all": 2 / 3,
+        "precision_macro": 7 / 12,
+        "recall_macro": 7 / 12,
+        "f1_macro": 7 / 12,
+        "precision_weighted": 3 / 5,
+        "recall_weighted": 3 / 5,
+        "f1_weighted": 3 / 5,
         "roc_auc": 4 / 6,
     }
     for name, value in expected.items():
@@ -167,17 +175,38 @@ def test_plots_write_pngs_and_dvc_data(tmp_path) -> None:
     assert is_png(plots.roc_png(y, p, tmp_path / "roc.png", "Test"))
     assert is_png(plots.roc_png([1, 1], [0.2, 0.9], tmp_path / "roc1.png", "One class"))
     history = [
-        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_f1_macro": 0.5 + 0.04 * e,
-         "val_roc_auc": 0.6 + 0.03 * e}
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1.2 / e,
+            "val_f1_macro": 0.5 + 0.04 * e,
+            "val_roc_auc": 0.6 + 0.03 * e,
+        }
         for e in range(1, 8)
     ]
     assert is_png(training_curves_png(history, tmp_path / "curves.png"))
-    table = pd.DataFrame([
-        {"backbone": "efficientnet_b3", "result": "paper", "accuracy": 92.02,
-         "precision_all": 91.36, "recall_all": 97.4, "f1_all": 94.3, "roc_auc": 94.79},
-        {"backbone": "efficientnet_b3", "result": "ours", "accuracy": 88.0, "precision_all": 90.0,
-         "recall_all": 92.0, "f1_all": 91.0, "roc_auc": float("nan")},
-    ])
+    table = pd.DataFrame(
+        [
+            {
+                "backbone": "efficientnet_b3",
+                "result": "paper",
+                "accuracy": 92.02,
+                "precision_all": 91.36,
+                "recall_all": 97.4,
+                "f1_all": 94.3,
+                "roc_auc": 94.79,
+            },
+            {
+                "backbone": "efficientnet_b3",
+                "result": "ours",
+                "accuracy": 88.0,
+                "precision_all": 90.0,
+                "recall_all": 92.0,
+                "f1_all": 91.0,
+                "roc_auc": float("nan"),
+            },
+        ]
+    )
     assert is_png(plots.metric_bars_png(table, tmp_path / "bars.png", "Test"))
 
     cm = json.loads(plots.confusion_matrix_json(y, pred, tmp_path / "cm.json").read_text())

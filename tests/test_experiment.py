@@ -56,9 +56,7 @@ class LoggedRun:
 
 
 @pytest.fixture(scope="module")
-def logged_run(
-    tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory
-) -> LoggedRun:
+def logged_run(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> LoggedRun:
     """One ``train_and_log`` run (2 epochs) that the tests below inspect from every side."""
     work = tmp_path_factory.mktemp("logged-run")
     root = Path(shutil.copytree(tiny_store, work / "outputs"))
@@ -181,9 +179,7 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
     np.testing.assert_allclose(out["prob_all"], expected["prob_all"], rtol=0, atol=1e-5)
     assert (out["threshold"] == tracking.document["threshold"]).all()
     assert (out["label"] == np.where(out["prob_all"] >= out["threshold"], "all", "hem")).all()
-    np.testing.assert_allclose(
-        by_id.predict(request.head(2))["prob_all"], out["prob_all"][:2], atol=1e-6
-    )
+    np.testing.assert_allclose(by_id.predict(request.head(2))["prob_all"], out["prob_all"][:2], atol=1e-6)
 
 
 def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) -> None:
@@ -191,8 +187,7 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
 
     document, paths = tracking.document, tracking.paths
     calibration = document["calibration"]
-    assert set(calibration) >= {"temperature", "test_ece_before", "test_ece_after", "test_nll_before",
-                                "test_nll_after"}
+    assert set(calibration) >= {"temperature", "test_ece_before", "test_ece_after", "test_nll_before", "test_nll_after"}
     temperature = calibration["temperature"]
     assert temperature > 0 and all(np.isfinite(v) for v in calibration.values())
     assert calibration["val_nll_after"] <= calibration["val_nll_before"] + 1e-9  # fitted on validation
@@ -240,8 +235,9 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
 
     root = Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
     monkeypatch.chdir(tmp_path)
-    document = train_and_log(tiny_params(min_images_per_class=30), BACKBONE, RunPaths(root, BACKBONE),
-                             progress=False).model_dump(by_alias=True)
+    document = train_and_log(
+        tiny_params(min_images_per_class=30), BACKBONE, RunPaths(root, BACKBONE), progress=False
+    ).model_dump(by_alias=True)
     validation = document["validation"]
     assert validation["can_judge"] is False and validation["min_images_per_class"] == 30
     assert "fewer than split.min_images_per_class = 30 of each" in validation["reason"]
@@ -261,9 +257,7 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
         (base64.b64encode(b"just some text, no image").decode(), "not an image"),
     ],
 )
-def test_logged_model_refuses_bad_input_with_a_clear_message(
-    tracking: LoggedRun, value: str, message: str
-) -> None:
+def test_logged_model_refuses_bad_input_with_a_clear_message(tracking: LoggedRun, value: str, message: str) -> None:
     model = mlflow.pyfunc.load_model(f"runs:/{tracking.run_id}/model")
     with pytest.raises(MlflowException, match=message) as info:
         model.predict(pd.DataFrame({"image": [value]}))
@@ -395,8 +389,9 @@ def test_interrupted_run_is_killed_then_resumed_into_the_same_run(
     assert mlflow.active_run() is None
 
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True,
-                             progress=False).model_dump(by_alias=True)
+    document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True, progress=False).model_dump(
+        by_alias=True
+    )
     assert document["run_id"] == run.info.run_id and document["epochs_run"] == EPOCHS
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     for name in ("train_loss", "val_f1_macro"):  # epoch 1 not logged twice

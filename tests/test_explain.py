@@ -129,8 +129,9 @@ def test_log_gradcam_grid_on_the_test_split(tiny_store: Path, tmp_path: Path) ->
 
 
 # -- cnmc explain -----------------------------------------------------------------------------
-def test_explain_images_on_a_logged_model(tiny_runs, tiny_data: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explain_images_on_a_logged_model(
+    tiny_runs, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tiny_runs("test_resnet")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", run.tracking_uri)
     cells = sorted(tiny_data.rglob("*.bmp"))[:2]
@@ -138,8 +139,7 @@ def test_explain_images_on_a_logged_model(tiny_runs, tiny_data: Path, tmp_path: 
     bad.write_bytes(b"not an image")
     out = explain_images(run.model_uri, [str(c) for c in cells] + [str(bad)], tmp_path / "explained")
     assert [p.name for p in out] == [f"{c.stem}.gradcam.png" for c in cells]
-    served = mlflow.pyfunc.load_model(run.model_uri).predict(
-        pd.DataFrame({"image": [encode_file(c) for c in cells]}))
+    served = mlflow.pyfunc.load_model(run.model_uri).predict(pd.DataFrame({"image": [encode_file(c) for c in cells]}))
     for path, prob in zip(out, served["prob_all"], strict=True):  # the served model's probability
         assert float(assert_png(path).text["prob_all"]) == pytest.approx(prob, abs=1e-5)
     table = pd.read_csv(tmp_path / "explained" / "explanations.csv")

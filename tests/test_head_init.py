@@ -61,8 +61,7 @@ def test_training_starts_from_the_probe_head(tiny_store: Path, tmp_path: Path) -
 
 def test_freeze_bn_keeps_the_running_statistics(tiny_store: Path, tmp_path: Path) -> None:
     def bn_stats(model: torch.nn.Module) -> list[torch.Tensor]:
-        return [m.running_mean.clone() for m in model.modules()
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
     for freeze, same in ((True, True), (False, False)):
         trainer = make_trainer(tiny_store, tmp_path / f"{freeze}.pt", epochs=1, freeze_bn=freeze)

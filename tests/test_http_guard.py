@@ -10,8 +10,12 @@ from typing import Any
 from cnmc.http_guard import MESSAGE_LIMIT, HttpGuard, client_message, content_type_problem
 
 
-def run(app: Any, body: bytes = b"{}", path: str = "/invocations",
-        headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)) -> list[dict]:
+def run(
+    app: Any,
+    body: bytes = b"{}",
+    path: str = "/invocations",
+    headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),),
+) -> list[dict]:
     """The messages ``HttpGuard(app)`` sends for one POST of ``body``."""
     sent: list[dict] = []
     events = [{"type": "http.request", "body": body, "more_body": False}]
@@ -50,8 +54,16 @@ def test_error_answers_and_exceptions_become_small_json() -> None:
         (answering(415, b"The scoring server only supports UTF-8", b"text/plain"), 415, "UNSUPPORTED_MEDIA_TYPE"),
         (answering(404, b'{"detail":"Not Found"}'), 404, "NOT_FOUND"),
         (answering(504, b"Request processing time exceeded limit"), 504, "GATEWAY_TIMEOUT"),
-        (answering(400, json.dumps({"error_code": "BAD_REQUEST", "message": "bad\nthing",
-                                    "stack_trace": "Traceback ..."}).encode()), 400, "BAD_REQUEST"),
+        (
+            answering(
+                400,
+                json.dumps(
+                    {"error_code": "BAD_REQUEST", "message": "bad\nthing", "stack_trace": "Traceback ..."}
+                ).encode(),
+            ),
+            400,
+            "BAD_REQUEST",
+        ),
         (raising, 500, "INTERNAL_SERVER_ERROR"),
     ]
     for app, status, code in cases:
@@ -77,15 +89,26 @@ def test_messages_lose_mlflows_echoes_and_stay_short() -> None:
     echo = f"Failed to predict data '{{'image': array(['{data}'])}}'. \nError: row 0: bad"
     assert client_message(echo) == "row 0: bad"
     assert client_message(f"Ensure that input is a valid JSON formatted string.\nInput: \n{data}\n") == (
-        "Ensure that input is a valid JSON formatted string.")
+        "Ensure that input is a valid JSON formatted string."
+    )
     long = client_message("start " + data + " the end")
     assert len(long) == MESSAGE_LIMIT and long.startswith("start A") and long.endswith("A the end")
 
 
 def test_content_types_follow_mlflows_rules() -> None:
-    for accepted in ("application/json", "application/json; charset=UTF-8", "text/csv",
-                     "application/vnd.apache.parquet"):
+    for accepted in (
+        "application/json",
+        "application/json; charset=UTF-8",
+        "text/csv",
+        "application/vnd.apache.parquet",
+    ):
         assert content_type_problem(accepted) is None, accepted
-    for refused in (None, "", "text/plain", "Application/JSON", "application/json; charset=latin-1",
-                    "application/json; format=pandas-split"):
+    for refused in (
+        None,
+        "",
+        "text/plain",
+        "Application/JSON",
+        "application/json; charset=latin-1",
+        "application/json; format=pandas-split",
+    ):
         assert content_type_problem(refused), refused

@@ -54,8 +54,13 @@ def connect(server: Server, timeout: float = 60) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
 
 
-def call(server: Server, method: str, path: str, body: bytes | Iterator[bytes] | None = None,
-         headers: dict[str, str] | None = None) -> Reply:
+def call(
+    server: Server,
+    method: str,
+    path: str,
+    body: bytes | Iterator[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
     """One request on a fresh connection; ``body`` as bytes (Content-Length) or chunks (chunked)."""
     connection = connect(server)
     try:
@@ -88,8 +93,9 @@ def assert_small_json_error(reply: Reply, status: int, error_code: str, quoting:
     assert set(answer) == {"error_code", "message"} and answer["error_code"] == error_code, answer
     message = answer["message"]
     assert 0 < len(message) <= MESSAGE_LIMIT and "\n" not in message and "Traceback" not in message, message
-    longest = max((len(run) for run in re.findall(r"[A-Za-z0-9+/=]{20,}", message) if run in quoting.decode(
-        "latin-1")), default=0)
+    longest = max(
+        (len(run) for run in re.findall(r"[A-Za-z0-9+/=]{20,}", message) if run in quoting.decode("latin-1")), default=0
+    )
     assert longest <= 200, message
     return message
 
@@ -106,12 +112,30 @@ def test_bad_requests_get_small_json_errors_with_the_right_status(cnmc_server: S
     cases = [
         ("no Content-Type", {}, good, 415, "UNSUPPORTED_MEDIA_TYPE", "missing Content-Type"),
         ("wrong type", {"Content-Type": "text/plain"}, good, 415, "UNSUPPORTED_MEDIA_TYPE", "'text/plain'"),
-        ("wrong charset", {"Content-Type": "application/json; charset=latin-1"}, good, 415,
-         "UNSUPPORTED_MEDIA_TYPE", "charset 'latin-1'"),
-        ("unknown parameter", {"Content-Type": "application/json; format=pandas-split"}, good, 415,
-         "UNSUPPORTED_MEDIA_TYPE", "parameters 'format'"),
-        ("bad parquet", {"Content-Type": "application/vnd.apache.parquet"}, b"PAR1 this is no parquet file", 400,
-         "BAD_REQUEST", "Failed to parse input"),
+        (
+            "wrong charset",
+            {"Content-Type": "application/json; charset=latin-1"},
+            good,
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "charset 'latin-1'",
+        ),
+        (
+            "unknown parameter",
+            {"Content-Type": "application/json; format=pandas-split"},
+            good,
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "parameters 'format'",
+        ),
+        (
+            "bad parquet",
+            {"Content-Type": "application/vnd.apache.parquet"},
+            b"PAR1 this is no parquet file",
+            400,
+            "BAD_REQUEST",
+            "Failed to parse input",
+        ),
         ("5 MB not JSON", JSON, junk, 400, "BAD_REQUEST", "valid JSON"),
         ("5 MB not UTF-8", JSON, b"\xff\xfe" + junk, 400, "BAD_REQUEST", "valid JSON"),
     ]
@@ -160,8 +184,10 @@ def test_more_images_than_the_batch_limit_are_refused_before_decoding(cnmc_serve
     frame = pd.DataFrame({"image": ["%%% not even base64"] * n})
     requests = {
         "inputs": (images_body(n, value), "application/json"),
-        "dataframe_split": (json.dumps({"dataframe_split": {"columns": ["image"], "data": [[value]] * n}}).encode(),
-                            "application/json"),
+        "dataframe_split": (
+            json.dumps({"dataframe_split": {"columns": ["image"], "data": [[value]] * n}}).encode(),
+            "application/json",
+        ),
         "undecodable values": (images_body(n, "%%% not even base64"), "application/json"),  # counted, not decoded
         "parquet": (frame.to_parquet(), "application/vnd.apache.parquet"),
     }
@@ -196,12 +222,14 @@ def test_info_names_the_registered_version_its_run_and_the_model(cnmc_server: Se
 
 
 # -- load ---------------------------------------------------------------------------------------------
-def test_bounded_load_has_no_errors(cnmc_server: Server, record_property: Callable[[str, object], None],
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_bounded_load_has_no_errors(
+    cnmc_server: Server, record_property: Callable[[str, object], None], capsys: pytest.CaptureFixture[str]
+) -> None:
     """4 clients x 200 requests (one cell each, keep-alive connections): every answer a 200."""
     clients, per_client = 4, 200
-    body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                           "data": [[base64.b64encode(cell_bmp()).decode()]]}}).encode()
+    body = json.dumps(
+        {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(cell_bmp()).decode()]]}}
+    ).encode()
     times: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
 
@@ -231,8 +259,10 @@ def test_bounded_load_has_no_errors(cnmc_server: Server, record_property: Callab
     ms = np.array([t for ts in times for t in ts]) * 1000
     p50, p95 = np.percentile(ms, [50, 95])
     record_property("load_p95_ms", round(float(p95), 1))
-    line = (f"cnmc serve load: {len(ms)} requests from {clients} clients in {wall:.1f} s, "
-            f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, errors {len(errors)}")
+    line = (
+        f"cnmc serve load: {len(ms)} requests from {clients} clients in {wall:.1f} s, "
+        f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, errors {len(errors)}"
+    )
     with capsys.disabled():
         print(f"\n{line}")
     assert not errors, (line, errors[:5])
@@ -244,13 +274,19 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(champion: Champi
     """The request has sent its headers and half its body when SIGTERM comes; the rest follows."""
     port = local_server.free_port()
     log = tmp_path / "server.log"
-    proc = local_server.start(local_server.cnmc_serve(champion.model_uri, port), tmp_path,
-                              local_server.serving_env(champion.tracking_uri), log)
+    proc = local_server.start(
+        local_server.cnmc_serve(champion.model_uri, port),
+        tmp_path,
+        local_server.serving_env(champion.tracking_uri),
+        log,
+    )
     try:
         local_server.wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
         body = images_body(2)
-        head = (f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             sock.sendall(head + body[: len(body) // 2])
             time.sleep(1.0)  # the server has the request

@@ -31,10 +31,7 @@ def kaggle(base: Path, nested: bool = False) -> Path:
 
 
 def sources(layout) -> dict[str, str]:
-    return {
-        f"{g.source}/{g.label}": (g.directory.relative_to(layout.root).as_posix())
-        for g in layout.groups
-    }
+    return {f"{g.source}/{g.label}": (g.directory.relative_to(layout.root).as_posix()) for g in layout.groups}
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ def test_start_wait_and_stop_a_real_server(tmp_path: Path) -> None:
 
 def test_a_server_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    proc = local_server.start([sys.executable, "-c", "print('port in use'); raise SystemExit(3)"],
-                              tmp_path, os.environ, log)
+    proc = local_server.start(
+        [sys.executable, "-c", "print('port in use'); raise SystemExit(3)"], tmp_path, os.environ, log
+    )
     with pytest.raises(local_server.ServerDidNotStart, match=r"exited \(3\)[\s\S]*port in use"):
         local_server.wait_until_up(f"http://127.0.0.1:{local_server.free_port()}/", proc, log, timeout=30)

@@ -44,15 +44,11 @@ def image(path: Path, mode: str = "RGB", size: int = 8, fmt: str | None = None) 
     if mode == "I;16":
         Image.fromarray(rng.integers(0, 65535, (size, size), dtype=np.uint16)).save(path, fmt)
     else:
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode).save(
-            path, fmt
-        )
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode).save(path, fmt)
     return path
 
 
-def write_csv(
-    path: Path, rows: list[tuple[str, ...]], header: str = "Patient_ID,new_names,labels"
-) -> None:
+def write_csv(path: Path, rows: list[tuple[str, ...]], header: str = "Patient_ID,new_names,labels") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([header, *(",".join(r) for r in rows)]) + "\n")
 
@@ -83,22 +79,15 @@ def make_kaggle(base: Path, nested: bool = False) -> Path:
 
 
 def rows_by_name(table: pd.DataFrame) -> dict[str, dict[str, object]]:
-    return {
-        Path(p).name: row for p, row in zip(table["path"], table.to_dict("records"), strict=True)
-    }
+    return {Path(p).name: row for p, row in zip(table["path"], table.to_dict("records"), strict=True)}
 
 
 def reasons(manifest) -> dict[str, str]:
     """Exclusion reasons by file name (skipped folders by their full path)."""
-    return {
-        e.path.rsplit("/", 1)[1] if not e.path.endswith("/") else e.path: e.reason
-        for e in manifest.excluded
-    }
+    return {e.path.rsplit("/", 1)[1] if not e.path.endswith("/") else e.path: e.reason for e in manifest.excluded}
 
 
-def test_kaggle_manifest_columns_and_values(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_kaggle_manifest_columns_and_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_kaggle(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     manifest = build_manifest(Path("data"))
@@ -113,9 +102,7 @@ def test_kaggle_manifest_columns_and_values(
         "label": "all",
         "subject": "1",
         "source": "fold_0",
-        "sha256": hashlib.sha256(
-            Path(f"data/{FOLD_ALL}/UID_1_1_1_all.bmp").read_bytes()
-        ).hexdigest(),
+        "sha256": hashlib.sha256(Path(f"data/{FOLD_ALL}/UID_1_1_1_all.bmp").read_bytes()).hexdigest(),
         "width": 8,
         "height": 8,
         "original_mode": "RGB",
@@ -127,9 +114,7 @@ def test_kaggle_manifest_columns_and_values(
     )
     final = table[table["source"] == "final"]
     assert set(final["label"]) == {""}
-    assert list(final["subject"]) == [
-        f"img:testing_data/C-NMC_test_final_phase_data/{n}" for n in (1, 2)
-    ]
+    assert list(final["subject"]) == [f"img:testing_data/C-NMC_test_final_phase_data/{n}" for n in (1, 2)]
     assert manifest.counts() == {
         "fold_0": {"all": 3, "hem": 2},
         "fold_1": {"all": 1, "hem": 1},
@@ -143,9 +128,7 @@ def test_prelim_label_and_subject_come_from_the_csv(tmp_path: Path) -> None:
     prelim = manifest.table[manifest.table["source"] == "prelim"]
     got = {
         Path(p).name: (lab, subj, orig)
-        for p, lab, subj, orig in prelim[["path", "label", "subject", "original_name"]].itertuples(
-            index=False
-        )
+        for p, lab, subj, orig in prelim[["path", "label", "subject", "original_name"]].itertuples(index=False)
     }
     assert got == {
         "1.bmp": ("all", "7", "UID_7_1_1_all.bmp"),
@@ -195,9 +178,7 @@ def test_class_folder_manifest(tmp_path: Path) -> None:
     manifest = build_manifest(tmp_path)
     table = manifest.table
     assert manifest.layout.kind == "folder" and set(table["source"]) == {"folder"}
-    assert dict(
-        zip(table["original_name"], zip(table["label"], table["subject"], strict=True), strict=True)
-    ) == {
+    assert dict(zip(table["original_name"], zip(table["label"], table["subject"], strict=True), strict=True)) == {
         "Im001.jpg": ("all", "img:ALL/Im001"),
         "Im002.png": ("all", "img:ALL/sub/Im002"),
         "UID_H3_1_1_hem.tif": ("hem", "H3"),
@@ -235,15 +216,11 @@ def add_bad_files(base: Path) -> None:
     image(folder / "uid_9_3_1_ALL.BMP")  # untidy but fine
     image(folder / "UID_10_1_1_hem.bmp")  # the name contradicts the folder
     image(folder / "UID_H9_1_1_all.bmp")  # a healthy donor in the ALL folder
-    image(
-        base / "C-NMC_Leukemia/training_data/fold_0/hem/UID_9_4_1_hem.bmp"
-    )  # an ALL patient as hem
+    image(base / "C-NMC_Leukemia/training_data/fold_0/hem/UID_9_4_1_hem.bmp")  # an ALL patient as hem
     image(base / "C-NMC_Leukemia/training_data/fold_0/UID_9_5_1_all.bmp")  # outside a class folder
     image(base / "C-NMC_Leukemia/training_data/fold_7/all/UID_9_6_1_all.bmp")  # no such fold
     image(base / PRELIM / "99.bmp")  # not in the CSV
-    write_csv(
-        base / PRELIM_CSV, [*PRELIM_ROWS, ("UID_7_9_1_all.bmp", "5.bmp", "1")]
-    )  # 5.bmp absent
+    write_csv(base / PRELIM_CSV, [*PRELIM_ROWS, ("UID_7_9_1_all.bmp", "5.bmp", "1")])  # 5.bmp absent
     image(base / "C-NMC_Leukemia/__MACOSX/x.bmp")
 
 
@@ -282,10 +259,7 @@ def test_bad_files_are_excluded_or_converted_with_reasons(tmp_path: Path) -> Non
         "UID_9_2_3_all.png": "I;16",
     }
     rows = rows_by_name(manifest.table)
-    assert (
-        rows["uid_9_3_1_ALL.BMP"]["subject"] == "9"
-        and rows["UID_9_2_3_all.png"]["original_mode"] == "I;16"
-    )
+    assert rows["uid_9_3_1_ALL.BMP"]["subject"] == "9" and rows["UID_9_2_3_all.png"]["original_mode"] == "I;16"
     assert len(manifest.table) == 13 + 4
     assert manifest.summary_line("outputs/data_report.json") == (
         "manifest: 17 images (10 all, 5 hem, 2 unlabelled) from 8 subjects, layout kaggle; "
@@ -337,9 +311,7 @@ def test_special_files_are_excluded_without_being_opened(tmp_path: Path, monkeyp
     src = Path(manifest_module.__file__).parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
     command = ["manifest", str(base), "-q", "-o", str(out / "m.csv"), "--report", str(out / "r.json")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnmc", *command], capture_output=True, text=True, timeout=60, env=env
-    )
+    proc = subprocess.run([sys.executable, "-m", "cnmc", *command], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "r.json").read_text())
     assert {e["path"]: e["reason"] for e in report["excluded"]} == {
@@ -352,9 +324,7 @@ def test_special_files_are_excluded_without_being_opened(tmp_path: Path, monkeyp
 def test_missing_labels_csv_is_an_error(tmp_path: Path) -> None:
     base = make_kaggle(tmp_path)
     (base / PRELIM_CSV).unlink()
-    with pytest.raises(
-        CnmcError, match="labels CSV C-NMC_test_prelim_phase_data_labels.csv not found"
-    ):
+    with pytest.raises(CnmcError, match="labels CSV C-NMC_test_prelim_phase_data_labels.csv not found"):
         build_manifest(base)
 
 
@@ -374,9 +344,7 @@ def test_missing_labels_csv_is_an_error(tmp_path: Path) -> None:
         (None, [], "has no rows"),
     ],
 )
-def test_malformed_labels_csv_is_an_error(
-    tmp_path: Path, header: str | None, rows: list, message: str
-) -> None:
+def test_malformed_labels_csv_is_an_error(tmp_path: Path, header: str | None, rows: list, message: str) -> None:
     base = make_kaggle(tmp_path)
     write_csv(base / PRELIM_CSV, rows, header=header or "Patient_ID,new_names,labels")
     with pytest.raises(CnmcError, match=message) as info:
@@ -386,9 +354,7 @@ def test_malformed_labels_csv_is_an_error(
 
 def test_labels_csv_with_bom_and_spaces_is_fine(tmp_path: Path) -> None:
     base = make_kaggle(tmp_path)
-    text = "\ufeffPatient_ID, new_names, labels\n" + "".join(
-        f"{a}, {b}, {c}\n" for a, b, c in PRELIM_ROWS
-    )
+    text = "\ufeffPatient_ID, new_names, labels\n" + "".join(f"{a}, {b}, {c}\n" for a, b, c in PRELIM_ROWS)
     (base / PRELIM_CSV).write_text(text, encoding="utf-8")
     assert (build_manifest(base).table["source"] == "prelim").sum() == 4
 
@@ -403,9 +369,7 @@ def test_prelim_csv_contradictions_are_excluded(tmp_path: Path) -> None:
     ]
     write_csv(base / PRELIM_CSV, rows)
     got = reasons(build_manifest(base))
-    assert (
-        got["2.bmp"] == "name says hem but the labels CSV says all (Patient_ID UID_H8_1_1_hem.bmp)"
-    )
+    assert got["2.bmp"] == "name says hem but the labels CSV says all (Patient_ID UID_H8_1_1_hem.bmp)"
     assert got["3.bmp"].startswith("its Patient_ID 'garbage.bmp' does not match")
 
 
@@ -427,12 +391,8 @@ def test_duplicates_are_kept_and_reported(tmp_path: Path, caplog: pytest.LogCapt
     base = make_kaggle(tmp_path)
     train = base / "C-NMC_Leukemia/training_data"
     source = train / "fold_0/all/UID_1_1_1_all.bmp"
-    shutil.copy(
-        source, train / "fold_1/all/UID_4_9_1_all.bmp"
-    )  # other subject, other fold: leakage
-    shutil.copy(
-        train / "fold_0/hem/UID_H2_1_1_hem.bmp", train / "fold_0/hem/UID_H2_9_1_hem.bmp"
-    )  # harmless
+    shutil.copy(source, train / "fold_1/all/UID_4_9_1_all.bmp")  # other subject, other fold: leakage
+    shutil.copy(train / "fold_0/hem/UID_H2_1_1_hem.bmp", train / "fold_0/hem/UID_H2_9_1_hem.bmp")  # harmless
     with caplog.at_level(logging.WARNING, logger="cnmc"):
         manifest = build_manifest(base)
     assert len(manifest.table) == 15
@@ -472,9 +432,7 @@ def test_write_and_read_round_trip(tmp_path: Path) -> None:
     ]
     table = read_manifest(csv)
     pd.testing.assert_frame_equal(table, manifest.table, check_dtype=False)
-    assert table["width"].dtype.kind == "i" and set(
-        table.loc[table["source"] == "final", "label"]
-    ) == {""}
+    assert table["width"].dtype.kind == "i" and set(table.loc[table["source"] == "final", "label"]) == {""}
     data = json.loads(report.read_text())
     assert data["layout"] == "kaggle" and data["totals"]["images"] == 13
     assert data["subjects"]["hem"] == {"count": 3, "ids": ["H2", "H5", "H8"]}
@@ -515,9 +473,7 @@ def test_cli_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         ]
     )
     assert code == 0
-    assert capsys.readouterr().out.startswith(
-        "manifest: 13 images (6 all, 5 hem, 2 unlabelled) from 7 subjects"
-    )
+    assert capsys.readouterr().out.startswith("manifest: 13 images (6 all, 5 hem, 2 unlabelled) from 7 subjects")
     assert len(read_manifest(out / "manifest.csv")) == 13
 
 
@@ -541,20 +497,14 @@ def test_cli_unknown_layout_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "m.csv").exists()
 
 
-@pytest.mark.skipif(
-    not SAMPLE.is_dir(), reason=f"real C-NMC sample not found at {SAMPLE} (fresh clone)"
-)
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real C-NMC sample not found at {SAMPLE} (fresh clone)")
 def test_real_sample(tmp_path: Path) -> None:
     manifest = build_manifest(SAMPLE)
     table = manifest.table
     assert manifest.layout.kind == "kaggle" and not manifest.excluded and not manifest.converted
     assert not manifest.duplicates
     assert manifest.counts() == {"fold_0": {"all": 13, "hem": 13}, "prelim": {"all": 6, "hem": 6}}
-    assert (
-        set(table["width"]) == {450}
-        and set(table["height"]) == {450}
-        and set(table["original_mode"]) == {"RGB"}
-    )
+    assert set(table["width"]) == {450} and set(table["height"]) == {450} and set(table["original_mode"]) == {"RGB"}
 
     def subjects(source: str, label: str) -> set[str]:
         return set(table.loc[(table["source"] == source) & (table["label"] == label), "subject"])

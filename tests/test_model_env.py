@@ -12,8 +12,15 @@ def test_the_closure_is_the_serving_code_and_not_the_project() -> None:
     files, external = code_closure(ENTRY)
     names = {path.relative_to(PACKAGE_DIR).as_posix() for path in files}
     assert {"__init__.py", "serving.py", "tta.py", "models/backbones.py", "data/images.py"} <= names
-    for unwanted in ("http_server.py", "http_guard.py", "cli.py", "train.py", "tune.py", "explain.py",
-                     "data/manifest.py"):
+    for unwanted in (
+        "http_server.py",
+        "http_guard.py",
+        "cli.py",
+        "train.py",
+        "tune.py",
+        "explain.py",
+        "data/manifest.py",
+    ):
         assert unwanted not in names, unwanted
     assert not any(name.startswith("demo_cells") for name in names)
     assert {"torch", "timm", "mlflow", "PIL"} <= external and "optuna" not in external
@@ -29,4 +36,3 @@ def test_requirements_are_the_pinned_ones_inference_imports() -> None:
 def test_copy_makes_an_importable_package_without_caches(tmp_path: Path) -> None:
     root = copy_code(tmp_path)
     assert (root / "serving.py").is_file() and not list(root.rglob("__pycache__"))
-

@@ -62,8 +62,9 @@ def write_images(folder: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     (folder / "nested").mkdir(parents=True)
     files = {}
-    for i, (name, fmt) in enumerate([("a.bmp", "BMP"), ("b.png", "PNG"), ("nested/c.jpg", "JPEG"),
-                                     ("nested/d.TIF", "TIFF"), ("e.png", "PNG")]):
+    for i, (name, fmt) in enumerate(
+        [("a.bmp", "BMP"), ("b.png", "PNG"), ("nested/c.jpg", "JPEG"), ("nested/d.TIF", "TIFF"), ("e.png", "PNG")]
+    ):
         pixels = rng.integers(0, 256, size=(40 + i, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / name, format=fmt)
         files[name] = folder / name
@@ -108,8 +109,7 @@ def test_predict_glob_and_explicit_files(model: TinyModel, tmp_path: Path) -> No
     files = write_images(tmp_path / "images")
     out = tmp_path / "glob.csv"
     pattern = str(tmp_path / "images" / "**" / "*.png")
-    summary = predict_paths(model.model_uri, [pattern, str(files["a.bmp"]), str(files["b.png"])], out,
-                            progress=False)
+    summary = predict_paths(model.model_uri, [pattern, str(files["a.bmp"]), str(files["b.png"])], out, progress=False)
     table = pd.read_csv(out)
     expected = [files["b.png"], files["e.png"], files["text.png"], files["a.bmp"]]  # b.png once
     assert list(table["path"]) == [str(p) for p in expected]
@@ -150,8 +150,9 @@ def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
     files = write_images(tmp_path / "images")
     monkeypatch.setattr(cnmc.predict, "open_rgb", lambda data: None)  # no pre-check
     out = tmp_path / "p.csv"
-    summary = predict_paths(model.model_uri, [str(files["a.bmp"]), str(files["text.png"]), str(files["b.png"])],
-                            out, progress=False)
+    summary = predict_paths(
+        model.model_uri, [str(files["a.bmp"]), str(files["text.png"]), str(files["b.png"])], out, progress=False
+    )
     table = pd.read_csv(out)
     assert (summary.predicted, summary.failed) == (2, 1)
     assert table["error"].isna().tolist() == [True, False, True]

@@ -12,8 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_top_level_files_exist() -> None:
-    for name in ("MLproject", "dvc.yaml", "params.yaml", "data.dvc", "conda.yaml", "README.md",
-                 "pyproject.toml", "Makefile", ".ci/run"):
+    for name in (
+        "MLproject",
+        "dvc.yaml",
+        "params.yaml",
+        "data.dvc",
+        "conda.yaml",
+        "README.md",
+        "pyproject.toml",
+        "Makefile",
+        ".ci/run",
+    ):
         assert (ROOT / name).is_file(), name
 
 

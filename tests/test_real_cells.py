@@ -38,8 +38,9 @@ def copy_subjects(take: dict[str, int], out: Path) -> Path:
     return out
 
 
-def test_default_path_on_real_cells_of_unseen_people(tmp_path: Path, mlflow_db: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_path_on_real_cells_of_unseen_people(
+    tmp_path: Path, mlflow_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     copy_subjects(TRAIN, tmp_path / "real")
@@ -49,8 +50,24 @@ def test_default_path_on_real_cells_of_unseen_people(tmp_path: Path, mlflow_db: 
     raw["augment"]["workers"] = 1
     raw["train"]["batch_size"] = 16
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    code = main(["train", "--backbone", "tf_efficientnet_lite0", "--data", "real", "--test-data", "unseen",
-                 "--epochs", "1", "--image-size", "32", "--metrics-out", "m.json", "--quiet"])
+    code = main(
+        [
+            "train",
+            "--backbone",
+            "tf_efficientnet_lite0",
+            "--data",
+            "real",
+            "--test-data",
+            "unseen",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--metrics-out",
+            "m.json",
+            "--quiet",
+        ]
+    )
     assert code == 0
     split = json.loads((tmp_path / "outputs/direct/split_report.json").read_text())
     val = split["splits"]["val"]

@@ -51,8 +51,14 @@ def fake_run(
     experiment_id = found.experiment_id if found else client.create_experiment(name)
     tags = {"backbone": "fake", "protocol": protocol, "data_hash": data_hash, "git_commit": "c0ffee"}
     run_id = client.create_run(experiment_id, start_time=next(_clock), tags=tags).info.run_id
-    metrics = {"test_f1_all": f1, "test_roc_auc": roc_auc, "test_f1_macro": f1 - 0.05,
-               "test_accuracy": f1 - 0.02, "test_t0.5_f1_all": f1 - 0.1, "threshold": 0.4}
+    metrics = {
+        "test_f1_all": f1,
+        "test_roc_auc": roc_auc,
+        "test_f1_macro": f1 - 0.05,
+        "test_accuracy": f1 - 0.02,
+        "test_t0.5_f1_all": f1 - 0.1,
+        "threshold": 0.4,
+    }
     if val_f1_macro is not None:  # the selected model on validation, as train_and_log logs it
         metrics |= {"final_val_f1_macro": val_f1_macro, "final_val_roc_auc": 0.9}
     client.log_batch(run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
@@ -66,18 +72,56 @@ def fake_run(
 
 def metrics_document(f1: float = 0.9) -> dict[str, Any]:
     """A metrics document like the evaluate stage's, with bootstrap intervals."""
-    tuned = {"f1_all": f1, "roc_auc": 0.8, "f1_macro": f1 - 0.05, "accuracy": f1 - 0.02,
-             "n": 40, "n_all": 25, "n_hem": 15, "n_subjects": 4, "mean_subject_accuracy": 0.77}
+    tuned = {
+        "f1_all": f1,
+        "roc_auc": 0.8,
+        "f1_macro": f1 - 0.05,
+        "accuracy": f1 - 0.02,
+        "n": 40,
+        "n_all": 25,
+        "n_hem": 15,
+        "n_subjects": 4,
+        "mean_subject_accuracy": 0.77,
+    }
     half = {**tuned, "f1_all": f1 - 0.1}
     ci = {"f1_all": [0.812, 0.951], "roc_auc": [0.701, 0.877], "f1_macro": [0.7, 0.9], "accuracy": [0.6, 0.9]}
     test = {"at_tuned": tuned, "at_0.5": half, "threshold": 0.4, "ci95": {"at_tuned": ci, "at_0.5": ci}}
-    return {"backbone": "fake", "run_id": "r", "best_epoch": 1, "epochs_run": 1, "epoch_selection": "best",
-            "stopped_early": False, "train_seconds": 1.0, "best_val_f1_macro": 0.5, "protocol": "subject",
-            "data_hash": DATA, "threshold": 0.4, "test": test, "test_tta": test,
-            "validation": {"can_judge": True, "reason": "enough", "n_all": 30, "n_hem": 30,
-                           "min_images_per_class": 30, "at_threshold": tuned},
-            "calibration": dict.fromkeys(("temperature", "test_ece_before", "test_ece_after", "test_nll_before",
-                                          "test_nll_after", "test_tta_ece", "val_nll_before", "val_nll_after"), 1.0)}
+    return {
+        "backbone": "fake",
+        "run_id": "r",
+        "best_epoch": 1,
+        "epochs_run": 1,
+        "epoch_selection": "best",
+        "stopped_early": False,
+        "train_seconds": 1.0,
+        "best_val_f1_macro": 0.5,
+        "protocol": "subject",
+        "data_hash": DATA,
+        "threshold": 0.4,
+        "test": test,
+        "test_tta": test,
+        "validation": {
+            "can_judge": True,
+            "reason": "enough",
+            "n_all": 30,
+            "n_hem": 30,
+            "min_images_per_class": 30,
+            "at_threshold": tuned,
+        },
+        "calibration": dict.fromkeys(
+            (
+                "temperature",
+                "test_ece_before",
+                "test_ece_after",
+                "test_nll_before",
+                "test_nll_after",
+                "test_tta_ece",
+                "val_nll_before",
+                "val_nll_after",
+            ),
+            1.0,
+        ),
+    }
 
 
 @pytest.fixture
@@ -200,8 +244,16 @@ def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Pat
     assert version.description == card
     assert client.download_artifacts(run_id, "model_card.md", str(tmp_path / "dl"))
     assert (tmp_path / "dl" / "model_card.md").read_text() == card
-    for section in ("# Model card: cnmc-classifier v1", "## Model", "## Data and protocol", "## Test metrics",
-                    "## Decision threshold", "## Intended use", "## Known limitations", "## How to use"):
+    for section in (
+        "# Model card: cnmc-classifier v1",
+        "## Model",
+        "## Data and protocol",
+        "## Test metrics",
+        "## Decision threshold",
+        "## Intended use",
+        "## Known limitations",
+        "## How to use",
+    ):
         assert section in card, section
     assert "Not for clinical diagnosis" in card
     assert f"`{run_id}`" in card and "`c0ffee`" in card and DATA in card and "subject-disjoint" in card
@@ -215,9 +267,19 @@ def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Pat
     path = write_promotion(result, tmp_path / "registry")
     assert path == tmp_path / "registry" / "champion.json"
     assert json.loads(path.read_text()) == {
-        "name": NAME, "version": "1", "run_id": run_id, "metric": "f1_all", "value": 0.9,
-        "data_hash": DATA, "protocol": "subject", "backbone": "fake", "promoted": True,
-        "reason": result.reason, "alias": "champion", "champion_version": "1", "rank_on": "test",
+        "name": NAME,
+        "version": "1",
+        "run_id": run_id,
+        "metric": "f1_all",
+        "value": 0.9,
+        "data_hash": DATA,
+        "protocol": "subject",
+        "backbone": "fake",
+        "promoted": True,
+        "reason": result.reason,
+        "alias": "champion",
+        "champion_version": "1",
+        "rank_on": "test",
     }
     assert (tmp_path / "registry" / "model_card.md").read_text() == card
 
@@ -229,24 +291,26 @@ def test_a_run_without_a_metrics_document_gets_no_card(client: MlflowClient) -> 
 
 
 # -- a real training run, served from the registry ---------------------------------------------------
-def test_real_run_is_promoted_and_served_from_the_alias(
-    copy_store: Path, mlflow_db: str, tmp_path: Path
-) -> None:
+def test_real_run_is_promoted_and_served_from_the_alias(copy_store: Path, mlflow_db: str, tmp_path: Path) -> None:
     from cnmc.experiment import train_and_log
     from cnmc.runs import RunPaths
     from cnmc.serving import encode_file
 
     base = Params()
-    params = base.model_copy(update={
-        "train": base.train.model_copy(update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}),
-        "augment": base.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
-    })
+    params = base.model_copy(
+        update={
+            "train": base.train.model_copy(
+                update={"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False}
+            ),
+            "augment": base.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+        }
+    )
     paths = RunPaths(copy_store, "test_resnet")
     doc = train_and_log(params, "test_resnet", paths, progress=False)
     client = MlflowClient(tracking_uri=mlflow_db)
     result = promote(CFG, "subject", doc.data_hash, client)
     assert (result.run_id, result.version, result.promoted) == (doc.run_id, "1", True)
-    assert result.backbone == "test_resnet" and result.value == pytest.approx(doc.test.at_tuned['f1_all'])
+    assert result.backbone == "test_resnet" and result.value == pytest.approx(doc.test.at_tuned["f1_all"])
 
     low, high = doc.test.ci95["at_tuned"]["f1_all"]
     assert f"[{low:.3f}, {high:.3f}]" in result.model_card

@@ -20,15 +20,42 @@ def write_metrics(path: Path, backbone: str, protocol: str = "subject", seed: in
     y = (rng.random(300) < 2 / 3).astype(int)
     p = np.clip(0.4 * y + 0.6 * rng.random(300), 0, 1)
     test = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], val_threshold=0.45, n_boot=100)
-    calibration = dict.fromkeys(("temperature", "test_ece_before", "test_ece_after", "test_nll_before",
-                                 "test_nll_after", "test_tta_ece", "val_nll_before", "val_nll_after"), 1.0)
+    calibration = dict.fromkeys(
+        (
+            "temperature",
+            "test_ece_before",
+            "test_ece_after",
+            "test_nll_before",
+            "test_nll_after",
+            "test_tta_ece",
+            "val_nll_before",
+            "val_nll_after",
+        ),
+        1.0,
+    )
     payload = {
-        "backbone": backbone, "protocol": protocol, "data_hash": f"hash-{protocol}", "run_id": "r",
-        "threshold": 0.45, "test": test, "test_tta": test, "best_epoch": 7, "epochs_run": 12,
-        "train_seconds": 61.5, "epoch_selection": "best validation macro F1", "stopped_early": True,
-        "best_val_f1_macro": 0.8, "calibration": calibration,
-        "validation": {"can_judge": True, "reason": "enough cells", "n_all": 40, "n_hem": 40,
-                       "min_images_per_class": 30, "at_threshold": test["at_tuned"]},
+        "backbone": backbone,
+        "protocol": protocol,
+        "data_hash": f"hash-{protocol}",
+        "run_id": "r",
+        "threshold": 0.45,
+        "test": test,
+        "test_tta": test,
+        "best_epoch": 7,
+        "epochs_run": 12,
+        "train_seconds": 61.5,
+        "epoch_selection": "best validation macro F1",
+        "stopped_early": True,
+        "best_val_f1_macro": 0.8,
+        "calibration": calibration,
+        "validation": {
+            "can_judge": True,
+            "reason": "enough cells",
+            "n_all": 40,
+            "n_hem": 40,
+            "min_images_per_class": 30,
+            "at_threshold": test["at_tuned"],
+        },
     }
     payload = json.loads(json.dumps(payload))  # no shared sub-dicts: a test may change one part
     path.write_text(json.dumps(payload))
@@ -55,9 +82,22 @@ def test_report_puts_paper_rows_beside_ours(tmp_path: Path) -> None:
 
     table = pd.read_csv(tmp_path / "out" / "comparison.csv")
     assert {
-        "protocol", "backbone", "result", "threshold", "accuracy", "precision_all", "recall_all",
-        "f1_all", "roc_auc", "f1_macro", "balanced_accuracy", "f1_all_ci_low", "f1_all_ci_high",
-        "data_hash", "best_epoch", "metrics_file",
+        "protocol",
+        "backbone",
+        "result",
+        "threshold",
+        "accuracy",
+        "precision_all",
+        "recall_all",
+        "f1_all",
+        "roc_auc",
+        "f1_macro",
+        "balanced_accuracy",
+        "f1_all_ci_low",
+        "f1_all_ci_high",
+        "data_hash",
+        "best_epoch",
+        "metrics_file",
     } <= set(table.columns)
     assert len(table) == 8  # per model: the paper, ours at 0.5, at the tuned threshold, with TTA
     tuned = table[(table["backbone"] == "efficientnet_b3") & (table["threshold"] == 0.45)].iloc[0]
@@ -111,8 +151,13 @@ def test_tta_rows_and_calibration_table(tmp_path: Path) -> None:
     y = (rng.random(300) < 2 / 3).astype(int)
     p = np.clip(0.45 * y + 0.55 * rng.random(300), 0, 1)
     payload["test_tta"] = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], 0.45, n_boot=50)
-    payload["calibration"] |= {"temperature": 1.84, "test_ece_before": 0.1234, "test_ece_after": 0.0456,
-                               "test_nll_before": 0.61, "test_nll_after": 0.42}
+    payload["calibration"] |= {
+        "temperature": 1.84,
+        "test_ece_before": 0.1234,
+        "test_ece_after": 0.0456,
+        "test_nll_before": 0.61,
+        "test_nll_after": 0.42,
+    }
     (tmp_path / "b3.json").write_text(json.dumps(payload))
     report = build_report([tmp_path / "b3.json"], tmp_path / "out")
 

@@ -65,8 +65,7 @@ def png_header_bomb(width: int, height: int, bit_depth: int = 1, color_type: int
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     palette = chunk(b"PLTE", b"\0\0\0\xff\xff\xff") if color_type == 3 else b""
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + palette + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + palette + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 class _Exploit:
@@ -133,9 +132,7 @@ def test_decode_accepts_every_format_and_base64_style(good_bmp: bytes) -> None:
     assert np.abs(batch[3].astype(int) - batch[0].astype(int)).mean() < 20  # JPEG
 
 
-def test_decode_refuses_each_bad_input_naming_row_and_problem(
-    good_bmp: bytes, bomb_png: bytes, tmp_path: Path
-) -> None:
+def test_decode_refuses_each_bad_input_naming_row_and_problem(good_bmp: bytes, bomb_png: bytes, tmp_path: Path) -> None:
     marker = tmp_path / "unpickled"
     for name, (value, message) in bad_values(good_bmp, bomb_png, marker).items():
         with pytest.raises(InvalidInput, match=re.escape(message)) as info:
@@ -217,9 +214,7 @@ def test_pyfunc_maps_bad_input_to_invalid_parameter_value(classifier: LeukemiaCl
         assert info.value.get_http_status_code() == 400
 
 
-def test_unexpected_decode_errors_become_invalid_input(
-    monkeypatch: pytest.MonkeyPatch, good_bmp: bytes
-) -> None:
+def test_unexpected_decode_errors_become_invalid_input(monkeypatch: pytest.MonkeyPatch, good_bmp: bytes) -> None:
     import cnmc.serving
 
     def broken(data: bytes, size: int) -> np.ndarray:
@@ -338,8 +333,12 @@ def test_served_model_logs_no_traceback_for_bad_input(server: Server) -> None:
 def good_requests(good_bmp: bytes) -> dict[str, tuple[bytes, str]]:
     """name -> (body, Content-Type): every request format MLflow's server takes, one real-size cell."""
     image = cell_image()
-    values = [b64(good_bmp), b64(encoded(image, "PNG")), b64(encoded(image, "JPEG")),
-              b64(encoded(cell_image(seed=1, size=450), "BMP"))]
+    values = [
+        b64(good_bmp),
+        b64(encoded(image, "PNG")),
+        b64(encoded(image, "JPEG")),
+        b64(encoded(cell_image(seed=1, size=450), "BMP")),
+    ]
     split = {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
     frame = pd.DataFrame({"image": values})
     as_json = {

@@ -67,11 +67,18 @@ def test_subject_protocol_without_prelim_holds_out_subjects_for_test() -> None:
 
 
 def test_subject_in_folds_and_prelim_is_kept_out_of_training() -> None:
-    manifest = make_manifest([
-        ("fold_0", "all", "1", 4), ("fold_1", "all", "2", 4), ("fold_2", "all", "3", 4),
-        ("fold_0", "hem", "H1", 4), ("fold_1", "hem", "H2", 4), ("fold_2", "hem", "H3", 4),
-        ("prelim", "all", "1", 2), ("prelim", "hem", "H9", 2),
-    ])
+    manifest = make_manifest(
+        [
+            ("fold_0", "all", "1", 4),
+            ("fold_1", "all", "2", 4),
+            ("fold_2", "all", "3", 4),
+            ("fold_0", "hem", "H1", 4),
+            ("fold_1", "hem", "H2", 4),
+            ("fold_2", "hem", "H3", 4),
+            ("prelim", "all", "1", 2),
+            ("prelim", "hem", "H9", 2),
+        ]
+    )
     splits = split_manifest(manifest, SplitConfig(), seed=0)
     assert "1" not in subjects(splits, "train") | subjects(splits, "val")
     assert splits.report["subject_disjoint"] is True
@@ -186,18 +193,34 @@ def test_validation_share_is_of_images_around_a_fixed_test_set() -> None:
 
 
 def test_a_class_that_cannot_reach_the_minimum_is_named_with_its_counts(caplog) -> None:
-    manifest = make_manifest([
-        ("fold_0", "all", "1", 40), ("fold_1", "all", "2", 40), ("fold_2", "all", "3", 40),
-        ("fold_0", "hem", "H1", 5), ("fold_1", "hem", "H2", 4), ("fold_2", "hem", "H3", 3),
-        ("prelim", "all", "9", 30), ("prelim", "hem", "H9", 30),
-    ])
+    manifest = make_manifest(
+        [
+            ("fold_0", "all", "1", 40),
+            ("fold_1", "all", "2", 40),
+            ("fold_2", "all", "3", 40),
+            ("fold_0", "hem", "H1", 5),
+            ("fold_1", "hem", "H2", 4),
+            ("fold_2", "hem", "H3", 3),
+            ("prelim", "all", "9", 30),
+            ("prelim", "hem", "H9", 30),
+        ]
+    )
     with caplog.at_level("WARNING"):
         splits = split_manifest(manifest, SplitConfig(val_fraction=0.34), seed=0)
-    message = ("split 'val': class 'hem' gets 4 images, below split.min_images_per_class = 30 "
-               "(the pool holds 12 in 3 subjects)")
+    message = (
+        "split 'val': class 'hem' gets 4 images, below split.min_images_per_class = 30 "
+        "(the pool holds 12 in 3 subjects)"
+    )
     assert message in caplog.text and message in splits.report["notes"]
     assert splits.report["splits"]["val"]["images_per_class"]["all"] == 40
-    one = make_manifest([("fold_0", "all", "1", 40), ("fold_1", "all", "2", 40), ("fold_0", "hem", "H1", 50),
-                         ("prelim", "all", "9", 30), ("prelim", "hem", "H9", 30)])
+    one = make_manifest(
+        [
+            ("fold_0", "all", "1", 40),
+            ("fold_1", "all", "2", 40),
+            ("fold_0", "hem", "H1", 50),
+            ("prelim", "all", "9", 30),
+            ("prelim", "hem", "H9", 30),
+        ]
+    )
     notes = split_manifest(one, SplitConfig(), seed=0).report["notes"]
     assert any("'hem' gets 0 images" in note and "only one subject has that class" in note for note in notes)

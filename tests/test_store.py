@@ -67,10 +67,7 @@ def test_normalisation_values():
     x = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
     out = normalize_batch(x, IMAGENET_MEAN, IMAGENET_STD)
     assert out.shape == (1, 3, 1, 1) and out.dtype == torch.float32 and out.is_contiguous()
-    expected = [
-        (v / 255 - m) / s
-        for v, m, s in zip((0, 128, 255), IMAGENET_MEAN, IMAGENET_STD, strict=True)
-    ]
+    expected = [(v / 255 - m) / s for v, m, s in zip((0, 128, 255), IMAGENET_MEAN, IMAGENET_STD, strict=True)]
     assert out.flatten().tolist() == pytest.approx(expected, abs=1e-6)
     half = normalize_batch(torch.full((2, 4, 4, 3), 255, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3)
     assert torch.allclose(half, torch.ones_like(half))
@@ -109,9 +106,7 @@ def test_batched_path_equals_per_item_path(store_dir):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got, again, strict=True))
     xs = torch.cat([x for x, _ in got])
     plain = torch.cat([x for x, _ in batch_loader(ds, batch_size=4)])
-    assert sorted(xs.sum(dim=(1, 2, 3)).tolist()) == pytest.approx(
-        sorted(plain.sum(dim=(1, 2, 3)).tolist())
-    )
+    assert sorted(xs.sum(dim=(1, 2, 3)).tolist()) == pytest.approx(sorted(plain.sum(dim=(1, 2, 3)).tolist()))
 
 
 def test_on_the_fly_transform_batched_equals_per_item(store_dir):
@@ -155,9 +150,7 @@ def test_inconsistent_store_errors(tmp_path):
     with pytest.raises(CnmcError, match="not a readable .npy"):
         ImageStore(tmp_path / "a")
     write_store(tmp_path / "b")
-    pd.read_csv(tmp_path / "b" / "index.csv").drop(columns=["target"]).to_csv(
-        tmp_path / "b" / "index.csv"
-    )
+    pd.read_csv(tmp_path / "b" / "index.csv").drop(columns=["target"]).to_csv(tmp_path / "b" / "index.csv")
     with pytest.raises(CnmcError, match="no 'target' column"):
         ImageStore(tmp_path / "b")
 

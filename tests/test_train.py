@@ -55,9 +55,7 @@ def make_trainer(
     )
 
 
-def script_val_f1(
-    monkeypatch: pytest.MonkeyPatch, values: list[float], losses: list[float] | None = None
-) -> None:
+def script_val_f1(monkeypatch: pytest.MonkeyPatch, values: list[float], losses: list[float] | None = None) -> None:
     """Make the validation macro F1 (and, with ``losses``, the validation loss) of successive
     epochs the given values (the rest stays real), so the early-stopping logic is tested
     independently of what a tiny net happens to learn."""
@@ -111,9 +109,7 @@ def test_fit_runs_every_epoch_and_ends_with_the_best_weights(tiny_store, tmp_pat
     assert states_equal(saved["model"], snapshots[2])
 
 
-def test_early_stopping_stops_after_patience_epochs_without_improvement(
-    tiny_store, tmp_path, monkeypatch
-):
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tiny_store, tmp_path, monkeypatch):
     # Nothing improves after epoch 1 (TrainConfig refuses lr=0, and batch-norm statistics move even
     # then, so the metric is scripted): with patience 1, epoch 2 is the last.
     script_val_f1(monkeypatch, [0.6, 0.6, 0.6, 0.6], losses=[0.5, 0.5, 0.4, 0.3])
@@ -124,9 +120,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(
     assert result.best_epoch == 1
 
 
-def test_a_validation_set_too_small_to_judge_trains_every_epoch_and_keeps_the_last(
-    tiny_store, tmp_path, monkeypatch
-):
+def test_a_validation_set_too_small_to_judge_trains_every_epoch_and_keeps_the_last(tiny_store, tmp_path, monkeypatch):
     # The scripted F1 peaks at epoch 1, which early stopping would keep; a validation set with
     # fewer than min_val_per_class cells of a class may not choose.
     script_val_f1(monkeypatch, [0.9, 0.5, 0.5, 0.5], losses=[0.1, 0.5, 0.5, 0.5])
@@ -227,4 +221,3 @@ def test_a_diverging_loss_stops_training(tiny_store, tmp_path):
     with pytest.raises(FloatingPointError, match="epoch 1"):
         trainer.fit()
     assert not (tmp_path / "checkpoint.pt").exists()
-

@@ -28,8 +28,14 @@ STUDY = "tiny-tune"
 def tune_params(tmp_path: Path, **tune_cfg: object) -> Params:
     raw = Params().model_dump()
     raw["train"] |= {"pretrained": False, "device": "cpu", "batch_size": 16, "num_workers": 0}
-    raw["tune"] |= {"backbone": "test_resnet", "epochs": 1, "n_trials": 3, "study_name": STUDY,
-                    "storage": f"journal:{tmp_path / 'optuna-journal.log'}", **tune_cfg}
+    raw["tune"] |= {
+        "backbone": "test_resnet",
+        "epochs": 1,
+        "n_trials": 3,
+        "study_name": STUDY,
+        "storage": f"journal:{tmp_path / 'optuna-journal.log'}",
+        **tune_cfg,
+    }
     return Params.model_validate(raw)
 
 
@@ -68,8 +74,12 @@ def test_study_is_tracked_and_writes_tuned_params(tiny_store, mlflow_db, tmp_pat
     assert 1e-5 <= tuned["train"]["lr"] <= 1e-3 and 0.0 <= tuned["augment"]["strength"] <= 1.0
     assert f"trial {summary.best_trial}" in text and STUDY in text
     merged = Params.model_validate(
-        {**params.model_dump(), "train": params.train.model_dump() | tuned["train"],
-         "augment": params.augment.model_dump() | tuned["augment"]})
+        {
+            **params.model_dump(),
+            "train": params.train.model_dump() | tuned["train"],
+            "augment": params.augment.model_dump() | tuned["augment"],
+        }
+    )
     assert merged.train.lr == summary.best_lr  # valid settings for `cnmc train --params-from`
 
     client = MlflowClient()
@@ -158,10 +168,28 @@ def test_two_concurrent_workers_share_one_journal(tiny_store, mlflow_db, tmp_pat
     config.write_text(yaml.safe_dump(params.model_dump()))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # two workers, two cores
     workers = [
-        subprocess.Popen([sys.executable, "-m", "cnmc", "tune", "--params", str(config), "-q",
-                          "--n-trials", str(per_worker), "--store", str(tiny_store / "images"),
-                          "--output", str(tmp_path / f"tuned-{i}.yaml")],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cnmc",
+                "tune",
+                "--params",
+                str(config),
+                "-q",
+                "--n-trials",
+                str(per_worker),
+                "--store",
+                str(tiny_store / "images"),
+                "--output",
+                str(tmp_path / f"tuned-{i}.yaml"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [w.communicate(timeout=240) for w in workers]

@@ -19,8 +19,14 @@ import pytest
 BIN = Path(sys.executable).parent
 BACKBONES = ("test_resnet", "test_efficientnet")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-quic",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
 ]
 # Let the React app fetch and render before the DOM is dumped or the screenshot taken.
 RENDER = ["--virtual-time-budget=15000", "--window-size=1600,1000"]
@@ -34,8 +40,10 @@ def browser() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):
             return path
-    pytest.skip("headless Chromium not installed: the MLflow UI check needs it "
-                "(Debian: apt-get install chromium; .ci/run installs it before `make test`)")
+    pytest.skip(
+        "headless Chromium not installed: the MLflow UI check needs it "
+        "(Debian: apt-get install chromium; .ci/run installs it before `make test`)"
+    )
 
 
 @pytest.fixture
@@ -45,9 +53,21 @@ def mlflow_ui(browser: str, tiny_runs, tmp_path: Path, request: pytest.FixtureRe
     log = tmp_path / "mlflow-server.log"
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     proc = local_server.start(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", tiny_runs.tracking_uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        tmp_path, env, log,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            tiny_runs.tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        tmp_path,
+        env,
+        log,
     )
     request.addfinalizer(lambda: local_server.stop(proc, grace=15))
     url = f"http://127.0.0.1:{port}"
@@ -55,12 +75,15 @@ def mlflow_ui(browser: str, tiny_runs, tmp_path: Path, request: pytest.FixtureRe
     return url
 
 
-def run_chromium(browser: str, args: list[str], profile: Path,
-                 timeout: float = PAGE_RENDER_S) -> subprocess.CompletedProcess:
+def run_chromium(
+    browser: str, args: list[str], profile: Path, timeout: float = PAGE_RENDER_S
+) -> subprocess.CompletedProcess:
     shutil.rmtree(profile, ignore_errors=True)  # a fresh profile every time: no state carried over
     return subprocess.run(
         [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -70,8 +93,9 @@ def visible_text(html: str) -> str:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_lists_runs_of_both_backbones(browser: str, tiny_runs, mlflow_ui: str, tmp_path: Path,
-                                                record_property: Callable[[str, object], None]) -> None:
+def test_mlflow_ui_lists_runs_of_both_backbones(
+    browser: str, tiny_runs, mlflow_ui: str, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     runs = [tiny_runs(backbone) for backbone in BACKBONES]
     assert len({run.experiment_id for run in runs}) == 1
     page = f"{mlflow_ui}/#/experiments/{runs[0].experiment_id}/runs?workflowType=machine_learning"

@@ -69,11 +69,17 @@ def fit_temperature(logits: ArrayLike, targets: ArrayLike) -> float:
     )
     temperature = float(np.exp(result.x))
     if temperature <= T_MIN * 1.001:
-        log.warning("temperature %.3g hit the lower bound %g: validation data too few or separable "
-                    "for temperature scaling", temperature, T_MIN)
+        log.warning(
+            "temperature %.3g hit the lower bound %g: validation data too few or separable for temperature scaling",
+            temperature,
+            T_MIN,
+        )
     elif temperature >= T_MAX * 0.999:
-        log.warning("temperature %.3g hit the upper bound %g: on validation, the model is hardly "
-                    "better than chance", temperature, T_MAX)
+        log.warning(
+            "temperature %.3g hit the upper bound %g: on validation, the model is hardly better than chance",
+            temperature,
+            T_MAX,
+        )
     return temperature
 
 

@@ -42,8 +42,11 @@ def _params(args: argparse.Namespace) -> Params:
     params = load_params(path) if path.is_file() or not args.model_only else Params()
     if getattr(args, "params_from", None):
         params = merge_params_file(params, Path(args.params_from))
-    shorthand = [f"{dest.removeprefix(SETTING_PREFIX)}={value}" for dest, value in vars(args).items()
-                 if dest.startswith(SETTING_PREFIX) and value is not None]
+    shorthand = [
+        f"{dest.removeprefix(SETTING_PREFIX)}={value}"
+        for dest, value in vars(args).items()
+        if dest.startswith(SETTING_PREFIX) and value is not None
+    ]
     return apply_overrides(params, shorthand + list(args.set or []))
 
 
@@ -119,20 +122,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     params = _params(args)
     if args.data:
         root = Path(args.work_dir)
-        prepare_work_dir(Path(args.data), root, params, Path(args.test_data) if args.test_data else None,
-                         progress=not args.quiet)
+        prepare_work_dir(
+            Path(args.data), root, params, Path(args.test_data) if args.test_data else None, progress=not args.quiet
+        )
     elif store_matches(Path("outputs/images"), params):
         root = Path("outputs")
     else:  # no store yet, or flags changed its settings: prepare a matching one beside it
         root = Path("outputs/prepared")
         prepare_work_dir(Path(params.data_dir), root, params, progress=not args.quiet)
     paths = RunPaths(root, args.backbone)
-    fit = fit_and_log(params, args.backbone, paths, resume=args.resume, weights_path=args.weights_path,
-                      progress=not args.quiet)
+    fit = fit_and_log(
+        params, args.backbone, paths, resume=args.resume, weights_path=args.weights_path, progress=not args.quiet
+    )
     if not args.evaluate:
-        print(f"{fit.backbone}: trained {fit.epochs_run} epochs, kept epoch {fit.best_epoch} "
-              f"({fit.epoch_selection}); MLflow run {fit.run_id}; evaluate with `cnmc evaluate --backbone "
-              f"{fit.backbone}" + ("" if root == Path("outputs") else f" --root {root}") + "`")
+        print(
+            f"{fit.backbone}: trained {fit.epochs_run} epochs, kept epoch {fit.best_epoch} "
+            f"({fit.epoch_selection}); MLflow run {fit.run_id}; evaluate with `cnmc evaluate --backbone "
+            f"{fit.backbone}" + ("" if root == Path("outputs") else f" --root {root}") + "`"
+        )
         return
     _evaluate(params, paths, args.metrics_out)
 
@@ -150,8 +157,10 @@ def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
     if metrics_out:
         document.save(Path(metrics_out))
     tuned = document.test.at_tuned
-    print(f"{document.backbone}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
-          f"AUC {tuned['roc_auc']:.4f} at threshold {document.threshold:.3f}; MLflow run {document.run_id}")
+    print(
+        f"{document.backbone}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
+        f"AUC {tuned['roc_auc']:.4f} at threshold {document.threshold:.3f}; MLflow run {document.run_id}"
+    )
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -164,8 +173,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from cnmc.predict import predict_paths
 
-    summary = predict_paths(_model_uri(args), args.inputs, Path(args.output), batch_size=args.batch_size,
-                            progress=not args.quiet)
+    summary = predict_paths(
+        _model_uri(args), args.inputs, Path(args.output), batch_size=args.batch_size, progress=not args.quiet
+    )
     print(summary.line())
 
 
@@ -216,16 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_params(p: argparse.ArgumentParser, model_only: bool = False) -> None:
         p.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override one setting of the params file, e.g. --set train.lr=3e-4 (repeatable; "
-                       "values are YAML, checked like params.yaml)")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one setting of the params file, e.g. --set train.lr=3e-4 (repeatable; "
+            "values are YAML, checked like params.yaml)",
+        )
         p.set_defaults(model_only=model_only)
 
     def setting(p: argparse.ArgumentParser, flag: str, key: str, **kwargs: object) -> None:
         """A flag people type daily, shorthand for ``--set KEY=VALUE`` (an empty value keeps the file's)."""
         kwargs.setdefault("metavar", "VALUE")
-        p.add_argument(flag, dest=SETTING_PREFIX + key, help=f"override {key} (same as --set {key}=VALUE)",
-                       **kwargs)  # type: ignore[arg-type]
+        p.add_argument(flag, dest=SETTING_PREFIX + key, help=f"override {key} (same as --set {key}=VALUE)", **kwargs)  # type: ignore[arg-type]
 
     def add_model(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model URI (default: models:/<promote.model_name>@<promote.alias> of --params)")
@@ -235,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=PROFILES)
     p.add_argument("-o", "--output", default=PARAMS_FILE, help="file to write (default: %(default)s)")
 
-    p = add("demo-data", cmd_demo_data,
-            "Copy the shipped demo set (523 real C-NMC 2019 cells, Kaggle layout) into a folder.")
+    p = add(
+        "demo-data",
+        cmd_demo_data,
+        "Copy the shipped demo set (523 real C-NMC 2019 cells, Kaggle layout) into a folder.",
+    )
     p.add_argument("out_dir", help="folder to create (must be absent or empty)")
 
     p = add(
@@ -268,65 +284,110 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preview", default="outputs/plots/augment_preview.png", help="preview grid PNG (default: %(default)s)"
     )
-    for flag, key in (("--image-size", "augment.image_size"), ("--per-class", "augment.per_class"),
-                      ("--strength", "augment.strength"), ("--workers", "augment.workers"), ("--seed", "seed")):
+    for flag, key in (
+        ("--image-size", "augment.image_size"),
+        ("--per-class", "augment.per_class"),
+        ("--strength", "augment.strength"),
+        ("--workers", "augment.workers"),
+        ("--seed", "seed"),
+    ):
         setting(p, flag, key)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    p = add("train", cmd_train, "Fine-tune one backbone and log the run to MLflow; then evaluate it (cnmc evaluate) "
-            "unless --no-evaluate.")
+    p = add(
+        "train",
+        cmd_train,
+        "Fine-tune one backbone and log the run to MLflow; then evaluate it (cnmc evaluate) unless --no-evaluate.",
+    )
     add_params(p)
     p.add_argument("--backbone", required=True, help="timm backbone, e.g. efficientnet_b3 or tf_efficientnet_lite0")
-    for flag, key in (("--epochs", "train.epochs"), ("--lr", "train.lr"), ("--batch-size", "train.batch_size"),
-                      ("--device", "train.device"), ("--image-size", "augment.image_size"), ("--seed", "seed")):
+    for flag, key in (
+        ("--epochs", "train.epochs"),
+        ("--lr", "train.lr"),
+        ("--batch-size", "train.batch_size"),
+        ("--device", "train.device"),
+        ("--image-size", "augment.image_size"),
+        ("--seed", "seed"),
+    ):
         setting(p, flag, key)
     setting(p, "--pretrained", "train.pretrained", action=argparse.BooleanOptionalAction, metavar=None)
     p.add_argument("--weights-path", help="local weights file for the backbone (.pth or .safetensors)")
     p.add_argument("--params-from", help="YAML of values layered over --params, e.g. tuned.yaml from `cnmc tune`")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate after training (default; --no-evaluate: fit only, as the DVC train stage)")
+    p.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate after training (default; --no-evaluate: fit only, as the DVC train stage)",
+    )
     p.add_argument("--data", help="train on this data folder directly (any supported layout), not the DVC outputs")
     p.add_argument("--test-data", help="with --data: a separate labelled test folder")
     p.add_argument("--work-dir", default="outputs/direct", help="with --data: working folder (default: %(default)s)")
     p.add_argument("--metrics-out", help="also write the test metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = add("evaluate", cmd_evaluate, "Calibrate a trained backbone on validation, evaluate it on test and log "
-            "the served model, in the MLflow run that trained it.")
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "Calibrate a trained backbone on validation, evaluate it on test and log "
+        "the served model, in the MLflow run that trained it.",
+    )
     add_params(p)
     p.add_argument("--backbone", required=True, help="backbone whose <root>/models/<backbone> to evaluate")
     p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
     p.add_argument("--metrics-out", help="also write the metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = add("promote", cmd_promote,
-            "Register the best run (by promote.metric on validation) and move the 'champion' alias if it is better.")
+    p = add(
+        "promote",
+        cmd_promote,
+        "Register the best run (by promote.metric on validation) and move the 'champion' alias if it is better.",
+    )
     add_params(p)
     p.add_argument("--out-dir", default="registry", help="champion.json and model_card.md (default: %(default)s)")
 
-    p = add("predict", cmd_predict,
-            "Classify image files, folders or globs with a logged model; unreadable files are listed, not fatal.")
+    p = add(
+        "predict",
+        cmd_predict,
+        "Classify image files, folders or globs with a logged model; unreadable files are listed, not fatal.",
+    )
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
     add_model(p)
     p.add_argument("-o", "--output", default="predictions.csv", help="output CSV (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    p = add("serve", cmd_serve, "Serve a model (default: the champion) over HTTP: MLflow's scoring app, with "
-            "JSON errors, request limits and GET /info (README: serving).")
+    p = add(
+        "serve",
+        cmd_serve,
+        "Serve a model (default: the champion) over HTTP: MLflow's scoring app, with "
+        "JSON errors, request limits and GET /info (README: serving).",
+    )
     add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
-    p.add_argument("--max-batch", type=_positive(int), default=64,
-                   help="images per request; more is refused with 413 (default: %(default)s)")
-    p.add_argument("--max-body-mb", type=_positive(float), default=64.0,
-                   help="request body limit in MiB; larger is refused with 413 (default: %(default)s)")
+    p.add_argument(
+        "--max-batch",
+        type=_positive(int),
+        default=64,
+        help="images per request; more is refused with 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=_positive(float),
+        default=64.0,
+        help="request body limit in MiB; larger is refused with 413 (default: %(default)s)",
+    )
 
     p = add("tune", cmd_tune, "Tune learning rate and augmentation strength with Optuna (validation macro F1).")
     add_params(p)
-    for flag, key in (("--n-trials", "tune.n_trials"), ("--epochs", "tune.epochs"), ("--study-name", "tune.study_name"),
-                      ("--storage", "tune.storage"), ("--backbone", "tune.backbone")):
+    for flag, key in (
+        ("--n-trials", "tune.n_trials"),
+        ("--epochs", "tune.epochs"),
+        ("--study-name", "tune.study_name"),
+        ("--storage", "tune.storage"),
+        ("--backbone", "tune.backbone"),
+    ):
         setting(p, flag, key)
     p.add_argument("--store", default="outputs/images", help="image store from `cnmc augment` (default: %(default)s)")
     p.add_argument("-o", "--output", default="outputs/tuned.yaml", help="best parameters file (default: %(default)s)")

@@ -140,8 +140,10 @@ class TuneConfig(_Section):
                 return value
         elif _RDB_URL.match(value):
             return value
-        raise ValueError(f"expected journal:PATH (e.g. journal:optuna-journal.log) or an RDB URL "
-                         f"(e.g. postgresql://user@host/db, sqlite:///optuna.db), got {value!r}")
+        raise ValueError(
+            f"expected journal:PATH (e.g. journal:optuna-journal.log) or an RDB URL "
+            f"(e.g. postgresql://user@host/db, sqlite:///optuna.db), got {value!r}"
+        )
 
 
 class Params(_Section):

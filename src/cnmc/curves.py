@@ -28,9 +28,7 @@ def training_curves_png(history: Sequence[Mapping[str, float]], path: Path | str
     score_ax.plot(table["epoch"], table["val_roc_auc"], "o-", ms=3, label="validation ROC AUC")
     score_ax.set(xlabel="Epoch", ylabel="Score", title="Validation scores")
     for ax in (loss_ax, score_ax):
-        ax.axvline(
-            best["epoch"], color="grey", ls="--", lw=1, label=f"best epoch {int(best['epoch'])}"
-        )
+        ax.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best epoch {int(best['epoch'])}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     score_ax.plot(best["epoch"], best["val_f1_macro"], "*", ms=12, color="C3", zorder=3)

@@ -21,16 +21,12 @@ BOOTSTRAP_METRICS = SCALAR_METRICS
 CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")
 
 
-def _arrays(
-    y_true: ArrayLike, prob_all: ArrayLike
-) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+def _arrays(y_true: ArrayLike, prob_all: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """Validate once, so every metric below can trust its inputs."""
     labels = np.asarray(y_true).ravel()
     p = np.asarray(prob_all, dtype=np.float64).ravel()
     if labels.size == 0 or labels.size != p.size:
-        raise ValueError(
-            f"need equally long, non-empty labels and probabilities (got {labels.size}, {p.size})"
-        )
+        raise ValueError(f"need equally long, non-empty labels and probabilities (got {labels.size}, {p.size})")
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("labels must be 0 (Hem) or 1 (ALL)")
     y = labels.astype(np.int64)
@@ -126,13 +122,13 @@ def judging_shortfall(y_true: ArrayLike, min_per_class: int) -> str:
     n_all, n_hem = int((y == 1).sum()), int((y == 0).sum())
     if min(n_all, n_hem) >= min_per_class:
         return ""
-    return (f"validation holds {n_all} ALL and {n_hem} Hem cells, fewer than split.min_images_per_class = "
-            f"{min_per_class} of each")
+    return (
+        f"validation holds {n_all} ALL and {n_hem} Hem cells, fewer than split.min_images_per_class = "
+        f"{min_per_class} of each"
+    )
 
 
-def _resample_auc(
-    weights: NDArray[np.float64], y: NDArray[np.int64], p: NDArray[np.float64]
-) -> NDArray[np.float64]:
+def _resample_auc(weights: NDArray[np.float64], y: NDArray[np.int64], p: NDArray[np.float64]) -> NDArray[np.float64]:
     """ROC AUC per resample (a row of per-cell counts): Mann-Whitney, ties count 1/2."""
     order = np.argsort(p, kind="stable")
     ps, w = p[order], weights[:, order]
@@ -217,10 +213,7 @@ def evaluate_split(
     }
     if n_boot > 0:
         out["ci95"] = {
-            key: {
-                name: list(ci)
-                for name, ci in bootstrap_ci(y_true, prob_all, t, n_boot=n_boot, seed=seed).items()
-            }
+            key: {name: list(ci) for name, ci in bootstrap_ci(y_true, prob_all, t, n_boot=n_boot, seed=seed).items()}
             for key, t in (("at_0.5", 0.5), ("at_tuned", val_threshold))
         }
     return out

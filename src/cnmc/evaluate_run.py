@@ -46,8 +46,12 @@ def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsD
         document = _evaluate(model, spec, stores, params, paths, fit)
         document.save(paths.metrics)
         mlflow.log_metrics(document.mlflow_metrics())
-        mlflow.set_tags({"validation_can_judge": str(document.validation.can_judge).lower(),
-                         "validation_note": document.validation.reason})
+        mlflow.set_tags(
+            {
+                "validation_can_judge": str(document.validation.can_judge).lower(),
+                "validation_note": document.validation.reason,
+            }
+        )
         mlflow.log_artifact(str(paths.metrics))
     return document
 
@@ -63,14 +67,21 @@ def _load_trained(paths: RunPaths, backbone: str) -> tuple[FitSummary, ModelSpec
     return fit, spec, model
 
 
-def _logits(model: torch.nn.Module, store: ImageStore, spec: ModelSpec, batch_size: int,
-            views: Views | None = None) -> np.ndarray:
+def _logits(
+    model: torch.nn.Module, store: ImageStore, spec: ModelSpec, batch_size: int, views: Views | None = None
+) -> np.ndarray:
     loader = batch_loader(StoreDataset(store, normalize=False), batch_size=batch_size)
     return predict_logits(model, (images for images, _ in loader), spec.mean, spec.std, views=views)
 
 
-def _evaluate(model: torch.nn.Module, spec: ModelSpec, stores: dict[str, ImageStore], params: Params,
-              paths: RunPaths, fit: FitSummary) -> MetricsDocument:
+def _evaluate(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    stores: dict[str, ImageStore],
+    params: Params,
+    paths: RunPaths,
+    fit: FitSummary,
+) -> MetricsDocument:
     """Calibrate and tune on validation, evaluate on test (plain and TTA), write and log the artifacts.
 
     The temperature is fitted on the raw validation logits, the threshold on the calibrated
@@ -88,7 +99,8 @@ def _evaluate(model: torch.nn.Module, spec: ModelSpec, stores: dict[str, ImageSt
     validation = Validation(
         can_judge=not shortfall,
         reason=shortfall or "enough cells of both classes: temperature and threshold fitted on validation",
-        n_all=int(val.targets.sum()), n_hem=int(len(val.targets) - val.targets.sum()),
+        n_all=int(val.targets.sum()),
+        n_hem=int(len(val.targets) - val.targets.sum()),
         min_images_per_class=params.split.min_images_per_class,
         at_threshold=binary_metrics(val.targets, val_prob, threshold),
     )
@@ -96,8 +108,11 @@ def _evaluate(model: torch.nn.Module, spec: ModelSpec, stores: dict[str, ImageSt
     # One pass over the test set gives the logits of every view; view 0 is the plain image.
     test_views = _logits(model, test, spec, batch, views=tta_views)
     test_logits = test_views[:, 0]
-    test_prob, tta_prob, raw_prob = prob_all(test_logits, temperature), prob_all(test_views, temperature), \
-        prob_all(test_logits)
+    test_prob, tta_prob, raw_prob = (
+        prob_all(test_logits, temperature),
+        prob_all(test_views, temperature),
+        prob_all(test_logits),
+    )
     subjects = list(test.index["subject"])
     calibration = Calibration(
         temperature=temperature,
@@ -111,31 +126,54 @@ def _evaluate(model: torch.nn.Module, spec: ModelSpec, stores: dict[str, ImageSt
     )
     _write_artifacts(model, spec, test, test_prob, tta_prob, raw_prob, paths)
     return MetricsDocument(
-        **fit.model_dump(), protocol=params.split.protocol, data_hash=data_hash(), threshold=threshold,
-        validation=validation, calibration=calibration,
+        **fit.model_dump(),
+        protocol=params.split.protocol,
+        data_hash=data_hash(),
+        threshold=threshold,
+        validation=validation,
+        calibration=calibration,
         test=SplitEvaluation.model_validate(evaluate_split(test.targets, test_prob, subjects, threshold)),
         test_tta=SplitEvaluation.model_validate(evaluate_split(test.targets, tta_prob, subjects, threshold)),
     )
 
 
-def _write_artifacts(model: torch.nn.Module, spec: ModelSpec, test: ImageStore, test_prob: np.ndarray,
-                     tta_prob: np.ndarray, raw_prob: np.ndarray, paths: RunPaths) -> None:
+def _write_artifacts(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    test: ImageStore,
+    test_prob: np.ndarray,
+    tta_prob: np.ndarray,
+    raw_prob: np.ndarray,
+    paths: RunPaths,
+) -> None:
     """The test plots, the Grad-CAM grid, ``predictions.csv``, the calibrated ``model.json`` and the pyfunc."""
     threshold, name = spec.threshold, spec.backbone
     y_pred = (test_prob >= threshold).astype(int)
     plots_dir, out_dir = mkdir(paths.plots_dir), mkdir(paths.evaluation_dir)
-    plots.confusion_matrix_png(test.targets, y_pred, plots_dir / "confusion.png",
-                               f"{name}: test, threshold {threshold:.2f}")
+    plots.confusion_matrix_png(
+        test.targets, y_pred, plots_dir / "confusion.png", f"{name}: test, threshold {threshold:.2f}"
+    )
     plots.confusion_matrix_json(test.targets, y_pred, plots_dir / "confusion.json")
     plots.roc_png(test.targets, test_prob, plots_dir / "roc.png", f"{name}: test ROC")
     plots.roc_csv(test.targets, test_prob, plots_dir / "roc.csv")
-    plots.reliability_png(test.targets, raw_prob, test_prob, plots_dir / "reliability.png",
-                          f"{name}: test, temperature {spec.temperature:.3g}")
+    plots.reliability_png(
+        test.targets,
+        raw_prob,
+        test_prob,
+        plots_dir / "reliability.png",
+        f"{name}: test, temperature {spec.temperature:.3g}",
+    )
     log_gradcam_grid(model, spec, test, test_prob, threshold, plots_dir / "gradcam.png")
-    pd.DataFrame({
-        "path": test.index["path"], "subject": test.index["subject"], "label": test.index["label"],
-        "prob_all": test_prob, "predicted": np.where(y_pred == 1, "all", "hem"), "prob_all_tta": tta_prob,
-    }).to_csv(out_dir / "predictions.csv", index=False)
+    pd.DataFrame(
+        {
+            "path": test.index["path"],
+            "subject": test.index["subject"],
+            "label": test.index["label"],
+            "prob_all": test_prob,
+            "predicted": np.where(y_pred == 1, "all", "hem"),
+            "prob_all_tta": tta_prob,
+        }
+    ).to_csv(out_dir / "predictions.csv", index=False)
     spec.save(out_dir / "model.json")
     mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
     mlflow.log_artifact(str(out_dir / "predictions.csv"))

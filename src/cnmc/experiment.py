@@ -13,8 +13,14 @@ from cnmc.metrics_document import MetricsDocument
 from cnmc.runs import RunPaths
 
 
-def train_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool = False,
-                  weights_path: str | None = None, progress: bool = True) -> MetricsDocument:
+def train_and_log(
+    params: Params,
+    backbone: str,
+    paths: RunPaths,
+    resume: bool = False,
+    weights_path: str | None = None,
+    progress: bool = True,
+) -> MetricsDocument:
     """Fit ``backbone`` (:mod:`cnmc.fit_run`), then evaluate it (:mod:`cnmc.evaluate_run`)."""
     fit_and_log(params, backbone, paths, resume=resume, weights_path=weights_path, progress=progress)
     return evaluate_and_log(params, backbone, paths)

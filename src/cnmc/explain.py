@@ -221,8 +221,14 @@ def select_examples(
         picked = np.sort(rng.choice(rows, size=take, replace=False)) if take else rows[:0]
         name = f"{CLASS_NAMES[1 if label == 'all' else 0]}, {'correct' if correct else 'wrong'}"
         chosen.extend(
-            {"row": int(r), "group": name, "label": label, "prob_all": float(probs[r]),
-             "predicted": "all" if predicted[r] else "hem", "correct": bool(correct)}
+            {
+                "row": int(r),
+                "group": name,
+                "label": label,
+                "prob_all": float(probs[r]),
+                "predicted": "all" if predicted[r] else "hem",
+                "correct": bool(correct),
+            }
             for r in picked
         )
     return pd.DataFrame(chosen, columns=["row", "group", "label", "prob_all", "predicted", "correct"])
@@ -254,8 +260,17 @@ def log_gradcam_grid(
     rows = picks["row"].to_numpy(dtype=np.int64)
     images = np.asarray(test_store.images[rows]) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
     title = f"{spec.backbone}: Grad-CAM on test cells (threshold {threshold:.2f}; left cell, right overlay)"
-    return gradcam_grid(model, spec, images, list(picks["label"]), picks["prob_all"].to_numpy(), out_png,
-                        title, threshold=threshold, groups=list(picks["group"]))
+    return gradcam_grid(
+        model,
+        spec,
+        images,
+        list(picks["label"]),
+        picks["prob_all"].to_numpy(),
+        out_png,
+        title,
+        threshold=threshold,
+        groups=list(picks["group"]),
+    )
 
 
 # -- cnmc explain -----------------------------------------------------------------------------
@@ -279,8 +294,14 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
     rows: list[dict[str, Any]] = []
     names: set[str] = set()
     for path in files:
-        row: dict[str, Any] = {"path": str(path), "label": None, "prob_all": None,
-                               "threshold": spec.threshold, "overlay": None, "error": None}
+        row: dict[str, Any] = {
+            "path": str(path),
+            "label": None,
+            "prob_all": None,
+            "threshold": spec.threshold,
+            "overlay": None,
+            "error": None,
+        }
         rows.append(row)
         try:
             image = decode_image(_read_image(path), spec.image_size)[None]
@@ -316,18 +337,19 @@ def _classifier(pyfunc: Any, model_uri: str) -> Any:
     return python_model
 
 
-def _single_png(image: np.ndarray, heatmap: np.ndarray, path: Path, name: str, prob: float,
-                spec: ModelSpec) -> Path:
+def _single_png(image: np.ndarray, heatmap: np.ndarray, path: Path, name: str, prob: float, spec: ModelSpec) -> Path:
     predicted = CLASS_NAMES[int(prob >= spec.threshold)]
     fig = Figure(figsize=(6.4, 3.6))
-    for i, (picture, caption) in enumerate(((image, "cell (as the model sees it)"),
-                                            (overlay(image, heatmap), f"Grad-CAM of {predicted}"))):
+    for i, (picture, caption) in enumerate(
+        ((image, "cell (as the model sees it)"), (overlay(image, heatmap), f"Grad-CAM of {predicted}"))
+    ):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(caption, fontsize=9)
         ax.set_axis_off()
-    fig.suptitle(f"{name}: {predicted}, p(ALL) {prob:.3f} (threshold {spec.threshold:.2f}, {spec.backbone})",
-                 fontsize=10)
+    fig.suptitle(
+        f"{name}: {predicted}, p(ALL) {prob:.3f} (threshold {spec.threshold:.2f}, {spec.backbone})", fontsize=10
+    )
     fig.tight_layout()
     return _save_png(fig, path, {"prob_all": f"{prob:.6f}", "label": predicted.lower(), "Title": name})
 

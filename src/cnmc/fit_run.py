@@ -21,8 +21,14 @@ from cnmc.runs import RunPaths, flat_params, mkdir, open_stores, start_run, stor
 from cnmc.train import Trainer, config_fingerprint
 
 
-def fit_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool = False,
-                weights_path: str | None = None, progress: bool = True) -> FitSummary:
+def fit_and_log(
+    params: Params,
+    backbone: str,
+    paths: RunPaths,
+    resume: bool = False,
+    weights_path: str | None = None,
+    progress: bool = True,
+) -> FitSummary:
     """Train ``backbone`` on the store, log params and per-epoch metrics, save the selected weights."""
     stores = open_stores(paths)
     weights_path = weights_path or weights_in_dir(params.train.weights_dir, backbone)
@@ -31,9 +37,19 @@ def fit_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool = F
     torch.manual_seed(params.seed)
     net = create_backbone(backbone, pretrained=params.train.pretrained, weights_path=weights_path)
     fingerprint = config_fingerprint({"params": flat_params(params, backbone), "store": store_hash(paths.store)})
-    trainer = Trainer(net.model, net.mean, net.std, stores["train"], stores["val"], params.train,
-                      params.seed, paths.checkpoint, fingerprint, params.split.min_images_per_class,
-                      progress=progress)
+    trainer = Trainer(
+        net.model,
+        net.mean,
+        net.std,
+        stores["train"],
+        stores["val"],
+        params.train,
+        params.seed,
+        paths.checkpoint,
+        fingerprint,
+        params.split.min_images_per_class,
+        progress=progress,
+    )
 
     run_id_file = paths.checkpoint.with_name("mlflow_run_id")
     resume_run = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
@@ -50,17 +66,24 @@ def fit_and_log(params: Params, backbone: str, paths: RunPaths, resume: bool = F
             fit = trainer.fit(resume=resume, on_epoch=on_epoch)
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
-            raise CnmcError(f"interrupted: the last epoch's checkpoint is in {paths.checkpoint}; "
-                            "rerun with --resume to continue") from None
+            raise CnmcError(
+                f"interrupted: the last epoch's checkpoint is in {paths.checkpoint}; rerun with --resume to continue"
+            ) from None
         curves = training_curves_png(fit.history, mkdir(paths.curves.parent) / paths.curves.name)
         mlflow.log_artifact(str(curves), artifact_path="plots")
         model_dir = mkdir(paths.model_dir)
         torch.save(trainer.model.state_dict(), model_dir / "weights.pt")
         ModelSpec(backbone, stores["train"].image_size, net.mean, net.std).save(model_dir / "model.json")
         summary = FitSummary(
-            backbone=backbone, run_id=run.info.run_id, weights=net.weights, best_epoch=fit.best_epoch,
-            epochs_run=len(fit.history), epoch_selection=fit.selection, stopped_early=fit.stopped_early,
-            train_seconds=round(fit.seconds, 1), best_val_f1_macro=fit.best_val_f1_macro,
+            backbone=backbone,
+            run_id=run.info.run_id,
+            weights=net.weights,
+            best_epoch=fit.best_epoch,
+            epochs_run=len(fit.history),
+            epoch_selection=fit.selection,
+            stopped_early=fit.stopped_early,
+            train_seconds=round(fit.seconds, 1),
+            best_val_f1_macro=fit.best_val_f1_macro,
         )
         summary.save(paths.fit_file)
     return summary

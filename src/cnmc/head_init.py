@@ -24,7 +24,9 @@ PROBE_C = 1.0  # inverse L2 strength of the probe (sklearn's default; pooled fea
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logit features (N, D) and targets (N,) of every batch, the model in eval mode."""
     model.eval()
     feats, targets = [], []

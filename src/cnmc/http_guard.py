@@ -79,8 +79,12 @@ def error_body(status: int, body: bytes) -> bytes:
         message = document.get("message", document.get("detail", ""))
     else:
         message = body.decode("utf-8", "replace")
-    return json.dumps({"error_code": code if isinstance(code, str) and code else status_name(status),
-                       "message": client_message(str(message)) or HTTPStatus(status).phrase}).encode()
+    return json.dumps(
+        {
+            "error_code": code if isinstance(code, str) and code else status_name(status),
+            "message": client_message(str(message)) or HTTPStatus(status).phrase,
+        }
+    ).encode()
 
 
 def content_type_problem(header: str | None) -> str | None:
@@ -195,8 +199,9 @@ class _ErrorsAsJson:
 
 async def send_error(send: Send, status: int, message: str) -> None:
     """Answer with our own JSON error."""
-    await _send_json(send, status, json.dumps({"error_code": status_name(status),
-                                               "message": client_message(message)}).encode())
+    await _send_json(
+        send, status, json.dumps({"error_code": status_name(status), "message": client_message(message)}).encode()
+    )
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:

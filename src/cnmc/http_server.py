@@ -32,8 +32,11 @@ class TooManyImages(MlflowException):
     """More images in one request than the server takes: 413, before MLflow's schema check."""
 
     def __init__(self, count: int, limit: int) -> None:
-        super().__init__(f"{count} images in one request; this server takes at most {limit} a request "
-                         "(send them in several requests)", error_code=BAD_REQUEST)
+        super().__init__(
+            f"{count} images in one request; this server takes at most {limit} a request "
+            "(send them in several requests)",
+            error_code=BAD_REQUEST,
+        )
         self.error_code = status_name(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
     def get_http_status_code(self) -> int:
@@ -85,8 +88,9 @@ def pin_version(model_uri: str, client: MlflowClient) -> tuple[str, str | None, 
     return f"models:/{name}/{version}", name, str(version)
 
 
-def model_facts(model: Any, model_uri: str, name: str | None, version: str | None,
-                client: MlflowClient) -> dict[str, Any]:
+def model_facts(
+    model: Any, model_uri: str, name: str | None, version: str | None, client: MlflowClient
+) -> dict[str, Any]:
     """What ``GET /info`` answers: the registered version, its run, and the served pyfunc's spec
     (backbone, input size, decision threshold, temperature); the data hash is the run's tag."""
     run_id = model.metadata.run_id
@@ -117,7 +121,7 @@ def build_app(model: Any, facts: dict[str, Any], max_batch: int, max_body_bytes:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    app = scoring_server.init(BatchLimited(model, max_batch))
+    app = scoring_server.init(BatchLimited(model, max_batch))  # type: ignore[arg-type]  # a PyFuncModel proxy
     info = {**facts, "max_batch": max_batch, "max_body_bytes": max_body_bytes}
 
     async def get_info(request: Request) -> JSONResponse:

@@ -18,8 +18,9 @@ from numpy.typing import ArrayLike, NDArray
 Views = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
-def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                channels_last: bool = False) -> torch.Tensor:
+def model_input(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
     """uint8 (B, H, W, 3) host batch -> float32 (B, 3, H, W) on ``device``, ``(x / 255 - mean) / std``."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")

@@ -99,12 +99,15 @@ class MetricsDocument(FitSummary):
         0.5 (``test_t0.5_*``), with TTA (``test_tta_*``), the selected model on validation
         (``final_val_*``, what promotion ranks), calibration and the threshold."""
         out: dict[str, float] = {}
-        for prefix, values in ((mlflow_key("test", ""), self.test.at_tuned),
-                               ("test_t0.5_", self.test.at_half),
-                               ("test_tta_", self.test_tta.at_tuned),
-                               (mlflow_key("val", ""), self.validation.at_threshold)):
-            out |= {f"{prefix}{name}": float(v) for name, v in values.items()
-                    if name in SCALAR_METRICS and v is not None}
+        for prefix, values in (
+            (mlflow_key("test", ""), self.test.at_tuned),
+            ("test_t0.5_", self.test.at_half),
+            ("test_tta_", self.test_tta.at_tuned),
+            (mlflow_key("val", ""), self.validation.at_threshold),
+        ):
+            out |= {
+                f"{prefix}{name}": float(v) for name, v in values.items() if name in SCALAR_METRICS and v is not None
+            }
         return out | self.calibration.model_dump() | {"threshold": self.threshold}
 
 

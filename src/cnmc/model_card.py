@@ -58,8 +58,10 @@ def load_metrics_document(client: MlflowClient, run: Run) -> MetricsDocument:
     with tempfile.TemporaryDirectory() as tmp:
         path = _download(client, run.info.run_id, name, tmp) if backbone else None
         if path is None or not path.is_file():
-            raise CnmcError(f"run {run.info.run_id} has no metrics document {name!r}: evaluate it first "
-                            f"(`cnmc evaluate --backbone {backbone or '<backbone>'}`)")
+            raise CnmcError(
+                f"run {run.info.run_id} has no metrics document {name!r}: evaluate it first "
+                f"(`cnmc evaluate --backbone {backbone or '<backbone>'}`)"
+            )
         return load_document(path)
 
 
@@ -87,14 +89,18 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         f"- Training: {_training(params)}",
         f"- Selected by: {_SPLIT_NAMES.get(result.rank_on, result.rank_on)} {result.metric} at the reported "
         f"threshold = {_fmt(result.value)}"
-        + (" (the test metrics below played no part in the choice)" if result.rank_on == "val"
-           else " (the test set chose the version: its figures below are optimistic)"),
+        + (
+            " (the test metrics below played no part in the choice)"
+            if result.rank_on == "val"
+            else " (the test set chose the version: its figures below are optimistic)"
+        ),
         "",
         "## Data and protocol",
         f"- Data hash (`data.dvc` md5 of `data/`): `{result.data_hash}`"
         + (" (the shipped demo subset of real cells)" if demo else ""),
         f"- Split protocol: {PROTOCOLS.get(result.protocol, f'`{result.protocol}`')}",
-        f"- Test set: {_count(n, 'cell')}" + (f" from {_count(n_subjects, 'subject')}" if n_subjects else "")
+        f"- Test set: {_count(n, 'cell')}"
+        + (f" from {_count(n_subjects, 'subject')}" if n_subjects else "")
         + (f" ({tuned.get('n_all')} ALL, {tuned.get('n_hem')} Hem)" if "n_all" in tuned else ""),
         "",
         "## Test metrics",
@@ -105,14 +111,16 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
     ]
     for key in ROWS:
         if key in tuned or key in at_half:
-            lines.append(f"| {label(key)} | {_cell(tuned, ci.get('at_tuned'), key)} | "
-                         f"{_cell(at_half, ci.get('at_0.5'), key)} |")
+            lines.append(
+                f"| {label(key)} | {_cell(tuned, ci.get('at_tuned'), key)} | {_cell(at_half, ci.get('at_0.5'), key)} |"
+            )
     if "mean_subject_accuracy" in tuned:
         lines += ["", f"Mean per-subject accuracy at the tuned threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
     lines += [
         "",
         "## Decision threshold",
-        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. " + _threshold_note(metrics_doc)
+        f"A cell is called ALL when `prob_all >= {threshold:.4f}`. "
+        + _threshold_note(metrics_doc)
         + " 0.5 is the paper's argmax rule. The served model applies this threshold and returns "
         "`prob_all`, so a user can apply another one.",
         "",
@@ -127,11 +135,14 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         "- Single-cell crops from one data set (C-NMC 2019), one lab and scanner, with its staining and "
         "segmentation: other labs, stains, microscopes or segmenters are a domain shift the numbers do "
         "not cover.",
-        "- Stain and domain shift also act between people: per-subject stain differs, so accuracy varies "
-        "by subject.",
+        "- Stain and domain shift also act between people: per-subject stain differs, so accuracy varies by subject.",
         "- Subject leakage under the paper protocol: cells of one person in train and test inflate the "
-        "scores" + (" (this version was evaluated that way)." if result.protocol == "paper"
-                    else "; this version uses the subject-disjoint protocol, which avoids it."),
+        "scores"
+        + (
+            " (this version was evaluated that way)."
+            if result.protocol == "paper"
+            else "; this version uses the subject-disjoint protocol, which avoids it."
+        ),
         "- The bootstrap intervals resample cells, but cells of one subject are correlated: the intervals "
         "ignore subject clustering and are too narrow for claims about new patients.",
     ]
@@ -180,8 +191,10 @@ def _download(client: MlflowClient, run_id: str, name: str, dst: str) -> Path | 
 def _threshold_note(doc: MetricsDocument) -> str:
     """Whether validation could fit threshold and temperature."""
     if doc.validation.can_judge:
-        return ("The threshold maximises macro F1 on the validation split (never on test), after temperature "
-                "scaling fitted there.")
+        return (
+            "The threshold maximises macro F1 on the validation split (never on test), after temperature "
+            "scaling fitted there."
+        )
     return f"**Nothing was fitted on validation** ({doc.validation.reason}): threshold 0.5 and temperature 1."
 
 
@@ -219,9 +232,17 @@ def _pretrained(params: dict[str, str]) -> str:
 
 
 def _training(params: dict[str, str]) -> str:
-    parts = [f"{label} {params[key]}" for key, label in (
-        ("train.epochs", "max epochs"), ("train.lr", "Adam lr"), ("train.batch_size", "batch"),
-        ("augment.image_size", "image size"), ("augment.per_class", "images per class after balancing"),
-        ("augment.strength", "augmentation strength"), ("seed", "seed"),
-    ) if key in params]
+    parts = [
+        f"{label} {params[key]}"
+        for key, label in (
+            ("train.epochs", "max epochs"),
+            ("train.lr", "Adam lr"),
+            ("train.batch_size", "batch"),
+            ("augment.image_size", "image size"),
+            ("augment.per_class", "images per class after balancing"),
+            ("augment.strength", "augmentation strength"),
+            ("seed", "seed"),
+        )
+        if key in params
+    ]
     return ", ".join(parts) if parts else "settings not logged"

@@ -28,9 +28,7 @@ def _confusion(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
     return metrics.confusion_matrix(np.asarray(y_true), np.asarray(y_pred), labels=[0, 1])
 
 
-def confusion_matrix_png(
-    y_true: ArrayLike, y_pred: ArrayLike, path: Path | str, title: str
-) -> Path:
+def confusion_matrix_png(y_true: ArrayLike, y_pred: ArrayLike, path: Path | str, title: str) -> Path:
     """Counts and row percentages (recall per actual class) in each cell."""
     matrix = _confusion(y_true, y_pred)
     row_share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -61,8 +59,7 @@ def confusion_matrix_json(y_true: ArrayLike, y_pred: ArrayLike, path: Path | str
         "labels": list(CLASS_NAMES),
         "matrix": _confusion(actual, predicted).tolist(),
         "rows": [
-            {"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]}
-            for a, p in zip(actual, predicted, strict=True)
+            {"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]} for a, p in zip(actual, predicted, strict=True)
         ],
     }
     path = Path(path)
@@ -93,9 +90,7 @@ def roc_png(y_true: ArrayLike, prob_all: ArrayLike, path: Path | str, title: str
         ax.plot(fpr, tpr, lw=2, label=f"AUC = {metrics.roc_auc_score(y, p):.4f}")
         pred = p >= 0.5
         point = (pred[y == 0].mean(), pred[y == 1].mean())
-        ax.plot(
-            *point, "o", color="C3", label=f"threshold 0.5 (FPR {point[0]:.3f}, TPR {point[1]:.3f})"
-        )
+        ax.plot(*point, "o", color="C3", label=f"threshold 0.5 (FPR {point[0]:.3f}, TPR {point[1]:.3f})")
     else:
         ax.text(0.5, 0.5, "ROC undefined:\nonly one class present", ha="center", va="center")
     ax.set(
@@ -127,8 +122,7 @@ def reliability_png(
         bins = reliability_bins(y_true, prob, n_bins)
         used = bins.count > 0
         ece = expected_calibration_error(y_true, prob, n_bins)
-        ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=4, color=f"C{k}",
-                label=f"{name}: ECE {ece:.4f}")
+        ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=4, color=f"C{k}", label=f"{name}: ECE {ece:.4f}")
         centres = bins.edges[:-1] + width / 2
         hist.bar(centres + (k - 0.5) * width / 2, bins.count, width / 2, color=f"C{k}", label=name)
     # Two classes: the predicted class's confidence is never below 0.5.
@@ -163,8 +157,9 @@ def metric_bars_png(table: pd.DataFrame, path: Path | str, title: str) -> Path:
         for k, (_, row) in enumerate(rows.iterrows()):
             heights = row[names].to_numpy(dtype=float)
             offset = (k - (len(rows) - 1) / 2) * width
-            bars = ax.bar(x + offset, np.nan_to_num(heights, nan=low), width,
-                          label=row["result"], color=f"C{row['slot']}")
+            bars = ax.bar(
+                x + offset, np.nan_to_num(heights, nan=low), width, label=row["result"], color=f"C{row['slot']}"
+            )
             labels = [f"{v:.2f}" if np.isfinite(v) else "—" for v in heights]
             ax.bar_label(bars, labels=labels, rotation=90, padding=2, fontsize=7)
         ax.set_xticks(x, list(BAR_METRICS.values()), rotation=30, ha="right")

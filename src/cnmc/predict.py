@@ -50,12 +50,15 @@ class PredictSummary:
 
     def line(self) -> str:
         labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
-        return (f"{self.total} files: {self.predicted} predicted ({labels}), {self.failed} failed "
-                f"-> {self.out_csv} ({self.seconds:.1f} s)")
+        return (
+            f"{self.total} files: {self.predicted} predicted ({labels}), {self.failed} failed "
+            f"-> {self.out_csv} ({self.seconds:.1f} s)"
+        )
 
 
-def predict_paths(model_uri: str, inputs: list[str], out_csv: Path, batch_size: int = 32,
-                  progress: bool = True) -> PredictSummary:
+def predict_paths(
+    model_uri: str, inputs: list[str], out_csv: Path, batch_size: int = 32, progress: bool = True
+) -> PredictSummary:
     """Predict every image that ``inputs`` name with the pyfunc at ``model_uri``; write ``out_csv``.
 
     Raises :class:`CnmcError` (one line) when an input matches nothing or the model can't be loaded.
@@ -230,8 +233,7 @@ def _predict_bytes(model: Any, images: list[bytes]) -> pd.DataFrame:
 
 
 def _result(record: dict[str, Any]) -> dict[str, Any]:
-    return {"label": record["label"], "prob_all": float(record["prob_all"]),
-            "threshold": float(record["threshold"])}
+    return {"label": record["label"], "prob_all": float(record["prob_all"]), "threshold": float(record["threshold"])}
 
 
 def _reason(exc: Exception) -> str:

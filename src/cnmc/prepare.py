@@ -32,13 +32,15 @@ def store_matches(store: Path, params: Params) -> bool:
     return stored == _augment_settings(params) and report.get("seed") == params.seed
 
 
-def prepare_work_dir(data_dir: Path, work_dir: Path, params: Params, test_data: Path | None = None,
-                     progress: bool = True) -> Path:
+def prepare_work_dir(
+    data_dir: Path, work_dir: Path, params: Params, test_data: Path | None = None, progress: bool = True
+) -> Path:
     """Build (or reuse) manifest, splits and image store in ``work_dir``; return the store folder."""
     manifest = build_manifest(data_dir, progress=progress)
     test_manifest = build_manifest(test_data, progress=progress) if test_data else None
-    key = _key(params, manifest.table.to_csv(index=False),
-               test_manifest.table.to_csv(index=False) if test_manifest else "")
+    key = _key(
+        params, manifest.table.to_csv(index=False), test_manifest.table.to_csv(index=False) if test_manifest else ""
+    )
     store = work_dir / "images"
     stamp = work_dir / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and (store / "train").is_dir():
@@ -46,12 +48,21 @@ def prepare_work_dir(data_dir: Path, work_dir: Path, params: Params, test_data: 
         return store
     write_manifest(manifest, work_dir / "manifest.csv", work_dir / "data_report.json")
     print(manifest.summary_line(work_dir / "data_report.json"))
-    splits = split_manifest(manifest.table, params.split, params.seed,
-                            test_manifest=test_manifest.table if test_manifest else None)
+    splits = split_manifest(
+        manifest.table, params.split, params.seed, test_manifest=test_manifest.table if test_manifest else None
+    )
     write_splits(splits, work_dir / "splits", work_dir / "split_report.json")
     print(splits.summary_line())
-    print(prepare_dataset(work_dir / "splits", store, params.augment, params.seed,
-                          preview_path=work_dir / "plots" / "augment_preview.png", progress=progress))
+    print(
+        prepare_dataset(
+            work_dir / "splits",
+            store,
+            params.augment,
+            params.seed,
+            preview_path=work_dir / "plots" / "augment_preview.png",
+            progress=progress,
+        )
+    )
     atomic_write_text(stamp, json.dumps({"key": key, "data": str(data_dir), "test_data": str(test_data or "")}))
     return store
 

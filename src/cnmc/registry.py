@@ -99,10 +99,18 @@ def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowCli
     version = _registered_version(client, cfg.model_name, best, protocol, data_hash)
     moves, reason = _decide(client, cfg, best, version, protocol, data_hash)
     result = PromotionResult(
-        name=cfg.model_name, version=str(version.version), run_id=run.info.run_id, metric=cfg.metric,
-        value=best.value, rank_on=cfg.rank_on, data_hash=data_hash, protocol=protocol,
+        name=cfg.model_name,
+        version=str(version.version),
+        run_id=run.info.run_id,
+        metric=cfg.metric,
+        value=best.value,
+        rank_on=cfg.rank_on,
+        data_hash=data_hash,
+        protocol=protocol,
         backbone=run.data.tags.get("backbone", "unknown"),
-        promoted=False, reason=reason, alias=cfg.alias,
+        promoted=False,
+        reason=reason,
+        alias=cfg.alias,
     )
     card = render_model_card(result, run, load_metrics_document(client, run))
     client.log_text(run.info.run_id, card, CARD_FILE)
@@ -112,8 +120,9 @@ def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowCli
     holder = _alias_holder(client, cfg.model_name, cfg.alias)
     champion_version = str(holder.version) if holder else ""
     log.info("%s", reason)
-    return replace(result, promoted=champion_version == result.version, champion_version=champion_version,
-                   model_card=card)
+    return replace(
+        result, promoted=champion_version == result.version, champion_version=champion_version, model_card=card
+    )
 
 
 def promote_and_write(params: Params, out_dir: Path) -> PromotionResult:
@@ -142,9 +151,11 @@ def _best_candidate(client: MlflowClient, cfg: PromoteConfig, protocol: str, dat
     for text, what in ((protocol, "protocol"), (data_hash, "data hash")):
         if "'" in text:
             raise CnmcError(f"{what} {text!r}: quotes are not allowed")
-    runs = _search_runs(client, found.experiment_id,
-                        f"tags.protocol = '{protocol}' and tags.data_hash = '{data_hash}' "
-                        "and attributes.status = 'FINISHED'")
+    runs = _search_runs(
+        client,
+        found.experiment_id,
+        f"tags.protocol = '{protocol}' and tags.data_hash = '{data_hash}' and attributes.status = 'FINISHED'",
+    )
     models = _logged_models(client, found.experiment_id)
     metric, tie = mlflow_key(cfg.rank_on, cfg.metric), mlflow_key(cfg.rank_on, cfg.tie_breaker)
     candidates = []
@@ -167,8 +178,9 @@ def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -
     runs: list[Run] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000,
-                                  page_token=token)
+        page = client.search_runs(
+            [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        )
         runs += page
         token = page.token
         if not token:
@@ -180,8 +192,7 @@ def _logged_models(client: MlflowClient, experiment_id: str) -> dict[str, Logged
     out: dict[str, LoggedModel] = {}
     token = None
     while True:
-        page = client.search_logged_models([experiment_id], filter_string=f"name = '{MODEL_NAME}'",
-                                           page_token=token)
+        page = client.search_logged_models([experiment_id], filter_string=f"name = '{MODEL_NAME}'", page_token=token)
         for model in page:
             if model.status != LoggedModelStatus.READY or not model.source_run_id:
                 continue
@@ -197,23 +208,33 @@ def _logged_models(client: MlflowClient, experiment_id: str) -> dict[str, Logged
 def version_tags(run: Run, protocol: str, data_hash: str) -> dict[str, str]:
     """Tags of a version: its run's metrics at the reported threshold (validation and test),
     the threshold and provenance."""
-    tags = {k: repr(float(v)) for k, v in run.data.metrics.items()
-            if k.startswith(tuple(MLFLOW_PREFIX.values())) and not k.startswith("test_t0.5_")}
+    tags = {
+        k: repr(float(v))
+        for k, v in run.data.metrics.items()
+        if k.startswith(tuple(MLFLOW_PREFIX.values())) and not k.startswith("test_t0.5_")
+    }
     if "threshold" in run.data.metrics:
         tags["threshold"] = repr(float(run.data.metrics["threshold"]))
     run_tags = run.data.tags
-    tags |= {"protocol": protocol, "data_hash": data_hash, "run_id": run.info.run_id,
-             "backbone": run_tags.get("backbone", "unknown"), "git_commit": run_tags.get("git_commit", "unknown")}
+    tags |= {
+        "protocol": protocol,
+        "data_hash": data_hash,
+        "run_id": run.info.run_id,
+        "backbone": run_tags.get("backbone", "unknown"),
+        "git_commit": run_tags.get("git_commit", "unknown"),
+    }
     return tags
 
 
-def _registered_version(client: MlflowClient, name: str, best: _Candidate, protocol: str,
-                        data_hash: str) -> ModelVersion:
+def _registered_version(
+    client: MlflowClient, name: str, best: _Candidate, protocol: str, data_hash: str
+) -> ModelVersion:
     """The version of ``name`` made from the run: an existing one, else a new one."""
     run_id = best.run.info.run_id
     try:
         client.create_registered_model(
-            name, description="C-NMC ALL-vs-Hem cell classifier; versions are promoted by `cnmc promote`.")
+            name, description="C-NMC ALL-vs-Hem cell classifier; versions are promoted by `cnmc promote`."
+        )
     except MlflowException as exc:
         if exc.error_code not in _EXISTS:
             raise
@@ -223,8 +244,13 @@ def _registered_version(client: MlflowClient, name: str, best: _Candidate, proto
         log.info("run %s is already %s version %s", run_id, name, version.version)
         return version
     model_id = best.model.model_id
-    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                          tags=version_tags(best.run, protocol, data_hash), model_id=model_id)
+    version = client.create_model_version(
+        name,
+        source=f"models:/{model_id}",
+        run_id=run_id,
+        tags=version_tags(best.run, protocol, data_hash),
+        model_id=model_id,
+    )
     _link_logged_model(client, model_id, name, str(version.version))
     return version
 
@@ -250,8 +276,9 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         raise
 
 
-def _decide(client: MlflowClient, cfg: PromoteConfig, best: _Candidate, version: ModelVersion,
-            protocol: str, data_hash: str) -> tuple[bool, str]:
+def _decide(
+    client: MlflowClient, cfg: PromoteConfig, best: _Candidate, version: ModelVersion, protocol: str, data_hash: str
+) -> tuple[bool, str]:
     """Whether the alias moves to ``version``, and why (one line)."""
     metric, alias = f"{cfg.rank_on} {cfg.metric}", cfg.alias
     new = f"v{version.version} (run {best.run.info.run_id[:8]}, {metric} {best.value:.4f})"
@@ -263,19 +290,26 @@ def _decide(client: MlflowClient, cfg: PromoteConfig, best: _Candidate, version:
     info = _version_facts(client, holder, cfg)
     old = f"{alias} v{holder.version}"
     if (info["data_hash"], info["protocol"]) != (data_hash, protocol):
-        return True, (f"{old} was trained on data {str(info['data_hash'])[:8]} under protocol {info['protocol']}, "
-                      f"not comparable with data {data_hash[:8]} under protocol {protocol}: "
-                      f"the best run of the current data, {new}, takes {alias!r}")
+        return True, (
+            f"{old} was trained on data {str(info['data_hash'])[:8]} under protocol {info['protocol']}, "
+            f"not comparable with data {data_hash[:8]} under protocol {protocol}: "
+            f"the best run of the current data, {new}, takes {alias!r}"
+        )
     if info["value"] is None:
         return True, f"{old} has no {metric}: {new} takes {alias!r}"
     old_key, new_key = (info["value"], info["tie"]), (best.value, best.tie)
     if new_key > old_key:
-        why = (f"{metric} {best.value:.4f} > {info['value']:.4f}" if best.value > info["value"]
-               else f"{metric} tied at {best.value:.4f}, {cfg.tie_breaker} {best.tie:.4f} > {info['tie']:.4f}")
+        why = (
+            f"{metric} {best.value:.4f} > {info['value']:.4f}"
+            if best.value > info["value"]
+            else f"{metric} tied at {best.value:.4f}, {cfg.tie_breaker} {best.tie:.4f} > {info['tie']:.4f}"
+        )
         return True, f"{new} beats {old} on the same data and protocol ({why}): {alias!r} moves"
-    return False, (f"{old} ({metric} {info['value']:.4f}) is at least as good as run "
-                   f"{best.run.info.run_id[:8]} ({best.value:.4f}) on the same data and protocol: "
-                   f"{alias!r} stays on v{holder.version}")
+    return False, (
+        f"{old} ({metric} {info['value']:.4f}) is at least as good as run "
+        f"{best.run.info.run_id[:8]} ({best.value:.4f}) on the same data and protocol: "
+        f"{alias!r} stays on v{holder.version}"
+    )
 
 
 def _version_facts(client: MlflowClient, version: ModelVersion, cfg: PromoteConfig) -> dict[str, Any]:

@@ -41,8 +41,10 @@ PROTOCOLS = {
     "paper": "paper: cell-level 90/10 split, subjects shared — optimistic",
 }
 # The table's metrics (headers from the metrics registry); values are percentages with two decimals.
-COLUMNS = {name: label(name) for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc",
-                                          "f1_macro", "balanced_accuracy")}
+COLUMNS = {
+    name: label(name)
+    for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc", "f1_macro", "balanced_accuracy")
+}
 NOTES = """# Comparison with Ahmed et al. 2025, Table 2
 
 Test-set metrics in %. Precision, recall and F1 are those of the ALL (positive) class: the paper
@@ -92,9 +94,11 @@ def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
     ]
     tuned = run.threshold
     how = "val-tuned" if run.validation.can_judge else "not tuned: validation too small"
-    ours = [(run.test, "at_0.5", 0.5, "ours, t=0.50"),
-            (run.test, "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})"),
-            (run.test_tta, "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} ({how})")]
+    ours = [
+        (run.test, "at_0.5", 0.5, "ours, t=0.50"),
+        (run.test, "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})"),
+        (run.test_tta, "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} ({how})"),
+    ]
     for split, key, threshold, result in ours:
         metrics = split.at_half if key == "at_0.5" else split.at_tuned
         low, high = split.ci95.get(key, {}).get("f1_all", (None, None))
@@ -122,7 +126,8 @@ def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:
     return "\n".join(
         f"- **{run.backbone}: nothing fitted on validation** ({run.validation.reason}): "
         "threshold 0.5, temperature 1, the last epoch kept."
-        for _, run in runs if not run.validation.can_judge
+        for _, run in runs
+        if not run.validation.can_judge
     )
 
 
@@ -146,8 +151,12 @@ def _markdown_table(rows: pd.DataFrame) -> str:
 
 def _calibration_table(runs: list[tuple[Path, MetricsDocument]]) -> str:
     """Temperature and test ECE / NLL before and after scaling."""
-    lines = ["Calibration on test (temperature T fitted on validation; ECE: 15 bins, top-label):", "",
-             "| Model | T | ECE before | ECE after | NLL before | NLL after |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "Calibration on test (temperature T fitted on validation; ECE: 15 bins, top-label):",
+        "",
+        "| Model | T | ECE before | ECE after | NLL before | NLL after |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for _, run in runs:
         c = run.calibration
         values = [c.temperature, c.test_ece_before, c.test_ece_after, c.test_nll_before, c.test_nll_after]

@@ -66,8 +66,11 @@ class RunPaths:
 
     @property
     def data_reports(self) -> list[Path]:
-        return [self.root / "data_report.json", self.root / "split_report.json",
-                self.root / "plots" / "augment_preview.png"]
+        return [
+            self.root / "data_report.json",
+            self.root / "split_report.json",
+            self.root / "plots" / "augment_preview.png",
+        ]
 
 
 def flat_params(params: Params, backbone: str) -> dict[str, Any]:
@@ -110,8 +113,9 @@ def mkdir(path: Path) -> Path:
 
 
 @contextmanager
-def start_run(params: Params, backbone: str, resume_run: str | None,
-              extra_params: dict[str, Any] | None = None) -> Iterator[Any]:
+def start_run(
+    params: Params, backbone: str, resume_run: str | None, extra_params: dict[str, Any] | None = None
+) -> Iterator[Any]:
     """A new MLflow run in the protocol's experiment (or the one `mlflow run` chose), tagged and
     described; with ``resume_run``, that run continued."""
     protocol, dhash = params.split.protocol, data_hash()
@@ -120,21 +124,32 @@ def start_run(params: Params, backbone: str, resume_run: str | None,
         try:
             mlflow.tracking.MlflowClient().get_run(resume_run)
         except MlflowException:
-            raise CnmcError(f"MLflow run {resume_run} (from training) is not in {tracking_uri()}: "
-                            "run `cnmc train` again") from None
+            raise CnmcError(
+                f"MLflow run {resume_run} (from training) is not in {tracking_uri()}: run `cnmc train` again"
+            ) from None
     elif not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_name(protocol))  # under `mlflow run`, the CLI picked it
-    with mlflow.start_run(run_id=resume_run, run_name=f"{backbone}-{protocol}-{dhash[:8]}",
-                          log_system_metrics=True) as run:
+    with mlflow.start_run(
+        run_id=resume_run, run_name=f"{backbone}-{protocol}-{dhash[:8]}", log_system_metrics=True
+    ) as run:
         if not resume_run:
             mlflow.log_params(flat_params(params, backbone) | (extra_params or {}))
-            mlflow.set_tags({"backbone": backbone, "protocol": protocol, "data_hash": dhash,
-                             "git_commit": git_commit(),
-                             "mlflow.note.content": _description(backbone, protocol, dhash)})
+            mlflow.set_tags(
+                {
+                    "backbone": backbone,
+                    "protocol": protocol,
+                    "data_hash": dhash,
+                    "git_commit": git_commit(),
+                    "mlflow.note.content": _description(backbone, protocol, dhash),
+                }
+            )
         yield run
 
 
 def _description(backbone: str, protocol: str, dhash: str) -> str:
-    split = ("subject-disjoint: test = unseen subjects" if protocol == "subject"
-             else "the paper's cell-level 90/10 split: subjects shared, optimistic")
+    split = (
+        "subject-disjoint: test = unseen subjects"
+        if protocol == "subject"
+        else "the paper's cell-level 90/10 split: subjects shared, optimistic"
+    )
     return f"{backbone} fine-tuned on C-NMC ({split}); data {dhash[:8]}. Headline: test_f1_all, test_roc_auc."

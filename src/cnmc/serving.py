@@ -92,7 +92,7 @@ def value_bytes(value: Any, row: int = 0) -> bytes:
     elif isinstance(value, str):
         text = "".join(value.split())
         if match := _DATA_URL.match(text):
-            text = text[match.end():]
+            text = text[match.end() :]
         if not text:
             raise InvalidInput(f"{where} is empty (expected base64-encoded image bytes)")
         if len(text) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
@@ -133,11 +133,13 @@ class LeukemiaClassifier(PythonModel):
 
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         prob = predict_proba(self.model, images, self.spec, tta=tta)
-        return pd.DataFrame({
-            "label": np.where(prob >= self.spec.threshold, "all", "hem"),
-            "prob_all": prob,
-            "threshold": np.full(len(prob), self.spec.threshold),
-        })
+        return pd.DataFrame(
+            {
+                "label": np.where(prob >= self.spec.threshold, "all", "hem"),
+                "prob_all": prob,
+                "threshold": np.full(len(prob), self.spec.threshold),
+            }
+        )
 
 
 def _tta_param(params: dict[str, Any] | None) -> bool:
@@ -167,8 +169,9 @@ def _image_values(model_input: Any) -> list[Any]:
 def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool = False) -> np.ndarray:
     """Probability of ALL for a uint8 (N, S, S, 3) batch on the model's device:
     ``softmax(logits / spec.temperature)``; with ``tta``, its mean over the 8 D4 views."""
-    logits = predict_logits(model, array_batches(images, BATCH_SIZE), spec.mean, spec.std,
-                            views=tta_views if tta else None)
+    logits = predict_logits(
+        model, array_batches(images, BATCH_SIZE), spec.mean, spec.std, views=tta_views if tta else None
+    )
     return prob_all(logits, spec.temperature)
 
 

@@ -100,8 +100,11 @@ def settings_read(entry: str) -> set[str]:
         section = info.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
             if name in attributes or section.__name__ in names:
-                read |= {f"{name}.{key}" for key, sub in section.model_fields.items()
-                         if key in attributes and not _runtime_only(sub.json_schema_extra)}
+                read |= {
+                    f"{name}.{key}"
+                    for key, sub in section.model_fields.items()
+                    if key in attributes and not _runtime_only(sub.json_schema_extra)
+                }
         elif name in attributes or name in names:
             read.add(name)
     return read
@@ -120,41 +123,88 @@ def _param_order(key: str) -> tuple[int, int]:
 
 
 PIPELINE = (
-    Stage("manifest", "cnmc manifest ${data_dir} -o outputs/manifest.csv --report outputs/data_report.json",
-          "cnmc.data.manifest", data=("${data_dir}",),
-          outs=(Out("outputs/manifest.csv"), Out("outputs/data_report.json", cache=False))),
-    Stage("split", "cnmc split --manifest outputs/manifest.csv --out-dir outputs/splits --report "
-          "outputs/split_report.json", "cnmc.data.split", data=("outputs/manifest.csv",),
-          outs=(Out("outputs/splits"), Out("outputs/split_report.json", cache=False))),
-    Stage("augment", "cnmc augment --splits-dir outputs/splits --out-dir outputs/images --preview "
-          "outputs/plots/augment_preview.png", "cnmc.data.augment", data=("outputs/splits",),
-          outs=(Out("outputs/images"),), plots=(Out("outputs/plots/augment_preview.png", cache=False),)),
-    Stage("train", "cnmc train --backbone ${item.backbone} --no-evaluate", "cnmc.fit_run",
-          data=("outputs/images",), matrix=True, outs=(Out("outputs/models/${item.backbone}"),),
-          plots=(Out("outputs/curves/${item.backbone}/curves.png", cache=False),)),
-    Stage("evaluate", "cnmc evaluate --backbone ${item.backbone}", "cnmc.evaluate_run",
-          data=("outputs/images", "outputs/models/${item.backbone}"), matrix=True,
-          outs=(Out("outputs/evaluation/${item.backbone}"),),
-          metrics=(Out("outputs/metrics/${item.backbone}.json", cache=False),),
-          plots=(Out("outputs/plots/${item.backbone}", cache=False),)),
-    Stage("report", "cnmc report --metrics-dir outputs/metrics --out-dir outputs/report", "cnmc.report",
-          data=("outputs/metrics",), outs=(Out("outputs/report", cache=False),)),
-    Stage("promote", "cnmc promote --out-dir registry", "cnmc.registry",
-          data=("outputs/metrics", "outputs/report"),
-          outs=(Out("registry/champion.json", cache=False), Out("registry/model_card.md", cache=False))),
+    Stage(
+        "manifest",
+        "cnmc manifest ${data_dir} -o outputs/manifest.csv --report outputs/data_report.json",
+        "cnmc.data.manifest",
+        data=("${data_dir}",),
+        outs=(Out("outputs/manifest.csv"), Out("outputs/data_report.json", cache=False)),
+    ),
+    Stage(
+        "split",
+        "cnmc split --manifest outputs/manifest.csv --out-dir outputs/splits --report outputs/split_report.json",
+        "cnmc.data.split",
+        data=("outputs/manifest.csv",),
+        outs=(Out("outputs/splits"), Out("outputs/split_report.json", cache=False)),
+    ),
+    Stage(
+        "augment",
+        "cnmc augment --splits-dir outputs/splits --out-dir outputs/images --preview outputs/plots/augment_preview.png",
+        "cnmc.data.augment",
+        data=("outputs/splits",),
+        outs=(Out("outputs/images"),),
+        plots=(Out("outputs/plots/augment_preview.png", cache=False),),
+    ),
+    Stage(
+        "train",
+        "cnmc train --backbone ${item.backbone} --no-evaluate",
+        "cnmc.fit_run",
+        data=("outputs/images",),
+        matrix=True,
+        outs=(Out("outputs/models/${item.backbone}"),),
+        plots=(Out("outputs/curves/${item.backbone}/curves.png", cache=False),),
+    ),
+    Stage(
+        "evaluate",
+        "cnmc evaluate --backbone ${item.backbone}",
+        "cnmc.evaluate_run",
+        data=("outputs/images", "outputs/models/${item.backbone}"),
+        matrix=True,
+        outs=(Out("outputs/evaluation/${item.backbone}"),),
+        metrics=(Out("outputs/metrics/${item.backbone}.json", cache=False),),
+        plots=(Out("outputs/plots/${item.backbone}", cache=False),),
+    ),
+    Stage(
+        "report",
+        "cnmc report --metrics-dir outputs/metrics --out-dir outputs/report",
+        "cnmc.report",
+        data=("outputs/metrics",),
+        outs=(Out("outputs/report", cache=False),),
+    ),
+    Stage(
+        "promote",
+        "cnmc promote --out-dir registry",
+        "cnmc.registry",
+        data=("outputs/metrics", "outputs/report"),
+        outs=(Out("registry/champion.json", cache=False), Out("registry/model_card.md", cache=False)),
+    ),
 )
 TUNING = (
-    Stage("tune", "cnmc tune --output outputs/tuned.yaml", "cnmc.tune", data=("outputs/images",), wdir="..",
-          outs=(Out("outputs/tuned.yaml", cache=False),)),
+    Stage(
+        "tune",
+        "cnmc tune --output outputs/tuned.yaml",
+        "cnmc.tune",
+        data=("outputs/images",),
+        wdir="..",
+        outs=(Out("outputs/tuned.yaml", cache=False),),
+    ),
 )
 FILES = {
-    "dvc.yaml": (PIPELINE, "The pipeline: raw data (data/, tracked by data.dvc) -> manifest -> split -> augment\n"
-                 "-> train@<backbone> (fit) -> evaluate@<backbone> -> report -> promote."),
-    "tuning/dvc.yaml": (TUNING, "Optional Optuna tuning, kept out of the default `dvc repro` (which reads ../dvc.yaml "
-                        "only).\nRun it with `dvc repro tuning/dvc.yaml`; each run adds trials to the study."),
+    "dvc.yaml": (
+        PIPELINE,
+        "The pipeline: raw data (data/, tracked by data.dvc) -> manifest -> split -> augment\n"
+        "-> train@<backbone> (fit) -> evaluate@<backbone> -> report -> promote.",
+    ),
+    "tuning/dvc.yaml": (
+        TUNING,
+        "Optional Optuna tuning, kept out of the default `dvc repro` (which reads ../dvc.yaml "
+        "only).\nRun it with `dvc repro tuning/dvc.yaml`; each run adds trials to the study.",
+    ),
 }
-HEADER = ("# Generated by `python -m cnmc.stages` from src/cnmc/stages.py: edit that, not this file.\n"
-          "# deps = each stage's data + the source files its code imports; params = the settings it reads.\n")
+HEADER = (
+    "# Generated by `python -m cnmc.stages` from src/cnmc/stages.py: edit that, not this file.\n"
+    "# deps = each stage's data + the source files its code imports; params = the settings it reads.\n"
+)
 
 
 def render(stages: tuple[Stage, ...], about: str) -> str:

@@ -144,7 +144,10 @@ class Trainer:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         loader = batch_loader(
-            self.train_ds, batch_size=self.cfg.batch_size, shuffle=True, seed=self.seed * 1000 + epoch,
+            self.train_ds,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            seed=self.seed * 1000 + epoch,
             **self.loader_kwargs,
         )
         total, count = 0.0, 0
@@ -168,8 +171,14 @@ class Trainer:
     def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
         """Probabilities of ALL for every image of ``dataset`` (uint8 batches), in order, and the mean loss."""
         loader = batch_loader(dataset, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
-        logits = predict_logits(self.model, (images for images, _ in loader), self.mean, self.std,
-                                amp_dtype=self.amp_dtype, channels_last=self.cuda and self.cfg.channels_last)
+        logits = predict_logits(
+            self.model,
+            (images for images, _ in loader),
+            self.mean,
+            self.std,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.cuda and self.cfg.channels_last,
+        )
         targets = torch.from_numpy(dataset.store.targets.astype(np.int64))
         loss = self.loss_fn(torch.from_numpy(logits), targets).item() if len(targets) else 0.0
         return prob_all(logits), loss
@@ -199,8 +208,14 @@ class Trainer:
             result.selection = f"last epoch, no early stopping: {self.val_shortfall}"
             log.warning("%s: training every epoch and keeping the last", self.val_shortfall)
         began = time.perf_counter() - result.seconds
-        epochs = tqdm(range(start, self.cfg.epochs), desc="training", unit="epoch", disable=not self.progress,
-                      initial=start, total=self.cfg.epochs)
+        epochs = tqdm(
+            range(start, self.cfg.epochs),
+            desc="training",
+            unit="epoch",
+            disable=not self.progress,
+            initial=start,
+            total=self.cfg.epochs,
+        )
         with sigterm_as_interrupt():
             for epoch in epochs:
                 if bad_epochs >= self.cfg.patience:
@@ -209,8 +224,13 @@ class Trainer:
                 train_loss = self.train_epoch(epoch)
                 val_prob, val_loss = self.predict(self.val_ds)
                 val = binary_metrics(self.val_ds.store.targets, val_prob)
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                       "val_f1_macro": val["f1_macro"], "val_roc_auc": val["roc_auc"]}
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_f1_macro": val["f1_macro"],
+                    "val_roc_auc": val["roc_auc"],
+                }
                 result.history.append(row)
                 if self.val_shortfall or improves(result, val["f1_macro"], val_loss):
                     result.best_val_f1_macro, result.best_val_loss = val["f1_macro"], val_loss
@@ -221,8 +241,9 @@ class Trainer:
                     bad_epochs += 1
                 result.seconds = time.perf_counter() - began
                 self._save_checkpoint(result, epoch + 1, bad_epochs)
-                epochs.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{val['f1_macro']:.4f}",
-                                   best=f"{result.best_val_f1_macro:.4f}")
+                epochs.set_postfix(
+                    loss=f"{train_loss:.4f}", val_f1=f"{val['f1_macro']:.4f}", best=f"{result.best_val_f1_macro:.4f}"
+                )
                 if on_epoch:
                     on_epoch(row)
         result.stopped_early = bad_epochs >= self.cfg.patience and len(result.history) < self.cfg.epochs
@@ -231,12 +252,18 @@ class Trainer:
 
     def _save_checkpoint(self, result: FitResult, next_epoch: int, bad_epochs: int) -> None:
         payload = {
-            "fingerprint": self.fingerprint, "next_epoch": next_epoch, "bad_epochs": bad_epochs,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "best_state": result.best_state,
-            "best_epoch": result.best_epoch, "best_val_f1_macro": result.best_val_f1_macro,
+            "fingerprint": self.fingerprint,
+            "next_epoch": next_epoch,
+            "bad_epochs": bad_epochs,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_state": result.best_state,
+            "best_epoch": result.best_epoch,
+            "best_val_f1_macro": result.best_val_f1_macro,
             "best_val_loss": result.best_val_loss,
-            "history": result.history, "seconds": result.seconds,
+            "history": result.history,
+            "seconds": result.seconds,
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
@@ -255,13 +282,17 @@ class Trainer:
                 f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it to start over"
             ) from exc
         if payload.get("fingerprint") != self.fingerprint:
-            raise CnmcError(
-                f"{path}: checkpoint was made with other settings or data; delete it or drop --resume"
-            )
+            raise CnmcError(f"{path}: checkpoint was made with other settings or data; delete it or drop --resume")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
-        result = FitResult(payload["best_state"], payload["best_epoch"], payload["best_val_f1_macro"],
-                           payload["best_val_loss"], list(payload["history"]), seconds=payload["seconds"])
+        result = FitResult(
+            payload["best_state"],
+            payload["best_epoch"],
+            payload["best_val_f1_macro"],
+            payload["best_val_loss"],
+            list(payload["history"]),
+            seconds=payload["seconds"],
+        )
         log.info("resuming %s from epoch %d", path, payload["next_epoch"] + 1)
         return result, payload["next_epoch"], payload["bad_epochs"]

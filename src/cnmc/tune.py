@@ -92,12 +92,16 @@ class StudySummary:
 
     def __str__(self) -> str:
         counts = ", ".join(f"{n} {state}" for state, n in self.states.items() if n)
-        head = (f"tune: study '{self.study_name}' ({self.backbone}, {self.epochs} epoch(s) per trial): "
-                f"{self.trials_run} trial(s) run, {self.n_trials} in the study ({counts or 'none'})")
+        head = (
+            f"tune: study '{self.study_name}' ({self.backbone}, {self.epochs} epoch(s) per trial): "
+            f"{self.trials_run} trial(s) run, {self.n_trials} in the study ({counts or 'none'})"
+        )
         if self.best_trial is None:
             return f"{head}; no completed trial yet"
-        return (f"{head}; best trial {self.best_trial}: val macro F1 {self.best_value:.4f} at "
-                f"lr {self.best_lr:.3g}, strength {self.best_strength:.3g} ({self.seconds:.1f} s)")
+        return (
+            f"{head}; best trial {self.best_trial}: val macro F1 {self.best_value:.4f} at "
+            f"lr {self.best_lr:.3g}, strength {self.best_strength:.3g} ({self.seconds:.1f} s)"
+        )
 
 
 # --------------------------------------------------------------------------- the study
@@ -130,8 +134,10 @@ def run_study(params: Params, store_root: Path, n_trials: int | None = None, pro
                 study.optimize(objective, n_trials=n_trials, catch=(TrialFailed,))
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
-            raise CnmcError(f"interrupted: the finished trials stay in study '{cfg.study_name}' "
-                            f"({_safe_storage(cfg.storage)}); run `cnmc tune` again to add more") from None
+            raise CnmcError(
+                f"interrupted: the finished trials stay in study '{cfg.study_name}' "
+                f"({_safe_storage(cfg.storage)}); run `cnmc tune` again to add more"
+            ) from None
         summary = _summary(study, params, objective.trials_run, parent.info.run_id, started)
         _log_study(study, summary)
     log.info("%s", summary)
@@ -146,33 +152,46 @@ def open_study(params: Params) -> optuna.Study:
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
             study = optuna.create_study(
-                storage=make_storage(cfg.storage), study_name=cfg.study_name, direction="maximize",
-                load_if_exists=True, sampler=_FirstTrialSeededTPE(params.seed), pruner=build_pruner(params),
+                storage=make_storage(cfg.storage),
+                study_name=cfg.study_name,
+                direction="maximize",
+                load_if_exists=True,
+                sampler=_FirstTrialSeededTPE(params.seed),
+                pruner=build_pruner(params),
             )
             break
         except (sa_exc.OperationalError, sa_exc.IntegrityError, optuna.exceptions.StorageInternalError) as exc:
             # Two workers creating the tables at once, a database server not up yet: try again.
             if attempt == OPEN_ATTEMPTS:
-                raise CnmcError(f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
-                                f"({exc.__class__.__name__}: {exc})") from exc
+                raise CnmcError(
+                    f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
+                    f"({exc.__class__.__name__}: {exc})"
+                ) from exc
             time.sleep(0.5 * attempt)
         except (sa_exc.SQLAlchemyError, ImportError) as exc:
-            raise CnmcError(f"tune.storage {_safe_storage(cfg.storage)!r}: not a usable database URL "
-                            f"({exc.__class__.__name__}: {exc})") from exc
+            raise CnmcError(
+                f"tune.storage {_safe_storage(cfg.storage)!r}: not a usable database URL "
+                f"({exc.__class__.__name__}: {exc})"
+            ) from exc
         except OSError as exc:  # a journal (or SQLite) file that cannot be created or written
-            raise CnmcError(f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
-                            f"({exc.__class__.__name__}: {exc})") from exc
+            raise CnmcError(
+                f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
+                f"({exc.__class__.__name__}: {exc})"
+            ) from exc
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise CnmcError(f"study '{cfg.study_name}' in {_safe_storage(cfg.storage)} minimises; "
-                        "use another tune.study_name")
+        raise CnmcError(
+            f"study '{cfg.study_name}' in {_safe_storage(cfg.storage)} minimises; use another tune.study_name"
+        )
     # One study, one objective: trials of another backbone or length would not be comparable.
     for key, value in (("backbone", cfg.backbone), ("epochs", cfg.epochs)):
         existing = study.user_attrs.get(key)
         if existing is None:
             study.set_user_attr(key, value)
         elif existing != value:
-            raise CnmcError(f"study '{cfg.study_name}' tunes {key} {existing!r}, but tune.{key} is {value!r}; "
-                            "use another tune.study_name (or delete the study)")
+            raise CnmcError(
+                f"study '{cfg.study_name}' tunes {key} {existing!r}, but tune.{key} is {value!r}; "
+                "use another tune.study_name (or delete the study)"
+            )
     return study
 
 
@@ -250,10 +269,25 @@ class _Objective:
         strength = trial.suggest_float("strength", cfg.strength_min, cfg.strength_max)
         self.trials_run += 1
         mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
-        mlflow.log_params({"lr": lr, "strength": strength, "backbone": cfg.backbone, "trial": trial.number,
-                           "epochs": cfg.epochs, "study": cfg.study_name})
-        mlflow.set_tags({"backbone": cfg.backbone, "protocol": self.params.split.protocol,
-                         "optuna.study": cfg.study_name, "optuna.trial": str(trial.number), "state": "running"})
+        mlflow.log_params(
+            {
+                "lr": lr,
+                "strength": strength,
+                "backbone": cfg.backbone,
+                "trial": trial.number,
+                "epochs": cfg.epochs,
+                "study": cfg.study_name,
+            }
+        )
+        mlflow.set_tags(
+            {
+                "backbone": cfg.backbone,
+                "protocol": self.params.split.protocol,
+                "optuna.study": cfg.study_name,
+                "optuna.trial": str(trial.number),
+                "state": "running",
+            }
+        )
         failure: str | None = None
         pruned: str | None = None
         try:
@@ -293,8 +327,11 @@ class _Objective:
         params, cfg = self.params, self.params.tune
         train_cfg = params.train.model_copy(update={"epochs": cfg.epochs, "lr": lr})
         torch.manual_seed(params.seed)  # every trial starts from the same weights
-        net = create_backbone(cfg.backbone, pretrained=params.train.pretrained,
-                              weights_path=weights_in_dir(params.train.weights_dir, cfg.backbone))
+        net = create_backbone(
+            cfg.backbone,
+            pretrained=params.train.pretrained,
+            weights_path=weights_in_dir(params.train.weights_dir, cfg.backbone),
+        )
 
         def on_epoch(row: dict[str, float]) -> None:
             epoch, value = int(row["epoch"]), float(row[OBJECTIVE])
@@ -304,11 +341,20 @@ class _Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {OBJECTIVE} {value:.4f}")
 
         with tempfile.TemporaryDirectory(prefix="cnmc-tune-") as tmp:  # this trial's own checkpoint
-            trainer = Trainer(net.model, net.mean, net.std, self.train, self.val, train_cfg, params.seed,
-                              Path(tmp) / "checkpoint.pt", fingerprint=f"tune-{trial.number}",
-                              min_val_per_class=params.split.min_images_per_class,
-                              train_transform=paper_transform(self.train.image_size, strength),
-                              progress=self.progress)
+            trainer = Trainer(
+                net.model,
+                net.mean,
+                net.std,
+                self.train,
+                self.val,
+                train_cfg,
+                params.seed,
+                Path(tmp) / "checkpoint.pt",
+                fingerprint=f"tune-{trial.number}",
+                min_val_per_class=params.split.min_images_per_class,
+                train_transform=paper_transform(self.train.image_size, strength),
+                progress=self.progress,
+            )
             fit = trainer.fit(on_epoch=on_epoch)
         if not math.isfinite(fit.best_val_f1_macro) or fit.best_epoch < 1:
             raise FloatingPointError(f"no finite {OBJECTIVE} in {len(fit.history)} epoch(s)")
@@ -366,12 +412,14 @@ class _FirstTrialSeededTPE(BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         return self.tpe.sample_relative(study, trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: Any) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
         return self.tpe.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
         self.tpe.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -402,14 +450,22 @@ def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any
         tune_params = {f"tune.{k}": v for k, v in cfg.model_dump().items()}
         tune_params["tune.storage"] = _safe_storage(cfg.storage)
         mlflow.log_params(base | tune_params | {"n_trials": n_trials})
-        mlflow.set_tags({
-            "backbone": cfg.backbone, "protocol": protocol, "data_hash": data_hash(), "git_commit": git_commit(),
-            "store_hash": _store_hash(store_root), "optuna.study": cfg.study_name, "cnmc.stage": "tune",
-            "mlflow.note.content": (
-                f"Optuna study '{cfg.study_name}': lr (log) in [{cfg.lr_min:g}, {cfg.lr_max:g}], augmentation "
-                f"strength in [{cfg.strength_min:g}, {cfg.strength_max:g}]; {cfg.backbone}, {cfg.epochs} epoch(s) "
-                "per trial; objective: best validation macro F1. One nested run per trial."),
-        })
+        mlflow.set_tags(
+            {
+                "backbone": cfg.backbone,
+                "protocol": protocol,
+                "data_hash": data_hash(),
+                "git_commit": git_commit(),
+                "store_hash": _store_hash(store_root),
+                "optuna.study": cfg.study_name,
+                "cnmc.stage": "tune",
+                "mlflow.note.content": (
+                    f"Optuna study '{cfg.study_name}': lr (log) in [{cfg.lr_min:g}, {cfg.lr_max:g}], augmentation "
+                    f"strength in [{cfg.strength_min:g}, {cfg.strength_max:g}]; {cfg.backbone}, {cfg.epochs} epoch(s) "
+                    "per trial; objective: best validation macro F1. One nested run per trial."
+                ),
+            }
+        )
         yield run
 
 
@@ -423,8 +479,12 @@ def _log_study(study: optuna.Study, summary: StudySummary) -> None:
         mlflow.set_tag("best_trial", "none")
         log.warning("study '%s': no completed trial yet, nothing to report as best", summary.study_name)
         return
-    best = {"best_lr": summary.best_lr, "best_strength": summary.best_strength,
-            "best_val_f1_macro": summary.best_value, "best_trial": summary.best_trial}
+    best = {
+        "best_lr": summary.best_lr,
+        "best_strength": summary.best_strength,
+        "best_val_f1_macro": summary.best_value,
+        "best_trial": summary.best_trial,
+    }
     mlflow.log_metrics({k: float(v) for k, v in best.items() if v is not None})
     mlflow.set_tag("best_trial", str(summary.best_trial))
     mlflow.log_text(render_tuned_params(summary), "tuned.yaml")
@@ -466,28 +526,41 @@ def _log_plot(make: Callable[[], Any], name: str) -> None:
 # --------------------------------------------------------------------------- results
 
 
-def _summary(study: optuna.Study, params: Params, trials_run: int, run_id: str | None,
-             started: float) -> StudySummary:
+def _summary(study: optuna.Study, params: Params, trials_run: int, run_id: str | None, started: float) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
-    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    names = {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }
     states = {name: sum(t.state == state for t in trials) for state, name in names.items()}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     cfg = params.tune
     return StudySummary(
-        study_name=cfg.study_name, storage=_safe_storage(cfg.storage), backbone=cfg.backbone, epochs=cfg.epochs,
-        best_trial=best.number if best else None, best_value=float(best.value) if best and best.value is not None else None,
+        study_name=cfg.study_name,
+        storage=_safe_storage(cfg.storage),
+        backbone=cfg.backbone,
+        epochs=cfg.epochs,
+        best_trial=best.number if best else None,
+        best_value=float(best.value) if best and best.value is not None else None,
         best_params={k: float(v) for k, v in best.params.items()} if best else {},
-        trials_run=trials_run, states=states, parent_run_id=run_id, seconds=time.perf_counter() - started,
+        trials_run=trials_run,
+        states=states,
+        parent_run_id=run_id,
+        seconds=time.perf_counter() - started,
     )
 
 
 def render_tuned_params(summary: StudySummary) -> str:
     """The text of ``tuned.yaml``: the best ``train.lr`` and ``augment.strength``, with comments."""
     if summary.best_trial is None or summary.best_lr is None or summary.best_strength is None:
-        raise CnmcError(f"study '{summary.study_name}' has no completed trial: nothing to write "
-                        "(see the failed/pruned trials in MLflow, then run `cnmc tune` again)")
+        raise CnmcError(
+            f"study '{summary.study_name}' has no completed trial: nothing to write "
+            "(see the failed/pruned trials in MLflow, then run `cnmc tune` again)"
+        )
     counts = ", ".join(f"{n} {state}" for state, n in summary.states.items() if n)
 
     def one_line(text: str) -> str:
@@ -503,8 +576,11 @@ def render_tuned_params(summary: StudySummary) -> str:
     if summary.parent_run_id:
         header.append(f"# MLflow parent run {summary.parent_run_id}")
     header.append("# Use with: cnmc train --params-from tuned.yaml")
-    body = yaml.safe_dump({"train": {"lr": summary.best_lr}, "augment": {"strength": summary.best_strength}},
-                          sort_keys=False, default_flow_style=False)
+    body = yaml.safe_dump(
+        {"train": {"lr": summary.best_lr}, "augment": {"strength": summary.best_strength}},
+        sort_keys=False,
+        default_flow_style=False,
+    )
     return "\n".join(header) + "\n" + body
 
 

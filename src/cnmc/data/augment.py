@@ -88,9 +88,7 @@ class PrepareSummary:
 
 def derive_seed(seed: int, target: int, k: int, tag: int = _TAG_AUG) -> int:
     """A 63-bit torch seed for augmented image ``k`` of class ``target`` (stable across runs)."""
-    state = np.random.SeedSequence([seed % 2**64, tag, target, k]).generate_state(
-        1, dtype=np.uint64
-    )
+    state = np.random.SeedSequence([seed % 2**64, tag, target, k]).generate_state(1, dtype=np.uint64)
     return int(state[0]) >> 1
 
 
@@ -130,9 +128,7 @@ def _read_split(splits_dir: Path, split: str) -> pd.DataFrame | None:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise CnmcError(
-            f"{path}: empty file, expected a header with {', '.join(REQUIRED_COLUMNS)}"
-        ) from None
+        raise CnmcError(f"{path}: empty file, expected a header with {', '.join(REQUIRED_COLUMNS)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise CnmcError(f"{path}: not a readable CSV ({exc.__class__.__name__})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -144,9 +140,7 @@ def _read_split(splits_dir: Path, split: str) -> pd.DataFrame | None:
     bad_label = ~df["label"].isin(LABELS)
     if bad_label.any():
         row = int(np.flatnonzero(bad_label.to_numpy())[0])
-        raise CnmcError(
-            f"{path}: line {row + 2}: label {df['label'].iloc[row]!r} is not 'all' or 'hem'"
-        )
+        raise CnmcError(f"{path}: line {row + 2}: label {df['label'].iloc[row]!r} is not 'all' or 'hem'")
     no_path = df["path"].str.strip() == ""
     if no_path.any():
         row = int(np.flatnonzero(no_path.to_numpy())[0])
@@ -172,10 +166,7 @@ def _plan_plain(name: str, csv: Path, df: pd.DataFrame) -> _SplitPlan:
     index["origin"] = rows
     index["aug_seed"] = ""
     sources = [(int(r), p, f"{csv} line {r + 2}") for r, p in zip(rows, df["path"], strict=True)]
-    counts = {
-        label: {"original": int((df["label"] == label).sum()), "augmented": 0, "dropped": 0}
-        for label in LABELS
-    }
+    counts = {label: {"original": int((df["label"] == label).sum()), "augmented": 0, "dropped": 0} for label in LABELS}
     return _SplitPlan(name, csv, index, sources, [], counts)
 
 
@@ -192,25 +183,24 @@ def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int) -> _Spli
     for label in LABELS:
         rows = np.flatnonzero((df["label"] == label).to_numpy())
         if len(rows) == 0:
-            raise CnmcError(
-                f"{csv}: no '{label}' images in the training split, cannot balance the classes"
-            )
+            raise CnmcError(f"{csv}: no '{label}' images in the training split, cannot balance the classes")
         if len(rows) > per_class:
             log.warning(
                 "%s: %d '%s' training images exceed per_class M=%d: %d originals are DROPPED "
                 "(augment.per_class: auto keeps every one)",
-                csv, len(rows), label, per_class, len(rows) - per_class,
+                csv,
+                len(rows),
+                label,
+                per_class,
+                len(rows) - per_class,
             )
-            rows = np.sort(
-                _rng(seed, _TAG_KEEP, TARGETS[label]).choice(rows, size=per_class, replace=False)
-            )
+            rows = np.sort(_rng(seed, _TAG_KEEP, TARGETS[label]).choice(rows, size=per_class, replace=False))
         dropped[label] = int((df["label"] == label).sum()) - len(rows)
         keep_mask[rows] = True
     kept = df[keep_mask].reset_index(drop=True)
     plan = _plan_plain("train", csv, kept)
     sources = [
-        (r, p, f"{csv} line {int(i) + 2}")
-        for (r, p, _), i in zip(plan.sources, np.flatnonzero(keep_mask), strict=True)
+        (r, p, f"{csv} line {int(i) + 2}") for (r, p, _), i in zip(plan.sources, np.flatnonzero(keep_mask), strict=True)
     ]
     aug_rows: list[pd.DataFrame] = []
     augment: list[tuple[int, int, int]] = []
@@ -339,16 +329,10 @@ def prepare_dataset(
             split_dir = tmp / plan.name
             split_dir.mkdir()
             npy = str(split_dir / IMAGES_FILE)
-            images = np.lib.format.open_memmap(
-                npy, mode="w+", dtype=np.uint8, shape=(len(plan.index), size, size, 3)
-            )
+            images = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(plan.index), size, size, 3))
             del images
-            resize_tasks += [
-                ("resize", npy, size, strength, list(c)) for c in _chunks(plan.sources, chunk)
-            ]
-            augment_tasks += [
-                ("augment", npy, size, strength, list(c)) for c in _chunks(plan.augment, chunk)
-            ]
+            resize_tasks += [("resize", npy, size, strength, list(c)) for c in _chunks(plan.sources, chunk)]
+            augment_tasks += [("augment", npy, size, strength, list(c)) for c in _chunks(plan.augment, chunk)]
         with tqdm(total=total, desc="augment", unit="img", disable=not progress) as bar:
             _run_tasks([t for t in (resize_tasks, augment_tasks) if t], workers, bar)
         for plan in plans:
@@ -365,10 +349,7 @@ def prepare_dataset(
             "image_size": size,
             "strength": strength,
             "per_class": per_class,
-            "splits": {
-                p.name: {"images": len(p.index), "csv": str(p.csv), "classes": p.counts}
-                for p in plans
-            },
+            "splits": {p.name: {"images": len(p.index), "csv": str(p.csv), "classes": p.counts} for p in plans},
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         os.chmod(tmp, 0o755)
@@ -443,9 +424,7 @@ def write_preview(train_dir: Path, preview_path: Path, cfg: AugmentConfig, seed:
     try:
         for i, row in enumerate(chosen):
             label = index["label"].iloc[row]
-            cells: list[tuple[np.ndarray, str]] = [
-                (store.images[row], f"{label.upper()} original #{row}")
-            ]
+            cells: list[tuple[np.ndarray, str]] = [(store.images[row], f"{label.upper()} original #{row}")]
             for r in np.flatnonzero((origin == row) & (augmented == 1))[:PREVIEW_AUGMENTATIONS]:
                 cells.append((store.images[r], f"stored #{r}"))
             j = 0

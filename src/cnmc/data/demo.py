@@ -19,9 +19,11 @@ from cnmc.errors import CnmcError
 TREE = "C-NMC_Leukemia"
 # The md5 that the committed ``data.dvc`` records for ``data/`` holding exactly these cells.
 DEMO_DATA_HASH = "c754adfb89643cb77624ed893a088521"
-DEMO_NOTE = ("the demo subset shipped with the project: 523 real C-NMC cells of 31 subjects (test: 83 cells "
-             "of 12 unseen subjects). Its confidence intervals are wide, and it makes no claim about the "
-             "full data set.")
+DEMO_NOTE = (
+    "the demo subset shipped with the project: 523 real C-NMC cells of 31 subjects (test: 83 cells "
+    "of 12 unseen subjects). Its confidence intervals are wide, and it makes no claim about the "
+    "full data set."
+)
 
 
 def demo_cells() -> Path:
@@ -38,5 +40,7 @@ def copy_demo_dataset(out_dir: Path) -> str:
         raise CnmcError(f"{source}: the demo cells are missing from this installation (reinstall cnmc)")
     fill_new_folder(out_dir, lambda tmp: shutil.copytree(source, tmp / TREE, copy_function=shutil.copyfile))
     files = sum(1 for p in out_dir.rglob("*") if p.is_file())
-    return (f"copied {files} files of the real C-NMC 2019 demo subset to {out_dir} "
-            f"(attribution: {demo_cells() / 'ATTRIBUTION.md'})")
+    return (
+        f"copied {files} files of the real C-NMC 2019 demo subset to {out_dir} "
+        f"(attribution: {demo_cells() / 'ATTRIBUTION.md'})"
+    )

@@ -67,9 +67,7 @@ def parse_cell_name(name: str) -> CellName | None:
     if match is None:
         return None
     prefix, number, image, cell, label = match.groups()
-    return CellName(
-        subject=prefix.upper() + number, image=int(image), cell=int(cell), label=label.lower()
-    )
+    return CellName(subject=prefix.upper() + number, image=int(image), cell=int(cell), label=label.lower())
 
 
 @dataclass(frozen=True)
@@ -141,9 +139,7 @@ def detect_layout(data_dir: Path) -> Layout:
         found = [layout for folder in level if (layout := _layout_at(folder)) is not None]
         if len(found) > 1:
             roots = "; ".join(f"{x.root} ({x.kind})" for x in found)
-            raise CnmcError(
-                f"several data sets found under {data_dir}: {roots}; point at one of them"
-            )
+            raise CnmcError(f"several data sets found under {data_dir}: {roots}; point at one of them")
         if found:
             return found[0]
         searched += level
@@ -203,11 +199,7 @@ def _labels_csv(prelim: Path) -> Path | None:
 
 
 def _class_groups(folder: Path, source: str) -> tuple[Group, ...]:
-    return tuple(
-        Group(sub, source, sub.name.lower())
-        for sub in _subdirs(folder)
-        if sub.name.lower() in CLASSES
-    )
+    return tuple(Group(sub, source, sub.name.lower()) for sub in _subdirs(folder) if sub.name.lower() in CLASSES)
 
 
 def _find(root: Path, names: tuple[str, ...]) -> Path | None:

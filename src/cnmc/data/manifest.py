@@ -214,9 +214,7 @@ class Manifest:
         )
 
 
-def build_manifest(
-    data_dir: Path | str, progress: bool = False, workers: int | None = None
-) -> Manifest:
+def build_manifest(data_dir: Path | str, progress: bool = False, workers: int | None = None) -> Manifest:
     """Find the layout under ``data_dir``, check every image (on ``workers`` processes, default
     all cores) and assemble the manifest. The result does not depend on ``workers``."""
     data_dir = Path(data_dir)
@@ -282,15 +280,10 @@ def read_prelim_labels(csv_path: Path) -> dict[str, PrelimLabel]:
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CnmcError(
-            f"{csv_path}: not a readable labels CSV ({exc.__class__.__name__})"
-        ) from None
+        raise CnmcError(f"{csv_path}: not a readable labels CSV ({exc.__class__.__name__})") from None
     table.columns = [str(c).strip() for c in table.columns]
     if not set(LABEL_COLUMNS) <= set(table.columns):
-        raise CnmcError(
-            f"{csv_path}: expected columns {','.join(LABEL_COLUMNS)}, "
-            f"found {','.join(table.columns)}"
-        )
+        raise CnmcError(f"{csv_path}: expected columns {','.join(LABEL_COLUMNS)}, found {','.join(table.columns)}")
     table = table[list(LABEL_COLUMNS)].apply(lambda column: column.str.strip())
     _validate_prelim_labels(table, csv_path)
     return {
@@ -309,15 +302,12 @@ def _validate_prelim_labels(table: pd.DataFrame, csv_path: Path) -> None:
     bad = table[~table["labels"].isin(["0", "1"])]
     if len(bad):
         raise CnmcError(
-            f"{csv_path}: labels must be 1 (ALL) or 0 (Hem); "
-            f"row {bad.index[0] + 2} has {bad['labels'].iloc[0]!r}"
+            f"{csv_path}: labels must be 1 (ALL) or 0 (Hem); row {bad.index[0] + 2} has {bad['labels'].iloc[0]!r}"
         )
     for column in ("new_names", "Patient_ID"):
         repeated = table.loc[table[column].str.lower().duplicated(keep=False), column]
         if len(repeated):
-            raise CnmcError(
-                f"{csv_path}: duplicate {column}: {', '.join(sorted(set(repeated))[:3])}"
-            )
+            raise CnmcError(f"{csv_path}: duplicate {column}: {', '.join(sorted(set(repeated))[:3])}")
 
 
 def _files(root: Path) -> tuple[list[Path], list[Exclusion]]:
@@ -327,16 +317,12 @@ def _files(root: Path) -> tuple[list[Path], list[Exclusion]]:
     return files, [Exclusion(f"{folder.as_posix()}/", reason) for folder, reason in unsearched]
 
 
-def _plan_file(
-    path: Path, group: Group | None, root: Path, labels: dict[str, PrelimLabel]
-) -> Candidate | Exclusion:
+def _plan_file(path: Path, group: Group | None, root: Path, labels: dict[str, PrelimLabel]) -> Candidate | Exclusion:
     name = path.name
     if is_hidden(name) or name.lower() in SYSTEM_FILES:
         return Exclusion(path.as_posix(), "hidden or system file")
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return Exclusion(
-            path.as_posix(), f"not an image file type ({path.suffix or 'no extension'})"
-        )
+        return Exclusion(path.as_posix(), f"not an image file type ({path.suffix or 'no extension'})")
     if group is None:
         return Exclusion(path.as_posix(), "outside the recognised image folders")
     link = _link_out_of(path, group)
@@ -401,9 +387,7 @@ def _plan_prelim(path: Path, labels: dict[str, PrelimLabel]) -> Candidate | Excl
         return Exclusion(path.as_posix(), f"not listed in {LABELS_CSV}")
     cell = parse_cell_name(entry.original_name)
     if cell is None:
-        return Exclusion(
-            path.as_posix(), f"its Patient_ID {entry.original_name!r} does not match {NAME_PATTERN}"
-        )
+        return Exclusion(path.as_posix(), f"its Patient_ID {entry.original_name!r} does not match {NAME_PATTERN}")
     conflict = _label_conflict(cell, entry.label, "the labels CSV")
     if conflict:
         return Exclusion(path.as_posix(), f"{conflict} (Patient_ID {entry.original_name})")
@@ -421,18 +405,13 @@ def _label_conflict(cell: CellName, label: str, where: str) -> str | None:
     return None
 
 
-def _missing_prelim(
-    layout: Layout, labels: dict[str, PrelimLabel], seen: set[str]
-) -> list[Exclusion]:
+def _missing_prelim(layout: Layout, labels: dict[str, PrelimLabel], seen: set[str]) -> list[Exclusion]:
     """Labels CSV rows without their image."""
     prelim = layout.prelim_dir
     if prelim is None:
         return []
     missing = sorted(set(labels) - seen)
-    return [
-        Exclusion((prelim / new).as_posix(), f"listed in {LABELS_CSV} but the file is missing")
-        for new in missing
-    ]
+    return [Exclusion((prelim / new).as_posix(), f"listed in {LABELS_CSV} but the file is missing") for new in missing]
 
 
 def check_image(path: Path) -> ImageCheck:
@@ -442,9 +421,7 @@ def check_image(path: Path) -> ImageCheck:
     except ImageProblem as exc:
         return ImageCheck(problem=str(exc))
     except OSError as exc:
-        return ImageCheck(
-            problem=f"cannot read the file ({exc.strerror or exc.__class__.__name__})"
-        )
+        return ImageCheck(problem=f"cannot read the file ({exc.strerror or exc.__class__.__name__})")
     digest = hashlib.sha256(data).hexdigest()
     try:
         image, mode = open_rgb(data)
@@ -463,9 +440,7 @@ def check_images(paths: Sequence[Path], workers: int, progress: bool) -> list[Im
 
 
 def _collect(results: Iterable[ImageCheck], total: int, progress: bool) -> list[ImageCheck]:
-    return list(
-        tqdm(results, total=total, disable=not progress, desc="checking images", unit="img")
-    )
+    return list(tqdm(results, total=total, disable=not progress, desc="checking images", unit="img"))
 
 
 def _row(candidate: Candidate, check: ImageCheck) -> tuple[object, ...]:
@@ -524,8 +499,7 @@ def _nothing_usable(data_dir: Path, excluded: list[Exclusion]) -> str:
         return f"no image files found in the data set under {data_dir}"
     first = excluded[0]
     return (
-        f"no usable images under {data_dir}: all {len(excluded):,} files excluded "
-        f"(e.g. {first.path}: {first.reason})"
+        f"no usable images under {data_dir}: all {len(excluded):,} files excluded (e.g. {first.path}: {first.reason})"
     )
 
 
@@ -554,8 +528,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
         raise CnmcError(f"{path}: not a manifest CSV ({exc.__class__.__name__})") from None
     if tuple(table.columns) != MANIFEST_COLUMNS:
         raise CnmcError(
-            f"{path}: not a manifest: expected columns {','.join(MANIFEST_COLUMNS)}, "
-            f"found {','.join(table.columns)}"
+            f"{path}: not a manifest: expected columns {','.join(MANIFEST_COLUMNS)}, found {','.join(table.columns)}"
         )
     try:
         table[["width", "height"]] = table[["width", "height"]].astype(int)
@@ -564,7 +537,5 @@ def read_manifest(path: Path) -> pd.DataFrame:
     for column, allowed in (("label", ("all", "hem", "")), ("source", SOURCES)):
         bad = table.loc[~table[column].isin(allowed), column]
         if len(bad):
-            raise CnmcError(
-                f"{path}: unknown {column} {bad.iloc[0]!r} (expected one of {', '.join(allowed)})"
-            )
+            raise CnmcError(f"{path}: unknown {column} {bad.iloc[0]!r} (expected one of {', '.join(allowed)})")
     return table

@@ -85,9 +85,7 @@ def split_manifest(
                 f"({len(labelled)} labelled images, {labelled['subject'].nunique()} subjects): add data "
                 "or change split.val_fraction / split.test_fraction in params.yaml"
             )
-    tables = {
-        name: tables[name].sort_values("path").assign(split=name).reset_index(drop=True) for name in SPLITS
-    }
+    tables = {name: tables[name].sort_values("path").assign(split=name).reset_index(drop=True) for name in SPLITS}
     report = _report(tables, cfg, seed, notes, unlabelled=unlabelled)
     if cfg.protocol == "subject" and report["subject_overlap"]:
         raise CnmcError(f"subject-disjoint split failed: subjects in two splits {report['subject_overlap']}")
@@ -118,8 +116,12 @@ def _subject_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple
     # The validation fraction is of all labelled images, so of the rest it is a larger share.
     val_share = _share_of_rest(pool, rest, cfg.val_fraction)
     val_subjects, val_notes = _pick_subjects(rest, val_share, cfg.min_images_per_class, rng, "val")
-    notes = ["no preliminary set: test = held-out subjects of the training data, chosen by image share per class",
-             "validation = whole held-out training subjects, chosen by image share per class", *notes, *val_notes]
+    notes = [
+        "no preliminary set: test = held-out subjects of the training data, chosen by image share per class",
+        "validation = whole held-out training subjects, chosen by image share per class",
+        *notes,
+        *val_notes,
+    ]
     return _train_val(rest, val_subjects) | {"test": test}, notes
 
 
@@ -132,25 +134,29 @@ def _share_of_rest(pool: pd.DataFrame, rest: pd.DataFrame, fraction: float) -> d
     return shares
 
 
-def _fixed_test_split(
-    pool: pd.DataFrame, test: pd.DataFrame, cfg: SplitConfig, seed: int
-) -> tuple[dict, list[str]]:
+def _fixed_test_split(pool: pd.DataFrame, test: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[dict, list[str]]:
     """Train/val from ``pool`` around a given test set; no test subject may stay in training."""
     notes: list[str] = []
     clash = sorted(set(pool["subject"]) & set(test["subject"]))
     if clash:
-        log.warning("subjects %s are in both the training data and the test set: "
-                    "their training cells are left out", clash)
+        log.warning(
+            "subjects %s are in both the training data and the test set: their training cells are left out", clash
+        )
         notes.append(f"left out training cells of subjects also in the test set: {clash}")
         pool = pool[~pool["subject"].isin(clash)]
     if cfg.protocol == "paper":
-        train, val = train_test_split(pool.sort_values("path"), test_size=cfg.val_fraction,
-                                      stratify=pool.sort_values("path")["label"], random_state=seed)
+        train, val = train_test_split(
+            pool.sort_values("path"),
+            test_size=cfg.val_fraction,
+            stratify=pool.sort_values("path")["label"],
+            random_state=seed,
+        )
         notes.append(f"validation = a stratified {cfg.val_fraction:.0%} of the training cells")
         return {"train": train, "val": val, "test": test}, notes
     notes.append("validation = whole held-out training subjects, chosen by image share per class")
-    val_subjects, val_notes = _pick_subjects(pool, cfg.val_fraction, cfg.min_images_per_class,
-                                             np.random.default_rng(seed), "val")
+    val_subjects, val_notes = _pick_subjects(
+        pool, cfg.val_fraction, cfg.min_images_per_class, np.random.default_rng(seed), "val"
+    )
     return _train_val(pool, val_subjects) | {"test": test}, notes + val_notes
 
 
@@ -158,8 +164,9 @@ def _train_val(pool: pd.DataFrame, val_subjects: set[str]) -> dict[str, pd.DataF
     return {"train": pool[~pool["subject"].isin(val_subjects)], "val": pool[pool["subject"].isin(val_subjects)]}
 
 
-def _pick_subjects(pool: pd.DataFrame, fraction: float | dict[str, float], min_images: int,
-                   rng: np.random.Generator, split: str) -> tuple[set[str], list[str]]:
+def _pick_subjects(
+    pool: pd.DataFrame, fraction: float | dict[str, float], min_images: int, rng: np.random.Generator, split: str
+) -> tuple[set[str], list[str]]:
     """Whole subjects holding about ``fraction`` of each class's images, and a note per shortfall.
 
     Real subjects differ in size by orders of magnitude (2 to 757 cells), so counting subjects
@@ -202,10 +209,14 @@ def _closest_prefix(counts: pd.Series, share: float, min_images: int, rng: np.ra
 
 
 def _shortfall(split: str, label: str, held: int, min_images: int, counts: pd.Series) -> str:
-    why = ("only one subject has that class, and it stays in training" if len(counts) < 2
-           else f"the pool holds {int(counts.sum())} in {len(counts)} subjects")
-    return (f"split '{split}': class '{label}' gets {held} images, below split.min_images_per_class = "
-            f"{min_images} ({why})")
+    why = (
+        "only one subject has that class, and it stays in training"
+        if len(counts) < 2
+        else f"the pool holds {int(counts.sum())} in {len(counts)} subjects"
+    )
+    return (
+        f"split '{split}': class '{label}' gets {held} images, below split.min_images_per_class = {min_images} ({why})"
+    )
 
 
 def _paper_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[dict, list[str]]:
@@ -213,12 +224,8 @@ def _paper_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[d
     stratify_ok = labelled["label"].value_counts().min() >= 2
     if not stratify_ok:
         raise CnmcError("protocol 'paper' needs at least 2 images of each class to stratify")
-    rest, test = train_test_split(
-        labelled, test_size=cfg.test_fraction, stratify=labelled["label"], random_state=seed
-    )
-    train, val = train_test_split(
-        rest, test_size=cfg.val_fraction, stratify=rest["label"], random_state=seed
-    )
+    rest, test = train_test_split(labelled, test_size=cfg.test_fraction, stratify=labelled["label"], random_state=seed)
+    train, val = train_test_split(rest, test_size=cfg.val_fraction, stratify=rest["label"], random_state=seed)
     notes = [
         "protocol 'paper': training folds + labelled preliminary set merged, stratified "
         f"{1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} train/test at cell level (Ahmed et al. 2025)",
@@ -229,8 +236,9 @@ def _paper_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[d
     return {"train": train, "val": val, "test": test}, notes
 
 
-def _report(tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes: list[str],
-            unlabelled: int) -> dict[str, Any]:
+def _report(
+    tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes: list[str], unlabelled: int
+) -> dict[str, Any]:
     subjects = {name: set(t["subject"]) for name, t in tables.items()}
     overlap = sorted(
         set.union(*(subjects[a] & subjects[b] for a, b in (("train", "val"), ("train", "test"), ("val", "test"))))
@@ -274,4 +282,3 @@ def _report(tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes:
             "test": report["splits"]["test"]["images_per_class"],
         }
     return report
-

@@ -132,15 +132,10 @@ class ImageStore:
         images_path = self.split_dir / IMAGES_FILE
         index_path = self.split_dir / INDEX_FILE
         if not self.split_dir.is_dir():
-            raise CnmcError(
-                f"{self.split_dir}: image store split folder not found (run `cnmc augment`)"
-            )
+            raise CnmcError(f"{self.split_dir}: image store split folder not found (run `cnmc augment`)")
         for path in (images_path, index_path):
             if not path.is_file():
-                raise CnmcError(
-                    f"{self.split_dir}: image store incomplete, {path.name} missing "
-                    "(run `cnmc augment`)"
-                )
+                raise CnmcError(f"{self.split_dir}: image store incomplete, {path.name} missing (run `cnmc augment`)")
         try:
             self.index = pd.read_csv(index_path, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -158,15 +153,9 @@ class ImageStore:
         self.transform_mask: np.ndarray | None = None
         self._buffers = _BatchBuffers()
         images = self.images  # open now, so a bad array fails here
-        if (
-            images.dtype != np.uint8
-            or images.ndim != 4
-            or images.shape[3] != 3
-            or images.shape[1] != images.shape[2]
-        ):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
             raise CnmcError(
-                f"{images_path}: expected a uint8 array (N, S, S, 3), "
-                f"got {images.dtype} {tuple(images.shape)}"
+                f"{images_path}: expected a uint8 array (N, S, S, 3), got {images.dtype} {tuple(images.shape)}"
             )
         if len(images) != len(self.index):
             raise CnmcError(
@@ -260,9 +249,9 @@ class ImageStore:
         if transform is not None:
             chw = batch.permute(0, 3, 1, 2)
             apply = self.transformed(idx)
-            batch = torch.stack(
-                [transform(img) if on else img for img, on in zip(chw, apply, strict=True)]
-            ).permute(0, 2, 3, 1)
+            batch = torch.stack([transform(img) if on else img for img, on in zip(chw, apply, strict=True)]).permute(
+                0, 2, 3, 1
+            )
         return batch, torch.from_numpy(self.targets[idx])
 
     def load_batch(
@@ -317,9 +306,7 @@ def normalize_batch(
     if out is None:
         out = torch.empty(shape, dtype=torch.float32)
     elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous float32 {shape}, got {out.dtype} {tuple(out.shape)}"
-        )
+        raise ValueError(f"out must be a contiguous float32 {shape}, got {out.dtype} {tuple(out.shape)}")
     out.copy_(x.permute(0, 3, 1, 2))  # converts and transposes in one pass
     return out.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
 

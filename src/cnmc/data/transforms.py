@@ -83,17 +83,9 @@ def paper_transform(image_size: int, strength: float = 1.0) -> v2.Compose:
         lo, hi = PAPER_BLUR_SIGMA
         ops.append(v2.GaussianBlur(kernel_size=PAPER_BLUR_KERNEL, sigma=(lo, lo + (hi - lo) * s)))
         # Sharpness: factor 2 kept; the probability of applying it scales (0.3 at strength 1).
-        ops.append(
-            v2.RandomAdjustSharpness(
-                sharpness_factor=PAPER_SHARPNESS_FACTOR, p=PAPER_SHARPNESS_P * s
-            )
-        )
+        ops.append(v2.RandomAdjustSharpness(sharpness_factor=PAPER_SHARPNESS_FACTOR, p=PAPER_SHARPNESS_P * s))
         # Perspective: probability 0.3 kept; the distortion scale scales (0.2 at strength 1).
-        ops.append(
-            v2.RandomPerspective(
-                distortion_scale=PAPER_PERSPECTIVE_DISTORTION * s, p=PAPER_PERSPECTIVE_P
-            )
-        )
+        ops.append(v2.RandomPerspective(distortion_scale=PAPER_PERSPECTIVE_DISTORTION * s, p=PAPER_PERSPECTIVE_P))
     else:
         # Strength 0: only a resize to the output size, which returns a same-size input untouched.
         ops.append(resize_transform(size))

