@@ -277,8 +277,11 @@ def test_served_model_answers_split_records_and_inputs(server: Server, good_bmp:
     image = cell_image()
     formats = [b64(encoded(image, fmt)) for fmt in ("BMP", "PNG", "JPEG", "TIFF")]
     inputs = assert_predictions(server, *post(server, {"inputs": formats}), 4)
-    assert split == records == inputs[:1]
-    assert inputs[1] == inputs[3] == inputs[0]  # lossless formats: the very same pixels
+    # The same pixels get the same answer in any request format and batch; the probability to
+    # float32 rounding (a conv's sums differ in the last bits with the batch's size and position).
+    for same in (records[0], inputs[0], inputs[1], inputs[3]):  # BMP, then the lossless formats
+        assert same["label"] == split[0]["label"] and same["threshold"] == split[0]["threshold"]
+        assert same["prob_all"] == pytest.approx(split[0]["prob_all"], abs=1e-6)
     assert abs(inputs[2]["prob_all"] - inputs[0]["prob_all"]) < 0.1  # JPEG
 
 
