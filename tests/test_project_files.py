@@ -32,6 +32,24 @@ def test_mlproject_is_valid() -> None:
     assert {"main", "prepare"} <= set(project._entry_points)
 
 
+def test_every_mlproject_command_is_one_the_cli_takes_with_its_defaults() -> None:
+    """An unset MLproject parameter is "", which every flag it feeds reads as "keep params.yaml"."""
+    import shlex
+
+    from cnmc.cli import _params, build_parser
+
+    raw = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    for name, entry in raw.items():
+        defaults = {key: spec.get("default", "") for key, spec in entry["parameters"].items()}
+        defaults["params"] = str(ROOT / "params.yaml")
+        for command in entry["command"].format(**defaults).split("&&"):
+            argv = shlex.split(command)
+            assert argv[0] == "cnmc", name
+            args = build_parser().parse_args(argv[1:])
+            if hasattr(args, "set"):
+                _params(args)  # the overrides validate
+
+
 def test_conda_env_lists_the_pyproject_dependencies() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,3 +222,22 @@ def test_a_diverging_loss_stops_training(tiny_store, tmp_path):
     with pytest.raises(FloatingPointError, match="epoch 1"):
         trainer.fit()
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_compile_that_fails_here_warns_and_trains_eagerly(tiny_store, tmp_path, monkeypatch, caplog):
+    """train.compile: where torch.compile cannot work (no compiler, an unsupported op) training goes on."""
+
+    def broken(module):  # noqa: ANN001, ANN202 - stands in for torch.compile on a machine it fails on
+        def call(*args):  # noqa: ANN002, ANN202
+            raise RuntimeError("inductor: no C++ compiler found\ndetails...")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    trainer = make_trainer(tiny_store, tmp_path, compile=True)
+    with caplog.at_level("WARNING"):
+        loss = trainer.train_epoch(0)
+    assert np.isfinite(loss)
+    assert (
+        "torch.compile failed here (RuntimeError: inductor: no C++ compiler found): training without it" in caplog.text
+    )

@@ -115,25 +115,31 @@ def cmd_augment(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from cnmc.distributed import process_group
     from cnmc.fit_run import fit_and_log
-    from cnmc.prepare import prepare_work_dir, store_matches
     from cnmc.runs import RunPaths
+    from cnmc.train import uses_cuda
 
     params = _params(args)
-    if args.data:
-        root = Path(args.work_dir)
-        prepare_work_dir(
-            Path(args.data), root, params, Path(args.test_data) if args.test_data else None, progress=not args.quiet
+    # Under torchrun: one process per rank; rank 0 prepares the data first, the others then reuse it.
+    with process_group(uses_cuda(params.train)) as world:
+        if not world.is_main:
+            world.barrier()
+        root = _training_root(args, params)
+        if world.is_main:
+            world.barrier()
+        paths = RunPaths(root, args.backbone)
+        fit = fit_and_log(
+            params,
+            args.backbone,
+            paths,
+            resume=args.resume,
+            weights_path=args.weights_path,
+            progress=not args.quiet,
+            world=world,
         )
-    elif store_matches(Path("outputs/images"), params):
-        root = Path("outputs")
-    else:  # no store yet, or flags changed its settings: prepare a matching one beside it
-        root = Path("outputs/prepared")
-        prepare_work_dir(Path(params.data_dir), root, params, progress=not args.quiet)
-    paths = RunPaths(root, args.backbone)
-    fit = fit_and_log(
-        params, args.backbone, paths, resume=args.resume, weights_path=args.weights_path, progress=not args.quiet
-    )
+    if fit is None:  # not rank 0: rank 0 reports and evaluates
+        return
     if not args.evaluate:
         print(
             f"{fit.backbone}: trained {fit.epochs_run} epochs, kept epoch {fit.best_epoch} "
@@ -142,6 +148,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
         return
     _evaluate(params, paths, args.metrics_out)
+
+
+def _training_root(args: argparse.Namespace, params: Params) -> Path:
+    """The pipeline folder to train from: ``--data``'s work folder, the DVC outputs when they match
+    the settings, else a matching store prepared beside them."""
+    from cnmc.prepare import prepare_work_dir, store_matches
+
+    if args.data:
+        root = Path(args.work_dir)
+        test_data = Path(args.test_data) if args.test_data else None
+        prepare_work_dir(Path(args.data), root, params, test_data, progress=not args.quiet)
+        return root
+    if store_matches(Path("outputs/images"), params):
+        return Path("outputs")
+    root = Path("outputs/prepared")  # no store yet, or flags changed its settings
+    prepare_work_dir(Path(params.data_dir), root, params, progress=not args.quiet)
+    return root
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

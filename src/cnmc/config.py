@@ -86,6 +86,11 @@ class TrainConfig(_Section):
     )
     mixed_precision: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (falls back, with a warning, where it fails)",
+        json_schema_extra=RUNTIME_ONLY,
+    )
 
 
 class PromoteConfig(_Section):

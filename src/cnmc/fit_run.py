@@ -13,6 +13,7 @@ import torch
 
 from cnmc.config import Params
 from cnmc.curves import training_curves_png
+from cnmc.distributed import ONE_PROCESS, World
 from cnmc.errors import CnmcError
 from cnmc.metrics_document import FitSummary
 from cnmc.model_spec import ModelSpec
@@ -28,8 +29,13 @@ def fit_and_log(
     resume: bool = False,
     weights_path: str | None = None,
     progress: bool = True,
-) -> FitSummary:
-    """Train ``backbone`` on the store, log params and per-epoch metrics, save the selected weights."""
+    world: World = ONE_PROCESS,
+) -> FitSummary | None:
+    """Train ``backbone`` on the store, log params and per-epoch metrics, save the selected weights.
+
+    Under torchrun every rank trains (:class:`cnmc.train.Trainer`); rank 0 alone logs the one MLflow
+    run (with ``world_size``) and writes the outputs, and the other ranks return None.
+    """
     stores = open_stores(paths)
     weights_path = weights_path or weights_in_dir(params.train.weights_dir, backbone)
     # Seed before building: a random-init model (or the new head of a pretrained one) draws its
@@ -49,11 +55,20 @@ def fit_and_log(
         fingerprint,
         params.split.min_images_per_class,
         progress=progress,
+        world=world,
     )
+    if not world.is_main:
+        try:
+            trainer.fit(resume=resume)
+        except KeyboardInterrupt:
+            raise CnmcError("interrupted: rank 0 keeps the last epoch's checkpoint") from None
+        return None
 
     run_id_file = paths.checkpoint.with_name("mlflow_run_id")
     resume_run = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-    with start_run(params, backbone, resume_run, extra_params={"weights": net.weights}) as run:
+    with start_run(
+        params, backbone, resume_run, extra_params={"weights": net.weights, "world_size": world.size}
+    ) as run:
         mkdir(paths.checkpoint.parent)
         run_id_file.write_text(run.info.run_id)
         logged_epochs = _logged_epochs(run.info.run_id)

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.algorithms import Join
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cnmc.config import TrainConfig
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
+from cnmc.distributed import ONE_PROCESS, World, all_sum, epoch_share, evaluation_share, gather_rows
 from cnmc.errors import CnmcError
 from cnmc.evaluate import binary_metrics, judging_shortfall
 from cnmc.head_init import fit_probe_head
@@ -61,12 +64,16 @@ def improves(best: FitResult, val_f1_macro: float, val_loss: float) -> bool:
     return val_loss < best.best_val_loss
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig, world: World = ONE_PROCESS) -> torch.device:
+    """The training device; under torchrun on CUDA, this rank's GPU (``LOCAL_RANK``)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise CnmcError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
+
+
+def uses_cuda(cfg: TrainConfig) -> bool:
+    return resolve_device(cfg).type == "cuda"
 
 
 def config_fingerprint(payload: dict[str, Any]) -> str:
@@ -93,7 +100,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class Trainer:
-    """One training run of ``model`` on ``train``/``val`` stores."""
+    """One training run of ``model`` on ``train``/``val`` stores.
+
+    Under torchrun (``world`` of several processes) the model is wrapped in
+    :class:`~torch.nn.parallel.DistributedDataParallel`: each rank trains on its share of every
+    epoch (``train.batch_size`` is the global batch, split between the ranks), gradients are
+    all-reduced, validation is sharded and gathered so that every rank sees the metrics of all
+    images and takes the same early-stopping decision, and rank 0 alone writes the checkpoint.
+    """
 
     def __init__(
         self,
@@ -109,13 +123,28 @@ class Trainer:
         min_val_per_class: int,
         train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         progress: bool = True,
+        world: World = ONE_PROCESS,
     ):
-        self.device = resolve_device(cfg)
+        if cfg.batch_size % world.size:
+            raise CnmcError(
+                f"train.batch_size {cfg.batch_size} is the global batch: it must divide by the "
+                f"{world.size} training processes"
+            )
+        self.world, self.rank_batch = world, cfg.batch_size // world.size
+        self.device = resolve_device(cfg, world)
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device)
         if self.cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.cfg, self.seed, self.progress = cfg, seed, progress
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None)
+            if world.distributed
+            else None
+        )
+        self.net: nn.Module = self.ddp or self.model  # what a training step calls
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(self.net) if cfg.compile else None
+        self._compile_tried = False
+        self.cfg, self.seed, self.progress = cfg, seed, progress and world.is_main
         self.mean, self.std = mean, std
         # uint8 batches: normalised on the device (cnmc.inference.model_input), a quarter of the bytes to move.
         self.train_ds = StoreDataset(train, mean, std, transform=train_transform, normalize=False)
@@ -137,41 +166,57 @@ class Trainer:
     def _autocast(self) -> Any:
         return autocast(self.device, self.amp_dtype)
 
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """A training forward pass: compiled when ``train.compile`` is on and compiling works here
+        (the first step tells; a failure there warns and trains eagerly from then on)."""
+        if self._compiled is not None and not self._compile_tried:
+            self._compile_tried = True
+            try:
+                return self._compiled(images)
+            except Exception as exc:  # inductor raises many types (no compiler, unsupported op)
+                log.warning(
+                    "torch.compile failed here (%s: %s): training without it",
+                    exc.__class__.__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
+                self._compiled = None
+        return (self._compiled or self.net)(images)
+
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
         if self.cfg.freeze_bn:  # keep the pretrained normalisation statistics (affine still learns)
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        loader = batch_loader(
-            self.train_ds,
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
-            seed=self.seed * 1000 + epoch,
-            **self.loader_kwargs,
-        )
+        share = epoch_share(len(self.train_ds), self.world, self.seed * 1000 + epoch)
+        loader = batch_loader(self.train_ds, batch_size=self.rank_batch, rows=share, **self.loader_kwargs)
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.progress)
-        for raw, host_targets in bar:
-            images = model_input(raw, self.mean, self.std, self.device, self.cuda and self.cfg.channels_last)
-            targets = host_targets.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                loss = self.loss_fn(self.model(images), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}")
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            total += loss.item() * len(targets)
-            count += len(targets)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        return total / max(count, 1)
+        # Ranks' shares differ by one image at most, so one may run a batch more: Join lets it finish alone.
+        with Join([self.ddp]) if self.ddp else nullcontext():
+            for raw, host_targets in bar:
+                images = model_input(raw, self.mean, self.std, self.device, self.cuda and self.cfg.channels_last)
+                targets = host_targets.to(self.device, non_blocking=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    loss = self.loss_fn(self._forward(images), targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}")
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total += loss.item() * len(targets)
+                count += len(targets)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        total_all, count_all = all_sum([total, count], self.world)
+        return total_all / max(count_all, 1)
 
     def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
-        """Probabilities of ALL for every image of ``dataset`` (uint8 batches), in order, and the mean loss."""
-        loader = batch_loader(dataset, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
-        logits = predict_logits(
+        """Probabilities of ALL for every image of ``dataset`` (uint8 batches), in order, and the mean
+        loss; under torchrun each rank scores its share and all of them get the whole result."""
+        rows = evaluation_share(len(dataset), self.world)
+        loader = batch_loader(dataset, batch_size=self.rank_batch * 2, rows=rows, **self.loader_kwargs)
+        part = predict_logits(
             self.model,
             (images for images, _ in loader),
             self.mean,
@@ -179,6 +224,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             channels_last=self.cuda and self.cfg.channels_last,
         )
+        logits = gather_rows(part, self.world)
         targets = torch.from_numpy(dataset.store.targets.astype(np.int64))
         loss = self.loss_fn(torch.from_numpy(logits), targets).item() if len(targets) else 0.0
         return prob_all(logits), loss
@@ -240,7 +286,8 @@ class Trainer:
                 else:
                     bad_epochs += 1
                 result.seconds = time.perf_counter() - began
-                self._save_checkpoint(result, epoch + 1, bad_epochs)
+                if self.world.is_main:
+                    self._save_checkpoint(result, epoch + 1, bad_epochs)
                 epochs.set_postfix(
                     loss=f"{train_loss:.4f}", val_f1=f"{val['f1_macro']:.4f}", best=f"{result.best_val_f1_macro:.4f}"
                 )

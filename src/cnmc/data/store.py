@@ -364,16 +364,21 @@ def batch_loader(
     seed: int | None = None,
     drop_last: bool = False,
     num_workers: int = 0,
+    rows: Sequence[int] | np.ndarray | None = None,
     **loader_kwargs: Any,
 ) -> DataLoader:
     """A ``DataLoader`` that fetches each batch with one ``dataset[list_of_indices]`` call.
 
     Yields ``(float (B, 3, S, S), int64 (B,))`` like a normal loader, without per-item collation.
-    ``seed`` fixes the shuffle order.
+    ``seed`` fixes the shuffle order; ``rows`` (e.g. one rank's share of an epoch) replaces it:
+    exactly those rows, in that order.
     """
-    if shuffle:
+    sampler: Sequence[int] | RandomSampler | SequentialSampler
+    if rows is not None:
+        sampler = [int(r) for r in rows]
+    elif shuffle:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        sampler: RandomSampler | SequentialSampler = RandomSampler(dataset, generator=generator)
+        sampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(

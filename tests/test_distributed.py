@@ -1,0 +1,94 @@
+"""Data-parallel training under torchrun, on CPU with gloo: two processes train one model, and
+the job leaves one MLflow run, one checkpoint and one metrics file; each epoch is dealt out to
+the ranks disjointly and completely."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_params
+from mlflow import MlflowClient
+
+from cnmc.config import render_params
+from cnmc.distributed import World, epoch_share, evaluation_share
+from cnmc.errors import CnmcError
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(("n", "size"), [(7, 2), (8, 2), (10, 3), (2, 3)])
+def test_an_epoch_is_dealt_out_disjointly_and_completely(n: int, size: int) -> None:
+    shares = [epoch_share(n, World(rank, size), seed=5) for rank in range(size)]
+    together = np.concatenate(shares)
+    assert sorted(together.tolist()) == list(range(n))  # every row once: disjoint and covering
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert not np.array_equal(epoch_share(n, World(0, size), seed=6), shares[0]) or n < 3  # reshuffled per epoch
+    held_out = [evaluation_share(n, World(rank, size)) for rank in range(size)]
+    assert sorted(np.concatenate(held_out).tolist()) == list(range(n))
+
+
+def test_one_process_keeps_the_shuffle_of_a_plain_random_sampler() -> None:
+    """Without torchrun an epoch is the order RandomSampler gave before: the same runs as before."""
+    expected = list(torch.utils.data.RandomSampler(range(50), generator=torch.Generator().manual_seed(9)))
+    assert epoch_share(50, World(), seed=9).tolist() == expected
+
+
+def test_the_batch_size_is_the_global_batch(copy_store: Path) -> None:
+    from cnmc.data.store import ImageStore
+    from cnmc.models.backbones import create_backbone
+    from cnmc.train import Trainer
+
+    net = create_backbone("test_resnet", pretrained=False)
+    stores = [ImageStore(copy_store / "images" / split) for split in ("train", "val")]
+    cfg = tiny_params(batch_size=16).train
+    with pytest.raises(CnmcError, match="train.batch_size 16 is the global batch: it must divide by the 3"):
+        Trainer(net.model, net.mean, net.std, *stores, cfg, 0, copy_store / "c.pt", "", 1, world=World(0, 3))
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_trains_one_model_into_one_run(tiny_store: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(tiny_store, project / "outputs")
+    (project / "params.yaml").write_text(render_params(tiny_params(epochs=2, batch_size=16), "test"))
+    db = project / "mlflow.db"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "cnmc",
+        "train",
+        "--backbone",
+        "test_resnet",
+        "--quiet",
+    ]
+    proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    for name in ("train_loss", "val_f1_macro"):  # each epoch logged once, by rank 0
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
+    assert len(client.get_metric_history(run.info.run_id, "test_f1_all")) == 1
+    outputs = project / "outputs"
+    checkpoints = sorted(p.name for p in (outputs / "checkpoints" / "test_resnet").iterdir())
+    assert checkpoints == ["checkpoint.pt", "mlflow_run_id"]  # one checkpoint, no temporary left
+    assert (outputs / "metrics" / "test_resnet.json").is_file() and (
+        outputs / "models" / "test_resnet" / "fit.json"
+    ).is_file()
+    assert proc.stdout.count("test F1 (ALL)") == 1  # rank 0 alone reports and evaluates
