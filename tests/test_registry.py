@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import metrics_document as conftest_metrics_document
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -86,42 +87,7 @@ def metrics_document(f1: float = 0.9) -> dict[str, Any]:
     half = {**tuned, "f1_all": f1 - 0.1}
     ci = {"f1_all": [0.812, 0.951], "roc_auc": [0.701, 0.877], "f1_macro": [0.7, 0.9], "accuracy": [0.6, 0.9]}
     test = {"at_tuned": tuned, "at_0.5": half, "threshold": 0.4, "ci95": {"at_tuned": ci, "at_0.5": ci}}
-    return {
-        "backbone": "fake",
-        "run_id": "r",
-        "best_epoch": 1,
-        "epochs_run": 1,
-        "epoch_selection": "best",
-        "stopped_early": False,
-        "train_seconds": 1.0,
-        "best_val_f1_macro": 0.5,
-        "protocol": "subject",
-        "data_hash": DATA,
-        "threshold": 0.4,
-        "test": test,
-        "test_tta": test,
-        "validation": {
-            "can_judge": True,
-            "reason": "enough",
-            "n_all": 30,
-            "n_hem": 30,
-            "min_images_per_class": 30,
-            "at_threshold": tuned,
-        },
-        "calibration": dict.fromkeys(
-            (
-                "temperature",
-                "test_ece_before",
-                "test_ece_after",
-                "test_nll_before",
-                "test_nll_after",
-                "test_tta_ece",
-                "val_nll_before",
-                "val_nll_after",
-            ),
-            1.0,
-        ),
-    }
+    return conftest_metrics_document(test, data_hash=DATA, epoch_selection="best")
 
 
 @pytest.fixture

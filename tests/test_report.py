@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import metrics_document
 
 from cnmc.errors import CnmcError
 from cnmc.evaluate import evaluate_split
@@ -20,44 +21,7 @@ def write_metrics(path: Path, backbone: str, protocol: str = "subject", seed: in
     y = (rng.random(300) < 2 / 3).astype(int)
     p = np.clip(0.4 * y + 0.6 * rng.random(300), 0, 1)
     test = evaluate_split(y, p, [f"s{i % 9}" for i in range(300)], val_threshold=0.45, n_boot=100)
-    calibration = dict.fromkeys(
-        (
-            "temperature",
-            "test_ece_before",
-            "test_ece_after",
-            "test_nll_before",
-            "test_nll_after",
-            "test_tta_ece",
-            "val_nll_before",
-            "val_nll_after",
-        ),
-        1.0,
-    )
-    payload = {
-        "backbone": backbone,
-        "protocol": protocol,
-        "data_hash": f"hash-{protocol}",
-        "run_id": "r",
-        "threshold": 0.45,
-        "test": test,
-        "test_tta": test,
-        "best_epoch": 7,
-        "epochs_run": 12,
-        "train_seconds": 61.5,
-        "epoch_selection": "best validation macro F1",
-        "stopped_early": True,
-        "best_val_f1_macro": 0.8,
-        "calibration": calibration,
-        "validation": {
-            "can_judge": True,
-            "reason": "enough cells",
-            "n_all": 40,
-            "n_hem": 40,
-            "min_images_per_class": 30,
-            "at_threshold": test["at_tuned"],
-        },
-    }
-    payload = json.loads(json.dumps(payload))  # no shared sub-dicts: a test may change one part
+    payload = metrics_document(test, backbone=backbone, protocol=protocol, data_hash=f"hash-{protocol}")
     path.write_text(json.dumps(payload))
     return payload
 

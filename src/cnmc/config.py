@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cnmc.errors import CnmcError
+from cnmc.errors import CnmcError, validated
 from cnmc.metrics_registry import SCALAR_METRICS
 
 PARAMS_FILE = "params.yaml"
@@ -187,14 +187,7 @@ def _read_yaml(path: Path, missing: str) -> object:
 
 def parse_params(raw: Any, source: str) -> Params:
     """Validate a mapping into :class:`Params`, turning pydantic errors into one line."""
-    if not isinstance(raw, dict):
-        raise CnmcError(f"{source}: expected a mapping of settings at the top level")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise CnmcError(f"{source}: {key}: {first['msg']}") from exc
+    return validated(Params, raw, source, "expected a mapping of settings at the top level")
 
 
 def merge_params_file(params: Params, path: Path) -> Params:

@@ -9,16 +9,16 @@ stands for an undefined one (ROC AUC with one class present).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cnmc.atomic import atomic_write_text
-from cnmc.errors import CnmcError
+from cnmc.errors import CnmcError, validated
 from cnmc.metrics_registry import SCALAR_METRICS, mlflow_key
 
+Document = TypeVar("Document", bound="FitSummary")
 # binary_metrics at one threshold: the registry's metrics, the counts, and per-subject summaries.
 ThresholdMetrics = dict[str, float | None]
 
@@ -91,8 +91,7 @@ class MetricsDocument(FitSummary):
     calibration: Calibration
 
     def save(self, path: Path) -> None:
-        text = json.dumps(self.model_dump(by_alias=True), indent=2, default=_json_number)
-        atomic_write_text(path, text + "\n")
+        atomic_write_text(path, json.dumps(self.model_dump(by_alias=True), indent=2) + "\n")
 
     def mlflow_metrics(self) -> dict[str, float]:
         """The run's evaluation metrics by MLflow key: test at the tuned threshold (``test_*``), at
@@ -111,31 +110,11 @@ class MetricsDocument(FitSummary):
         return out | self.calibration.model_dump() | {"threshold": self.threshold}
 
 
-def _json_number(value: Any) -> Any:
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def load_document(path: Path | str, kind: type[FitSummary] = MetricsDocument) -> Any:
+def load_document(path: Path | str, kind: type[Document] = MetricsDocument) -> Document:  # type: ignore[assignment]
     """Read a metrics document (or a ``fit.json``); any problem is one line naming the file."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CnmcError(f"{path}: cannot read {kind.__name__} ({exc.__class__.__name__}: {exc})") from exc
-    return parse_document(raw, str(path), kind)
-
-
-def parse_document(raw: Any, source: str, kind: type[FitSummary] = MetricsDocument) -> Any:
-    if not isinstance(raw, dict):
-        raise CnmcError(f"{source}: a {kind.__name__} must be a JSON object")
-    try:
-        return kind.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise CnmcError(f"{source}: {key}: {first['msg']}") from exc
-
-
-def finite(value: float | None) -> float:
-    """A metric as a float, NaN where it is undefined (JSON null)."""
-    return math.nan if value is None else float(value)
+    return validated(kind, raw, str(path), f"a {kind.__name__} must be a JSON object")
