@@ -57,6 +57,7 @@ class Stage:
     plots: tuple[Out, ...] = ()
     matrix: bool = False  # one stage per backbone of train.backbones
     wdir: str = ""
+    frozen: bool = False  # never run nor reported by `dvc repro` / `dvc status` until unfrozen
 
     def code_deps(self) -> list[str]:
         files, _ = code_closure(self.entry)
@@ -73,6 +74,8 @@ class Stage:
             body["matrix"] = {"backbone": "${" + MATRIX_KEY + "}"}
         if self.wdir:
             body["wdir"] = self.wdir
+        if self.frozen:
+            body["frozen"] = True
         body["cmd"] = self.cmd
         body["deps"] = list(self.data) + self.code_deps()
         body["params"] = self.params()
@@ -180,13 +183,13 @@ PIPELINE = (
     ),
 )
 TUNING = (
-    Stage(
+    Stage(  # frozen: an optional search that adds trials to a study, not an output of the data
         "tune",
         "cnmc tune --output outputs/tuned.yaml",
         "cnmc.tune",
         data=("outputs/images",),
         wdir="..",
-        outs=(Out("outputs/tuned.yaml", cache=False),),
+        frozen=True,  # and no outs: a missing outs/tuned.yaml would still show in `dvc status`
     ),
 )
 FILES = {
@@ -197,8 +200,9 @@ FILES = {
     ),
     "tuning/dvc.yaml": (
         TUNING,
-        "Optional Optuna tuning, kept out of the default `dvc repro` (which reads ../dvc.yaml "
-        "only).\nRun it with `dvc repro tuning/dvc.yaml`; each run adds trials to the study.",
+        "Optional Optuna tuning, frozen so that `dvc repro` and `dvc status` leave it alone: it adds\n"
+        "trials to a study rather than computing an output of the data. Run `cnmc tune`, or as a DVC\n"
+        "stage: `dvc unfreeze tuning/dvc.yaml:tune && dvc repro tuning/dvc.yaml`.",
     ),
 }
 HEADER = (
