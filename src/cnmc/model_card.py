@@ -101,7 +101,9 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         f"- Split protocol: {PROTOCOLS.get(result.protocol, f'`{result.protocol}`')}",
         f"- Test set: {_count(n, 'cell')}"
         + (f" from {_count(n_subjects, 'subject')}" if n_subjects else "")
-        + (f" ({tuned.get('n_all')} ALL, {tuned.get('n_hem')} Hem)" if "n_all" in tuned else ""),
+        + (
+            f" ({_count(tuned['n_all'], 'ALL cell')}, {_count(tuned['n_hem'], 'Hem cell')})" if "n_all" in tuned else ""
+        ),
         "",
         "## Test metrics",
         f"Positive class: ALL. Bootstrap 95% intervals over cells, for {', '.join(CI_METRICS)}.",
