@@ -241,3 +241,13 @@ def test_compile_that_fails_here_warns_and_trains_eagerly(tiny_store, tmp_path, 
     assert (
         "torch.compile failed here (RuntimeError: inductor: no C++ compiler found): training without it" in caplog.text
     )
+
+
+def test_predict_scores_the_stored_images_whatever_dataset_view_it_is_given(tiny_store, tmp_path):
+    from cnmc.data.store import StoreDataset
+
+    trainer = make_trainer(tiny_store, tmp_path / "c.pt")
+    plain, loss = trainer.predict(trainer.val_ds)
+    normalised, same_loss = trainer.predict(StoreDataset(trainer.val_ds.store, trainer.mean, trainer.std))
+    np.testing.assert_array_equal(plain, normalised)
+    assert loss == same_loss and plain.shape == (len(trainer.val_ds),)

@@ -212,10 +212,16 @@ class Trainer:
         return total_all / max(count_all, 1)
 
     def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
-        """Probabilities of ALL for every image of ``dataset`` (uint8 batches), in order, and the mean
-        loss; under torchrun each rank scores its share and all of them get the whole result."""
-        rows = evaluation_share(len(dataset), self.world)
-        loader = batch_loader(dataset, batch_size=self.rank_batch * 2, rows=rows, **self.loader_kwargs)
+        """Probabilities of ALL for every image of ``dataset``'s store, as stored (uint8 batches, no
+        transform), in order, and the mean loss; under torchrun each rank scores its share and all of
+        them get the whole result."""
+        plain = (
+            dataset
+            if not dataset.normalize and dataset.transform is None
+            else StoreDataset(dataset.store, normalize=False)
+        )
+        rows = evaluation_share(len(plain), self.world)
+        loader = batch_loader(plain, batch_size=self.rank_batch * 2, rows=rows, **self.loader_kwargs)
         part = predict_logits(
             self.model,
             (images for images, _ in loader),
