@@ -157,6 +157,7 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         "## How to use",
         "```python",
         "import base64, mlflow, pandas as pd",
+        "",
         f'model = mlflow.pyfunc.load_model("models:/{result.name}@{result.alias}")'
         f"  # this version: models:/{result.name}/{result.version}",
         'image = base64.b64encode(open("cell.bmp", "rb").read()).decode()',
