@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -98,25 +96,6 @@ def start_server(
     return local_server.start(command, cwd, local_server.serving_env(tracking_uri, threads), log)
 
 
-class Client:
-    """One keep-alive HTTP connection to the loopback server."""
-
-    def __init__(self, port: int, timeout: float = 60.0) -> None:
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-
-    def post(self, body: bytes) -> tuple[int, bytes]:
-        try:
-            self.connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
-            response = self.connection.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            self.connection.close()  # reconnects on the next request
-            raise
-
-    def close(self) -> None:
-        self.connection.close()
-
-
 def latencies(call: Callable[[], object], n: int, warmup: int = 3) -> np.ndarray:
     for _ in range(warmup):
         call()
@@ -130,41 +109,6 @@ def latencies(call: Callable[[], object], n: int, warmup: int = 3) -> np.ndarray
 
 def pct(ms: np.ndarray) -> str:
     return f"p50 {np.percentile(ms, 50):7.2f} ms   p95 {np.percentile(ms, 95):7.2f} ms"
-
-
-def load_test(port: int, body: bytes, clients: int, requests: int, max_seconds: float) -> dict[str, object]:
-    """``clients`` threads x ``requests`` sequential requests each; stops early at ``max_seconds``."""
-    deadline = time.monotonic() + max_seconds
-    times: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[list[str]] = [[] for _ in range(clients)]
-
-    def work(k: int) -> None:
-        client = Client(port)
-        try:
-            for _ in range(requests):
-                if time.monotonic() > deadline:
-                    break
-                start = time.perf_counter()
-                try:
-                    status, payload = client.post(body)
-                    if status != 200 or b'"predictions"' not in payload:
-                        errors[k].append(f"HTTP {status}: {payload[:200]!r}")
-                except Exception as exc:  # counted, never fatal: the test reports them
-                    errors[k].append(f"{exc.__class__.__name__}: {exc}")
-                times[k].append(time.perf_counter() - start)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    all_ms = np.array([t for ts in times for t in ts]) * 1000.0
-    all_errors = [e for es in errors for e in es]
-    return {"sent": len(all_ms), "wall": wall, "ms": all_ms, "errors": all_errors}
 
 
 def main() -> None:
@@ -237,7 +181,7 @@ def main() -> None:
             )
             batch_tensor = tensor.repeat(args.batch_size, 1, 1, 1)
 
-            client = Client(port)
+            client = local_server.Client(port)
 
             def http_one() -> None:
                 status, payload = client.post(one_body)
@@ -280,17 +224,17 @@ def main() -> None:
                 per_s = args.batch_size / (np.median(ms) / 1000.0)
                 print(f"  {name:30s} {per_s:8.1f} images/s   ({np.median(ms):.1f} ms per batch)")
 
-            result = load_test(port, one_body, args.clients, args.requests, args.max_load_seconds)
-            ms, errors = result["ms"], result["errors"]
+            result = local_server.load_test(port, one_body, args.clients, args.requests, args.max_load_seconds)
+            ms, errors = result.ms, result.errors
             planned = args.clients * args.requests
             print(f"\nload test: {args.clients} clients x {args.requests} requests (one image each), loopback:")
             print(
-                f"  sent {result['sent']}/{planned} in {result['wall']:.1f} s "
-                f"({result['sent'] / result['wall']:.1f} req/s); {pct(ms)}; errors {len(errors)}"
+                f"  sent {result.sent}/{planned} in {result.wall:.1f} s "
+                f"({result.sent / result.wall:.1f} req/s); {pct(ms)}; errors {len(errors)}"
             )
             for error in errors[:5]:
                 print(f"    {error}")
-            if result["sent"] < planned:
+            if result.sent < planned:
                 print(f"  (stopped at --max-load-seconds {args.max_load_seconds:.0f})")
         finally:
             local_server.stop(proc)

@@ -37,16 +37,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers the UI test uses
+import local_server  # noqa: E402
+
 PARAMS = ["backbone", "train.pretrained", "train.epochs"]
 METRICS = ["test_f1_all", "test_roc_auc", "test_f1_macro", "test_balanced_accuracy", "val_f1_macro"]
 CHART_METRICS = ["test_f1_all", "test_roc_auc", "val_f1_macro"]
@@ -69,7 +62,7 @@ class Chromium:
         self.proc = subprocess.Popen(
             [
                 binary,
-                *CHROMIUM_FLAGS,
+                *local_server.CHROMIUM_FLAGS,
                 "--remote-debugging-pipe",
                 f"--user-data-dir={self.profile}",
                 f"--window-size={width},{height}",

@@ -7,15 +7,20 @@ The serving and UI tests and the serving benchmark drive real servers this way (
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 LOG_TAIL = 3000  # characters of the server log quoted when it fails
 BIN = Path(sys.executable).parent
@@ -23,6 +28,19 @@ BIN = Path(sys.executable).parent
 
 class ServerDidNotStart(RuntimeError):
     """The server exited, or did not answer in time; the message ends with its log's tail."""
+
+
+# Headless Chromium for a quiet, offline page load (the UI test and docs/mlflow_screenshot.py).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 
 def free_port() -> int:
@@ -121,6 +139,68 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+class Client:
+    """One keep-alive HTTP connection to the loopback server."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        try:
+            self.connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+            response = self.connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            self.connection.close()  # reconnects on the next request
+            raise
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    sent: int
+    wall: float  # seconds
+    ms: np.ndarray  # latency of every request
+    errors: list[str]  # one line per non-200 answer or failed request
+
+
+def load_test(port: int, body: bytes, clients: int, requests: int, max_seconds: float = float("inf")) -> LoadResult:
+    """``clients`` threads x ``requests`` sequential keep-alive requests each (stops early at
+    ``max_seconds``); an answer counts as good when it is a 200 holding predictions."""
+    deadline = time.monotonic() + max_seconds
+    times: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[list[str]] = [[] for _ in range(clients)]
+
+    def work(k: int) -> None:
+        client = Client(port)
+        try:
+            for _ in range(requests):
+                if time.monotonic() > deadline:
+                    break
+                start = time.perf_counter()
+                try:
+                    status, payload = client.post(body)
+                    if status != 200 or b'"predictions"' not in payload:
+                        errors[k].append(f"HTTP {status}: {payload[:200]!r}")
+                except Exception as exc:  # counted, never fatal: the caller reports them
+                    errors[k].append(f"{exc.__class__.__name__}: {exc}")
+                times[k].append(time.perf_counter() - start)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    ms = np.array([t for ts in times for t in ts]) * 1000.0
+    return LoadResult(len(ms), wall, ms, [e for es in errors for e in es])
 
 
 def _tail(log: Path) -> str:

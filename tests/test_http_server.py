@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -230,33 +229,8 @@ def test_bounded_load_has_no_errors(
     body = json.dumps(
         {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(cell_bmp()).decode()]]}}
     ).encode()
-    times: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-
-    def work(k: int) -> None:
-        connection = connect(cnmc_server)
-        try:
-            for _ in range(per_client):
-                start = time.perf_counter()
-                connection.request("POST", "/invocations", body, JSON)
-                response = connection.getresponse()
-                payload = response.read()
-                times[k].append(time.perf_counter() - start)
-                if response.status != 200 or b'"predictions"' not in payload:
-                    errors.append(f"{response.status}: {payload[:200]!r}")
-        except Exception as exc:  # reported below, with the count
-            errors.append(f"{exc.__class__.__name__}: {exc}")
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
-    ms = np.array([t for ts in times for t in ts]) * 1000
+    result = local_server.load_test(urlsplit(cnmc_server.url).port, body, clients, per_client)
+    ms, errors, wall = result.ms, result.errors, result.wall
     p50, p95 = np.percentile(ms, [50, 95])
     record_property("load_p95_ms", round(float(p95), 1))
     line = (

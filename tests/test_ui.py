@@ -18,16 +18,6 @@ import pytest
 
 BIN = Path(sys.executable).parent
 BACKBONES = ("test_resnet", "test_efficientnet")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 # Let the React app fetch and render before the DOM is dumped or the screenshot taken.
 RENDER = ["--virtual-time-budget=15000", "--window-size=1600,1000"]
 SERVER_START_S = 120  # mlflow server imports for a while on 2 busy cores
@@ -80,7 +70,7 @@ def run_chromium(
 ) -> subprocess.CompletedProcess:
     shutil.rmtree(profile, ignore_errors=True)  # a fresh profile every time: no state carried over
     return subprocess.run(
-        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        [browser, *local_server.CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
