@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split  # noqa: E402
 
-from cnmc.config import Params, load_params  # noqa: E402
+from cnmc.config import Params, apply_overrides, load_params  # noqa: E402
 from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
 from cnmc.data.split import Splits, split_manifest, write_splits  # noqa: E402
@@ -73,10 +73,25 @@ class Variant:
     pretrained: bool = True
     protocol: str = "subject"  # "paper": cell-level folds and validation
     probe: bool = False  # no fine-tuning: a logistic regression on the frozen ImageNet features
+    overrides: tuple[str, ...] = ()  # settings (``--set`` KEY=VALUE) this variant changes
 
 
+# One lever at a time on lite0 (the unseen-patients ablation); ``--define`` adds combinations.
+LEVERS = {
+    "online": ("augment.online=true",),
+    "d4": ("train.rotation=d4",),
+    "any": ("train.rotation=any",),
+    "centred": ("train.colour=centred",),
+    "grey": ("train.colour=grey",),
+    "hed": ("train.hed_jitter=0.05",),
+    "class": ("train.sampling=class",),
+    "subject": ("train.sampling=subject",),
+    "layerlr": ("train.lr_stem_factor=0.01", "train.lr_head_factor=100"),
+    "lpft": ("train.head_init=linear_probe", "train.freeze_bn=true"),
+}
 VARIANTS = {
     "lite0": Variant("tf_efficientnet_lite0"),
+    **{f"lite0+{name}": Variant("tf_efficientnet_lite0", overrides=sets) for name, sets in LEVERS.items()},
     "lite1": Variant("tf_efficientnet_lite1"),
     "lite2": Variant("tf_efficientnet_lite2"),
     "lite0-random": Variant("tf_efficientnet_lite0", pretrained=False),
@@ -116,11 +131,8 @@ def run_fold(
     labelled: pd.DataFrame, name: str, variant: Variant, fold: int, test_rows: np.ndarray, params: Params, out: Path
 ) -> dict:
     """Train and evaluate one (variant, fold) in its own work folder; return its result record."""
-    params = params.model_copy(
-        update={
-            "train": params.train.model_copy(update={"pretrained": variant.pretrained}),
-            "split": params.split.model_copy(update={"protocol": variant.protocol}),
-        }
+    params = apply_overrides(
+        params, [f"train.pretrained={variant.pretrained}", f"split.protocol={variant.protocol}", *variant.overrides]
     )
     work = out / "work" / f"{name}-fold{fold}"
     shutil.rmtree(work, ignore_errors=True)
@@ -144,6 +156,7 @@ def run_fold(
         "backbone": variant.backbone,
         "protocol": variant.protocol,
         "pretrained": variant.pretrained,
+        "overrides": list(variant.overrides),
         "threshold": document.threshold,
         "validation": document.validation.model_dump(),  # can_judge, counts and the metrics levers are chosen by
         "best_epoch": document.best_epoch,
@@ -234,7 +247,8 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     rows = []
     frame = pd.DataFrame(records)
     for variant, group in frame.groupby("variant", sort=False):
-        views = [("prob_all", variant)] + ([] if VARIANTS[variant].probe else [("prob_all_tta", f"{variant}+tta")])
+        probe = VARIANTS.get(variant, Variant("")).probe
+        views = [("prob_all", variant)] + ([] if probe else [("prob_all_tta", f"{variant}+tta")])
         for column, name in views:
             folds = [
                 (r["fold"], r["threshold"], r["validation"]["can_judge"], r["seconds"], r["predictions"])
@@ -343,6 +357,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=6, help="train.epochs (default 6: the issue's default path)")
     ap.add_argument("--image-size", type=int, default=128, help="augment.image_size (default 128)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="base settings (default params.yaml)")
+    ap.add_argument(
+        "--define",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="a lite0 variant with these settings, e.g. best:train.rotation=d4,train.colour=centred",
+    )
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every variant")
     ap.add_argument("--rerun", action="store_true", help="retrain (variant, fold) pairs that have results")
     ap.add_argument("--summary-only", action="store_true", help="print the summary of the kept results")
     return ap.parse_args(argv)
@@ -351,6 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.data, args.out, args.params = args.data.resolve(), args.out.resolve(), args.params.resolve()
+    for definition in args.define:
+        name, _, sets = definition.partition(":")
+        VARIANTS[name] = Variant("tf_efficientnet_lite0", overrides=tuple(s for s in sets.split(",") if s))
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         print(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
@@ -361,12 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {args.data} not found (real cells live in ../shared/data, not in the project)")
             return 0
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        base = load_params(args.params)
-        params = base.model_copy(
-            update={
-                "train": base.train.model_copy(update={"epochs": args.epochs}),
-                "augment": base.augment.model_copy(update={"image_size": args.image_size}),
-            }
+        params = apply_overrides(
+            load_params(args.params),
+            [f"train.epochs={args.epochs}", f"augment.image_size={args.image_size}", *args.set],
         )
         args.out.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.out / 'mlflow.db').resolve()}"

@@ -31,9 +31,15 @@ def test_every_setting_the_fit_reads_retrains_and_nothing_else_does() -> None:
     runtime = {f"train.{k}" for k, f in fields.items() if (f.json_schema_extra or {}).get("runtime_only")}
     assert {"train.device", "train.num_workers", "train.compile"} <= runtime
     runtime.add("train.backbones")  # the matrix itself
-    every_train_setting = {f"train.{k}" for k in fields} - runtime
+    evaluate_only = {"train.test_time_augmentation"}  # how the trained model answers: evaluate's
+    assert evaluate_only <= set(stage("evaluate").params())
+    every_train_setting = {f"train.{k}" for k in fields} - runtime - evaluate_only
     assert every_train_setting <= params, every_train_setting - params
-    assert not params & runtime and not any(p.startswith(("promote.", "tune.", "augment.")) for p in params)
+    # Online augmentation draws T in training: its switch and strength are the fit's (the image size
+    # comes in by name with the store's, which the stage depends on anyway).
+    online = {"augment.online", "augment.strength", "augment.image_size"}
+    assert {"augment.online", "augment.strength"} <= params
+    assert not params & runtime and not any(p.startswith(("promote.", "tune.", "augment.")) for p in params - online)
 
 
 def test_serving_code_is_a_dep_of_evaluate_and_not_of_train() -> None:

@@ -41,9 +41,14 @@ def _logits_targets(logits: ArrayLike, targets: ArrayLike) -> tuple[NDArray[np.f
 
 def nll(logits: ArrayLike, targets: ArrayLike, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood (cross-entropy, nats) of ``softmax(logits / temperature)``."""
+    return float(np.mean(cell_nll(logits, targets, temperature)))
+
+
+def cell_nll(logits: ArrayLike, targets: ArrayLike, temperature: float = 1.0) -> NDArray[np.float64]:
+    """Each cell's negative log-likelihood of ``softmax(logits / temperature)``."""
     z, y = _logits_targets(logits, targets)
     scaled = z / temperature
-    return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(y.size), y]))
+    return logsumexp(scaled, axis=1) - scaled[np.arange(y.size), y]
 
 
 def fit_temperature(logits: ArrayLike, targets: ArrayLike) -> float:

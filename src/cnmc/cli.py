@@ -179,11 +179,13 @@ def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
     document = evaluate_and_log(params, paths.backbone, paths)
     if metrics_out:
         document.save(Path(metrics_out))
-    tuned = document.test.at_tuned
+    tuned = document.reported.at_tuned
     print(
         f"{document.backbone}: test F1 (ALL) {tuned['f1_all']:.4f}, macro F1 {tuned['f1_macro']:.4f}, "
-        f"AUC {tuned['roc_auc']:.4f} at threshold {document.threshold:.3f}; MLflow run {document.run_id}"
+        f"balanced accuracy {tuned['balanced_accuracy']:.4f}, AUC {tuned['roc_auc']:.4f} at threshold "
+        f"{document.threshold:.3f}{' with 8-view TTA' if document.tta else ''}; MLflow run {document.run_id}"
     )
+    print(f"  validation chose: {document.validation.reason}")
 
 
 def cmd_promote(args: argparse.Namespace) -> None:

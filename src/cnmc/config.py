@@ -48,6 +48,9 @@ class SplitConfig(_Section):
     min_images_per_class: int = Field(
         30, ge=1, description="images of each class a held-out split needs to judge (threshold, T, epoch)"
     )
+    min_subjects_per_class: int = Field(
+        3, ge=1, description="people of each class validation needs before a threshold or temperature is fitted"
+    )
 
 
 class AugmentConfig(_Section):
@@ -58,6 +61,10 @@ class AugmentConfig(_Section):
         "auto", description="M: training images per class after balancing (auto: the largest class; paper: 10000)"
     )
     strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
+    online: bool = Field(
+        False,
+        description="T drawn afresh every epoch on the stored originals, none stored (paper: false, M stored images)",
+    )
     workers: int = Field(0, ge=0, description="worker processes (0 = all cores)", json_schema_extra=RUNTIME_ONLY)
     preview_images: int = Field(6, ge=1, description="originals shown in the preview grid")
 
@@ -77,6 +84,23 @@ class TrainConfig(_Section):
         "random", description="new head: random, or a logistic regression on frozen features (LP-FT; paper: random)"
     )
     freeze_bn: bool = Field(False, description="batch-norm layers keep their pretrained statistics (paper: false)")
+    lr_stem_factor: float = Field(1.0, gt=0, description="stem learning rate = lr x this (paper: 1)")
+    lr_head_factor: float = Field(1.0, gt=0, description="new head's learning rate = lr x this (paper: 1)")
+    rotation: Literal["none", "d4", "any"] = Field(
+        "none",
+        description="random symmetry of every training cell: d4 = 90-degree turns and flips, any = plus any angle",
+    )
+    colour: Literal["rgb", "centred", "grey"] = Field(
+        "rgb", description="model input: rgb; centred = each cell's mean colour removed; grey (paper: rgb)"
+    )
+    hed_jitter: float = Field(0.0, ge=0, le=0.5, description="HED stain jitter of training cells, sigma (0 = off)")
+    sampling: Literal["shuffle", "class", "subject"] = Field(
+        "shuffle",
+        description="epoch draws: shuffle; class = classes weigh equally; subject = and each donor in a class",
+    )
+    test_time_augmentation: Literal["off", "auto"] = Field(
+        "off", description="auto: 8-view TTA is the reported and served default where validation shows it helps"
+    )
     batch_size: int = Field(32, ge=1, description="images per step")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when available", json_schema_extra=RUNTIME_ONLY
@@ -85,7 +109,7 @@ class TrainConfig(_Section):
         -1, ge=-1, description="data-loader workers (-1 = auto: 0 on CPU, 8 on CUDA)", json_schema_extra=RUNTIME_ONLY
     )
     mixed_precision: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory format (faster on CUDA and CPU)")
     compile: bool = Field(
         False,
         description="torch.compile the model (falls back, with a warning, where it fails)",

@@ -70,14 +70,6 @@ def process_group(cuda: bool) -> Iterator[World]:
         dist.destroy_process_group()
 
 
-def epoch_share(n: int, world: World, seed: int) -> np.ndarray:
-    """This rank's training rows of one epoch: a seeded permutation of all ``n`` rows, dealt out
-    in turn, so the ranks' shares are disjoint, cover every row once, and differ in size by at
-    most one (uneven shares are joined by :class:`torch.distributed.algorithms.Join`)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    return order[world.rank :: world.size]
-
-
 def gather_rows(part: np.ndarray, world: World) -> np.ndarray:
     """The whole result from every rank's rows ``rank::size`` (see :func:`evaluation_share`), in row order."""
     if not world.distributed:

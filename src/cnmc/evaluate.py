@@ -8,7 +8,7 @@ differently"), so we report ``*_all`` and ``*_macro`` apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ BOOTSTRAP_METRICS = SCALAR_METRICS
 CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")
 
 
-def _arrays(y_true: ArrayLike, prob_all: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+def checked_arrays(y_true: ArrayLike, prob_all: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """Validate once, so every metric below can trust its inputs."""
     labels = np.asarray(y_true).ravel()
     p = np.asarray(prob_all, dtype=np.float64).ravel()
@@ -46,7 +46,7 @@ def binary_metrics(
 
     With one class present, ROC AUC is NaN and balanced accuracy is that class's recall.
     """
-    y, p = _arrays(y_true, prob_all)
+    y, p = checked_arrays(y_true, prob_all)
     pred = (p >= threshold).astype(np.int64)
     tn, fp, fn, tp = metrics.confusion_matrix(y, pred, labels=[0, 1]).ravel()
     counts = Counts(*(np.array([v], dtype=np.float64) for v in (tp, fp, tn, fn)))
@@ -72,7 +72,7 @@ def per_subject_accuracy(
     y_true: ArrayLike, prob_all: ArrayLike, subjects: Sequence[str], threshold: float
 ) -> dict[str, dict[str, Any]]:
     """Accuracy per subject (sorted by subject): shows whether errors pile up on a few people."""
-    y, p = _arrays(y_true, prob_all)
+    y, p = checked_arrays(y_true, prob_all)
     s = np.asarray(subjects, dtype=str).ravel()
     if s.size != y.size:
         raise ValueError(f"need one subject per cell (got {s.size} for {y.size} cells)")
@@ -97,7 +97,7 @@ def tune_threshold(y_true: ArrayLike, prob_all: ArrayLike) -> float:
     result is never worse than 0.5 on these data; ties go to the candidate closest to 0.5.
     Returns 0.5 when the data hold one class (nothing to balance).
     """
-    y, p = _arrays(y_true, prob_all)
+    y, p = checked_arrays(y_true, prob_all)
     if np.unique(y).size < 2:
         return 0.5
     distinct = np.unique(p)
@@ -162,25 +162,11 @@ def bootstrap_ci(
     unknown = set(metric_names) - set(BOOTSTRAP_METRICS)
     if unknown:
         raise ValueError(f"no bootstrap for {sorted(unknown)}; choose from {BOOTSTRAP_METRICS}")
-    y, p = _arrays(y_true, prob_all)
-    n = y.size
+    y, p = checked_arrays(y_true, prob_all)
     pred = p >= threshold
     cells = np.stack([(y == 1) & pred, (y == 0) & pred, (y == 0) & ~pred, (y == 1) & ~pred], axis=1)
-    if groups is None:
-        members = np.arange(n)  # each cell its own group
-    else:
-        _, members = np.unique(np.asarray(groups, dtype=str).ravel(), return_inverse=True)
-        if members.size != n:
-            raise ValueError(f"need one group per cell (got {members.size} for {n} cells)")
-    n_groups = int(members.max()) + 1
-    rng = np.random.default_rng(seed)
     chunks: list[dict[str, NDArray[np.float64]]] = []
-    rows_per_chunk = max(1, 2_000_000 // n)
-    for start in range(0, n_boot, rows_per_chunk):
-        rows = min(rows_per_chunk, n_boot - start)
-        draws = rng.integers(0, n_groups, size=(rows, n_groups)) + n_groups * np.arange(rows)[:, None]
-        drawn = np.bincount(draws.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
-        weights = drawn[:, members].astype(np.float64)
+    for weights in resample_weights(y.size, groups, n_boot, seed):
         values = count_metrics(Counts(*(weights @ cells.astype(np.float64)).T))
         if "roc_auc" in metric_names:
             values["roc_auc"] = _resample_auc(weights, y, p)
@@ -193,6 +179,42 @@ def bootstrap_ci(
         low, high = np.percentile(samples, [tail, 100 - tail]) if samples.size else (np.nan, np.nan)
         out[name] = (float(low), float(high))
     return out
+
+
+def resample_weights(
+    n: int, groups: Sequence[str] | None, n_boot: int, seed: int, strata: ArrayLike | None = None
+) -> Iterator[NDArray[np.float64]]:
+    """Bootstrap resamples as chunks of rows of per-cell counts (``rows x n``), so that a metric of
+    every resample is a matrix product; chunks bound the memory.
+
+    Each cell is its own group unless ``groups`` names one per cell (then whole groups are drawn:
+    a cluster bootstrap). With ``strata`` (one label per cell, e.g. the class), groups are drawn
+    within each stratum, as many as it has, so that no resample loses a class: with a handful of
+    people per class an unstratified draw often has none of one.
+    """
+    if groups is None:
+        members = np.arange(n)
+    else:
+        _, members = np.unique(np.asarray(groups, dtype=str).ravel(), return_inverse=True)
+        if members.size != n:
+            raise ValueError(f"need one group per cell (got {members.size} for {n} cells)")
+    n_groups = int(members.max()) + 1 if n else 0
+    if strata is None:
+        pools = [np.arange(n_groups)]
+    else:
+        group_stratum = np.zeros(n_groups, dtype=np.int64)
+        _, codes = np.unique(np.asarray(strata).ravel(), return_inverse=True)
+        group_stratum[members] = codes  # a group takes the stratum of its cells (C-NMC: one class a person)
+        pools = [np.flatnonzero(group_stratum == code) for code in np.unique(group_stratum)]
+    rng = np.random.default_rng(seed)
+    rows_per_chunk = max(1, 2_000_000 // max(n, 1))
+    for start in range(0, n_boot, rows_per_chunk):
+        rows = min(rows_per_chunk, n_boot - start)
+        drawn = np.zeros((rows, n_groups), dtype=np.int64)
+        for pool in pools:
+            picks = pool[rng.integers(0, len(pool), size=(rows, len(pool)))]
+            np.add.at(drawn, (np.arange(rows)[:, None], picks), 1)
+        yield drawn[:, members].astype(np.float64)
 
 
 def evaluate_split(

@@ -1,8 +1,11 @@
 """The ``evaluate@<backbone>`` stage: judge a trained backbone and log it to its training run.
 
-On validation it fits the temperature and tunes the threshold (only when validation can judge:
-``split.min_images_per_class`` cells of each class, else T = 1 and 0.5, and the document, the
-run's tags and the model card say why). On test it reports plain and TTA metrics, the plots, a
+On validation it decides, each by a rule the document, the run's tags and the model card state:
+whether the 8-view TTA answer is the model's (``train.test_time_augmentation: auto``, where it raises validation ROC
+AUC), the temperature (only where it lowers validation NLL with a subject-bootstrap interval above
+zero) and the threshold (only where its gain in macro F1 over 0.5 has such an interval); nothing is
+fitted where validation has fewer than ``split.min_images_per_class`` cells or
+``split.min_subjects_per_class`` people of a class. On test it reports plain and TTA metrics, the plots, a
 Grad-CAM grid and the predictions; it logs the pyfunc that serves the model and writes the
 metrics document (:class:`cnmc.metrics_document.MetricsDocument`).
 """
@@ -20,11 +23,15 @@ import pandas as pd
 import torch
 
 from cnmc import plots
-from cnmc.calibration import expected_calibration_error, fit_temperature, nll
+from cnmc.calibration import expected_calibration_error, nll
 from cnmc.config import Params
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.errors import CnmcError
-from cnmc.evaluate import binary_metrics, evaluate_split, judging_shortfall, tune_threshold
+from cnmc.evaluate import (
+    binary_metrics,
+    evaluate_split,
+    judging_shortfall,
+)
 from cnmc.explain import log_gradcam_grid
 from cnmc.inference import Views, predict_logits, prob_all
 from cnmc.metrics_document import Calibration, FitSummary, MetricsDocument, SplitEvaluation, Validation, load_document
@@ -34,6 +41,7 @@ from cnmc.runs import RunPaths, mkdir, open_stores, start_run
 from cnmc.serving import log_pyfunc
 from cnmc.tracking import data_hash
 from cnmc.tta import tta_views
+from cnmc.validation_rules import ThresholdChoice, choose_temperature, choose_threshold, subject_shortfall
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,7 @@ def _logits(
     model: torch.nn.Module, store: ImageStore, spec: ModelSpec, batch_size: int, views: Views | None = None
 ) -> np.ndarray:
     loader = batch_loader(StoreDataset(store, normalize=False), batch_size=batch_size)
-    return predict_logits(model, (images for images, _ in loader), spec.mean, spec.std, views=views)
+    return predict_logits(model, (images for images, _ in loader), spec.mean, spec.std, views=views, colour=spec.colour)
 
 
 def _evaluate(
@@ -89,22 +97,43 @@ def _evaluate(
     temperature and threshold.
     """
     val, test, batch = stores["val"], stores["test"], params.train.batch_size * 2
-    val_logits = _logits(model, val, spec, batch)
-    shortfall = judging_shortfall(val.targets, params.split.min_images_per_class)
+    val_views = _logits(model, val, spec, batch, views=tta_views)
+    val_subjects = val.index["subject"].to_numpy()
+    val_logits = val_views[:, 0]
+    shortfall = judging_shortfall(val.targets, params.split.min_images_per_class) or subject_shortfall(
+        val.targets, val_subjects, params.split.min_subjects_per_class
+    )
     if shortfall:
         log.warning("%s: threshold 0.5 and temperature 1, nothing fitted", shortfall)
-    temperature = 1.0 if shortfall else fit_temperature(val_logits, val.targets)
-    val_prob = prob_all(val_logits, temperature)
-    threshold = 0.5 if shortfall else tune_threshold(val.targets, val_prob)
+    tta, tta_rule = _choose_tta(params, val.targets, val_views, shortfall)
+    temperature, temperature_rule = (
+        (1.0, "1: nothing fitted") if shortfall else choose_temperature(val_logits, val.targets, val_subjects)
+    )
+    val_prob = prob_all(val_views if tta else val_logits, temperature)
+    choice = (
+        ThresholdChoice(0.5, 0.5, None, "0.5: nothing fitted")
+        if shortfall
+        else choose_threshold(val.targets, val_prob, val_subjects)
+    )
+    threshold = choice.threshold
+    rules = f"threshold {choice.rule}; temperature {temperature_rule}; {tta_rule}"
+    log.info("validation: %s", rules)
     validation = Validation(
         can_judge=not shortfall,
-        reason=shortfall or "enough cells of both classes: temperature and threshold fitted on validation",
+        reason=f"{shortfall}: nothing fitted" if shortfall else rules,
         n_all=int(val.targets.sum()),
         n_hem=int(len(val.targets) - val.targets.sum()),
         min_images_per_class=params.split.min_images_per_class,
         at_threshold=binary_metrics(val.targets, val_prob, threshold),
+        n_subjects_all=len(set(val_subjects[val.targets == 1])),
+        n_subjects_hem=len(set(val_subjects[val.targets == 0])),
+        threshold_rule=choice.rule,
+        tuned_threshold=choice.tuned,
+        threshold_gain_ci95=list(choice.gain_ci95) if choice.gain_ci95 else None,
+        temperature_rule=temperature_rule,
+        tta_rule=tta_rule,
     )
-    spec = replace(spec, threshold=threshold, temperature=temperature)
+    spec = replace(spec, threshold=threshold, temperature=temperature, tta=tta)
     # One pass over the test set gives the logits of every view; view 0 is the plain image.
     test_views = _logits(model, test, spec, batch, views=tta_views)
     test_logits = test_views[:, 0]
@@ -134,7 +163,20 @@ def _evaluate(
         calibration=calibration,
         test=SplitEvaluation.model_validate(evaluate_split(test.targets, test_prob, subjects, threshold)),
         test_tta=SplitEvaluation.model_validate(evaluate_split(test.targets, tta_prob, subjects, threshold)),
+        tta=tta,
     )
+
+
+def _choose_tta(params: Params, targets: np.ndarray, views: np.ndarray, shortfall: str) -> tuple[bool, str]:
+    """Whether the 8-view TTA answer is the model's (``train.test_time_augmentation: auto``): where validation can judge
+    and its ROC AUC with TTA beats the plain one."""
+    if params.train.test_time_augmentation == "off":
+        return False, "TTA off (train.test_time_augmentation)"
+    if shortfall:
+        return False, "TTA not chosen: validation cannot judge"
+    plain, averaged = (binary_metrics(targets, prob_all(v))["roc_auc"] for v in (views[:, 0], views))
+    verdict = "chosen" if averaged > plain else "not chosen"
+    return averaged > plain, f"TTA {verdict}: validation ROC AUC {averaged:.4f} with it, {plain:.4f} without"
 
 
 def _write_artifacts(
@@ -148,14 +190,15 @@ def _write_artifacts(
 ) -> None:
     """The test plots, the Grad-CAM grid, ``predictions.csv``, the calibrated ``model.json`` and the pyfunc."""
     threshold, name = spec.threshold, spec.backbone
-    y_pred = (test_prob >= threshold).astype(int)
+    reported = tta_prob if spec.tta else test_prob  # the model's own answer (ModelSpec.tta)
+    y_pred = (reported >= threshold).astype(int)
     plots_dir, out_dir = mkdir(paths.plots_dir), mkdir(paths.evaluation_dir)
     plots.confusion_matrix_png(
         test.targets, y_pred, plots_dir / "confusion.png", f"{name}: test, threshold {threshold:.2f}"
     )
     plots.confusion_matrix_json(test.targets, y_pred, plots_dir / "confusion.json")
-    plots.roc_png(test.targets, test_prob, plots_dir / "roc.png", f"{name}: test ROC")
-    plots.roc_csv(test.targets, test_prob, plots_dir / "roc.csv")
+    plots.roc_png(test.targets, reported, plots_dir / "roc.png", f"{name}: test ROC" + (" (TTA)" if spec.tta else ""))
+    plots.roc_csv(test.targets, reported, plots_dir / "roc.csv")
     plots.reliability_png(
         test.targets,
         raw_prob,
@@ -163,7 +206,7 @@ def _write_artifacts(
         plots_dir / "reliability.png",
         f"{name}: test, temperature {spec.temperature:.3g}",
     )
-    log_gradcam_grid(model, spec, test, test_prob, threshold, plots_dir / "gradcam.png")
+    log_gradcam_grid(model, spec, test, reported, threshold, plots_dir / "gradcam.png")
     pd.DataFrame(
         {
             "path": test.index["path"],

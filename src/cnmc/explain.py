@@ -95,7 +95,7 @@ def gradcam_heatmaps(
     if targets.shape != (len(images),):
         raise ValueError(f"expected {len(images)} targets, got shape {targets.shape}")
 
-    from cnmc.data.store import normalize_batch
+    from cnmc.inference import model_input
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -106,8 +106,8 @@ def gradcam_heatmaps(
         with torch.enable_grad():
             for start in range(0, len(images), BATCH_SIZE):
                 chunk = images[start : start + BATCH_SIZE]
-                batch = normalize_batch(torch.from_numpy(chunk), spec.mean, spec.std)
-                batch = batch.to(device).requires_grad_(True)
+                batch = model_input(torch.from_numpy(chunk), spec.mean, spec.std, device, colour=spec.colour)
+                batch = batch.requires_grad_(True)
                 target = torch.from_numpy(targets[start : start + BATCH_SIZE]).to(device)
                 attr = cam.attribute(batch, target=target, relu_attributions=True)
                 attr = LayerAttribution.interpolate(attr.detach(), tuple(chunk.shape[1:3]), "bilinear")

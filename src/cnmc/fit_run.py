@@ -8,11 +8,14 @@ model (temperature, threshold, test metrics, the logged pyfunc) is the evaluate 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlflow
 import torch
 
 from cnmc.config import Params
 from cnmc.curves import training_curves_png
+from cnmc.data.transforms import paper_transform
 from cnmc.distributed import ONE_PROCESS, World
 from cnmc.errors import CnmcError
 from cnmc.metrics_document import FitSummary
@@ -54,6 +57,7 @@ def fit_and_log(
         paths.checkpoint,
         fingerprint,
         params.split.min_images_per_class,
+        train_transform=online_transform(params, stores["train"].image_size),
         progress=progress,
         world=world,
     )
@@ -88,7 +92,9 @@ def fit_and_log(
         mlflow.log_artifact(str(curves), artifact_path="plots")
         model_dir = mkdir(paths.model_dir)
         torch.save(trainer.model.state_dict(), model_dir / "weights.pt")
-        ModelSpec(backbone, stores["train"].image_size, net.mean, net.std).save(model_dir / "model.json")
+        ModelSpec(backbone, stores["train"].image_size, net.mean, net.std, colour=params.train.colour).save(
+            model_dir / "model.json"
+        )
         summary = FitSummary(
             backbone=backbone,
             run_id=run.info.run_id,
@@ -102,6 +108,12 @@ def fit_and_log(
         )
         summary.save(paths.fit_file)
     return summary
+
+
+def online_transform(params: Params, image_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The paper's T at ``augment.strength``, drawn afresh for every training image of every epoch,
+    where ``augment.online`` stores originals only (None: the store holds the augmented images)."""
+    return paper_transform(image_size, params.augment.strength) if params.augment.online else None
 
 
 def _logged_epochs(run_id: str) -> set[int]:

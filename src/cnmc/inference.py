@@ -9,6 +9,7 @@ quarter of float32's bytes over the bus), where :func:`model_input` normalises t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,19 +17,54 @@ from numpy.typing import ArrayLike, NDArray
 
 # An optional map from a normalised batch to its views (e.g. cnmc.tta.tta_views); view 0 is the batch.
 Views = Callable[[torch.Tensor], list[torch.Tensor]]
+# How a model sees colour (train.colour, recorded in ModelSpec.colour): as is, each cell's mean
+# colour removed, or grey. Training, evaluation and serving all apply it here.
+Colour = Literal["rgb", "centred", "grey"]
+FOREGROUND_LEVEL = 10  # a pixel belongs to the cell when a channel exceeds this (uint8); C-NMC's background is black
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma
+
+
+def recolour(x: torch.Tensor, colour: Colour, mean: Sequence[float]) -> torch.Tensor:
+    """Float (B, 3, H, W) images in uint8 units, recoloured as ``colour`` says (in place where it can).
+
+    ``centred`` (Pan et al., the ISBI 2019 winner): each cell's foreground pixels are shifted so that
+    their mean colour is the normalisation ``mean``, which normalisation then maps to zero, so a
+    donor's stain tint is gone before the model sees the cell; the black background stays black.
+    ``grey``: the luma in all three channels.
+    """
+    if colour == "rgb":
+        return x
+    if colour == "grey":
+        weights = torch.tensor(GREY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * weights).sum(dim=1, keepdim=True).expand_as(x).contiguous(memory_format=_format_of(x))
+    cell = (x.amax(dim=1, keepdim=True) > FOREGROUND_LEVEL).to(x.dtype)
+    pixels = cell.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    cell_mean = (x * cell).sum(dim=(2, 3), keepdim=True) / pixels
+    target = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
+    return x.add_(cell * (target - cell_mean))
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def model_input(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool = False
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    channels_last: bool = False,
+    colour: Colour = "rgb",
 ) -> torch.Tensor:
-    """uint8 (B, H, W, 3) host batch -> float32 (B, 3, H, W) on ``device``, ``(x / 255 - mean) / std``."""
+    """uint8 (B, H, W, 3) host batch -> float32 (B, 3, H, W) on ``device``: :func:`recolour`, then
+    ``(x / 255 - mean) / std``."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = x.to(torch.float32, memory_format=memory_format)
+    out = recolour(x.to(torch.float32, memory_format=memory_format), colour, mean)
     return out.mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
 
 
@@ -46,6 +82,7 @@ def predict_logits(
     views: Views | None = None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    colour: Colour = "rgb",
 ) -> NDArray[np.float32]:
     """Float32 logits of every image, in order: (N, 2), or (N, V, 2) with ``views``.
 
@@ -58,7 +95,7 @@ def predict_logits(
     out = []
     try:
         for images in batches:
-            x = model_input(images, mean, std, device, channels_last)
+            x = model_input(images, mean, std, device, channels_last, colour)
             per_view = []
             for view in views(x) if views else [x]:
                 with autocast(device, amp_dtype):

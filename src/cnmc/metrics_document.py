@@ -39,7 +39,8 @@ class SplitEvaluation(_Document):
 
 
 class Validation(_Document):
-    """Whether validation could fit the temperature and the threshold, and the selected model on it."""
+    """Whether validation could fit the temperature and the threshold, what each rule then chose and
+    why, and the selected model on it (documents written before the rules lack those fields)."""
 
     can_judge: bool
     reason: str
@@ -47,6 +48,13 @@ class Validation(_Document):
     n_hem: int
     min_images_per_class: int
     at_threshold: ThresholdMetrics
+    n_subjects_all: int | None = None
+    n_subjects_hem: int | None = None
+    threshold_rule: str = ""
+    tuned_threshold: float | None = None
+    threshold_gain_ci95: list[float] | None = None
+    temperature_rule: str = ""
+    tta_rule: str = ""
 
 
 class Calibration(_Document):
@@ -89,18 +97,24 @@ class MetricsDocument(FitSummary):
     test: SplitEvaluation
     test_tta: SplitEvaluation
     calibration: Calibration
+    tta: bool = False  # the 8-view TTA answer is the reported (and served) one: validation showed it helps
+
+    @property
+    def reported(self) -> SplitEvaluation:
+        """The headline test evaluation: with TTA where the model answers with it, else plain."""
+        return self.test_tta if self.tta else self.test
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.model_dump(by_alias=True), indent=2) + "\n")
 
     def mlflow_metrics(self) -> dict[str, float]:
-        """The run's evaluation metrics by MLflow key: test at the tuned threshold (``test_*``), at
-        0.5 (``test_t0.5_*``), with TTA (``test_tta_*``), the selected model on validation
-        (``final_val_*``, what promotion ranks), calibration and the threshold."""
+        """The run's evaluation metrics by MLflow key: the reported test answer at the reported
+        threshold (``test_*``) and at 0.5 (``test_t0.5_*``), with TTA (``test_tta_*``), the selected
+        model on validation (``final_val_*``, what promotion ranks), calibration and the threshold."""
         out: dict[str, float] = {}
         for prefix, values in (
-            (mlflow_key("test", ""), self.test.at_tuned),
-            ("test_t0.5_", self.test.at_half),
+            (mlflow_key("test", ""), self.reported.at_tuned),
+            ("test_t0.5_", self.reported.at_half),
             ("test_tta_", self.test_tta.at_tuned),
             (mlflow_key("val", ""), self.validation.at_threshold),
         ):

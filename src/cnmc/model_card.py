@@ -68,7 +68,8 @@ def load_metrics_document(client: MlflowClient, run: Run) -> MetricsDocument:
 def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDocument) -> str:
     """The card as Markdown."""
     tags, params = run.data.tags, run.data.params
-    tuned, at_half, ci = metrics_doc.test.at_tuned, metrics_doc.test.at_half, metrics_doc.test.ci95
+    reported = metrics_doc.reported
+    tuned, at_half, ci = reported.at_tuned, reported.at_half, reported.ci95
     threshold = metrics_doc.threshold
     started = datetime.fromtimestamp((run.info.start_time or 0) / 1000, tz=UTC)
     n, n_subjects = tuned.get("n"), tuned.get("n_subjects")
@@ -195,8 +196,8 @@ def _threshold_note(doc: MetricsDocument) -> str:
     """Whether validation could fit threshold and temperature."""
     if doc.validation.can_judge:
         return (
-            "The threshold maximises macro F1 on the validation split (never on test), after temperature "
-            "scaling fitted there."
+            "Chosen on the validation split (never on test), each only where it earns its place over "
+            f"whole people: {doc.validation.reason}."
         )
     return f"**Nothing was fitted on validation** ({doc.validation.reason}): threshold 0.5 and temperature 1."
 

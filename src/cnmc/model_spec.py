@@ -7,10 +7,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cnmc.inference import Colour
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The backbone, the input size and normalisation, and the decision rule of one model."""
+    """The backbone, the input size, colour and normalisation, and the decision rule of one model."""
 
     backbone: str
     image_size: int
@@ -18,6 +20,8 @@ class ModelSpec:
     std: tuple[float, float, float]
     threshold: float = 0.5
     temperature: float = 1.0
+    colour: Colour = "rgb"  # how the model sees colour (cnmc.inference.recolour); models saved before it: rgb
+    tta: bool = False  # the 8-view test-time augmentation is this model's default answer (train.test_time_augmentation)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -93,11 +93,12 @@ def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
         }
     ]
     tuned = run.threshold
-    how = "val-tuned" if run.validation.can_judge else "not tuned: validation too small"
+    how = _threshold_how(run)
+    tta = "ours + TTA (the model's answer)" if run.tta else "ours + TTA"
     ours = [
         (run.test, "at_0.5", 0.5, "ours, t=0.50"),
         (run.test, "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})"),
-        (run.test_tta, "at_tuned", tuned, f"ours + TTA, t={tuned:.2f} ({how})"),
+        (run.test_tta, "at_tuned", tuned, f"{tta}, t={tuned:.2f} ({how})"),
     ]
     for split, key, threshold, result in ours:
         metrics = split.at_half if key == "at_0.5" else split.at_tuned
@@ -119,6 +120,13 @@ def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _threshold_how(run: MetricsDocument) -> str:
+    """How the reported threshold came about, in a few words."""
+    if not run.validation.can_judge:
+        return "not tuned: validation too small"
+    return "val-tuned" if run.threshold != 0.5 else "0.5: tuning did not earn its place"
 
 
 def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:

@@ -16,10 +16,10 @@ naming the row and the problem, never a stack trace. Values are only ever bytes:
 make the model open a file or unpickle anything.
 
 Probabilities are temperature-scaled (``ModelSpec.temperature``, fitted on validation logits by
-:mod:`cnmc.calibration`). One inference parameter, ``tta`` (bool, default false), averages them
-over the 8 flips and 90° rotations (:mod:`cnmc.tta`): ``{"dataframe_split": ..., "params":
-{"tta": true}}`` over HTTP, ``model.predict(df, params={"tta": True})`` in process. The
-threshold is the same either way.
+:mod:`cnmc.calibration`). One inference parameter, ``tta`` (bool; default: ``ModelSpec.tta``,
+true where validation showed the averaged answer is better), averages them over the 8 flips and
+90° rotations (:mod:`cnmc.tta`): ``{"dataframe_split": ..., "params": {"tta": true}}`` over HTTP,
+``model.predict(df, params={"tta": True})`` in process. The threshold is the same either way.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ IMAGE_COLUMN = "image"
 BATCH_SIZE = 32
 # Encoded bytes per image: a 450x450 BMP is 0.6 MB; 64 MiB holds an uncompressed 22 M-pixel RGB image.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
-# Inference parameters a request may send (``"params"``); their values here are the defaults.
-INFERENCE_PARAMS: dict[str, Any] = {"tta": False}
 _DATA_URL = re.compile(r"data:[\w.+/-]*;base64,", re.IGNORECASE)
 
 
@@ -124,7 +122,7 @@ class LeukemiaClassifier(PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
         try:
-            tta = _tta_param(params)
+            tta = _tta_param(params, default=self.spec.tta)
             values = _image_values(model_input)
             images = decode_base64_images(values, self.spec.image_size)
         except InvalidInput as exc:
@@ -142,9 +140,9 @@ class LeukemiaClassifier(PythonModel):
         )
 
 
-def _tta_param(params: dict[str, Any] | None) -> bool:
+def _tta_param(params: dict[str, Any] | None, default: bool) -> bool:
     """The ``tta`` inference parameter (MLflow has checked its type against the signature)."""
-    value = (params or {}).get("tta", False)
+    value = (params or {}).get("tta", default)
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise InvalidInput(f"parameter 'tta' must be true or false, got {value!r}"[:200])
@@ -166,11 +164,18 @@ def _image_values(model_input: Any) -> list[Any]:
     return values
 
 
-def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool = False) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool | None = None) -> np.ndarray:
     """Probability of ALL for a uint8 (N, S, S, 3) batch on the model's device:
-    ``softmax(logits / spec.temperature)``; with ``tta``, its mean over the 8 D4 views."""
+    ``softmax(logits / spec.temperature)``; with ``tta`` (default: the model's own ``spec.tta``),
+    its mean over the 8 D4 views."""
+    tta = spec.tta if tta is None else tta
     logits = predict_logits(
-        model, array_batches(images, BATCH_SIZE), spec.mean, spec.std, views=tta_views if tta else None
+        model,
+        array_batches(images, BATCH_SIZE),
+        spec.mean,
+        spec.std,
+        views=tta_views if tta else None,
+        colour=spec.colour,
     )
     return prob_all(logits, spec.temperature)
 
@@ -197,7 +202,7 @@ def log_pyfunc(weights: Path, spec: Path, example_image: Path, registered_model_
             python_model=LeukemiaClassifier(),
             artifacts={"weights": str(weights), "spec": str(spec)},
             code_paths=[str(model_env.copy_code(Path(tmp)))],
-            signature=infer_signature(example, output, params=INFERENCE_PARAMS),
+            signature=infer_signature(example, output, params={"tta": ModelSpec.load(spec).tta}),
             input_example=example,
             pip_requirements=model_env.requirements(),
             registered_model_name=registered_model_name,

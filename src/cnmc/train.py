@@ -29,12 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cnmc.config import TrainConfig
+from cnmc.data.batch_augment import hed_jitter, random_symmetries
+from cnmc.data.sampling import draw_weights, epoch_rows
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
-from cnmc.distributed import ONE_PROCESS, World, all_sum, epoch_share, evaluation_share, gather_rows
+from cnmc.distributed import ONE_PROCESS, World, all_sum, evaluation_share, gather_rows
 from cnmc.errors import CnmcError
 from cnmc.evaluate import binary_metrics, judging_shortfall
 from cnmc.head_init import fit_probe_head
 from cnmc.inference import autocast, model_input, predict_logits, prob_all
+from cnmc.models.param_groups import parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ class Trainer:
         self.device = resolve_device(cfg, world)
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device)
-        if self.cuda and cfg.channels_last:
+        if cfg.channels_last:  # faster on CUDA and on CPU alike (bench/bench_train_speed.py)
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None)
@@ -152,7 +155,11 @@ class Trainer:
         # A validation set too small in a class cannot pick an epoch: then every epoch runs and the last is kept.
         self.val_shortfall = judging_shortfall(val.targets, min_val_per_class)
         self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        subjects = train.index["subject"].to_numpy() if "subject" in train.index.columns else None
+        self.draw_weights = draw_weights(train.targets, subjects, cfg.sampling)
+        self.optimizer = torch.optim.Adam(
+            parameter_groups(self.model, cfg.lr, cfg.lr_stem_factor, cfg.lr_head_factor), lr=cfg.lr
+        )
         self.loss_fn = nn.CrossEntropyLoss()
         amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.amp_dtype = amp_dtype if self.cuda and cfg.mixed_precision else None
@@ -188,14 +195,23 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        share = epoch_share(len(self.train_ds), self.world, self.seed * 1000 + epoch)
+        epoch_seed = self.seed * 1000 + epoch
+        share = epoch_rows(len(self.train_ds), self.world, epoch_seed, self.draw_weights)
         loader = batch_loader(self.train_ds, batch_size=self.rank_batch, rows=share, **self.loader_kwargs)
+        levers = torch.Generator().manual_seed(epoch_seed * 100 + self.world.rank)
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.progress)
         # Ranks' shares differ by one image at most, so one may run a batch more: Join lets it finish alone.
         with Join([self.ddp]) if self.ddp else nullcontext():
             for raw, host_targets in bar:
-                images = model_input(raw, self.mean, self.std, self.device, self.cuda and self.cfg.channels_last)
+                images = model_input(
+                    self._batch_levers(raw, levers),
+                    self.mean,
+                    self.std,
+                    self.device,
+                    self.cfg.channels_last,
+                    self.cfg.colour,
+                )
                 targets = host_targets.to(self.device, non_blocking=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
@@ -210,6 +226,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{total / count:.4f}")
         total_all, count_all = all_sum([total, count], self.world)
         return total_all / max(count_all, 1)
+
+    def _batch_levers(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A uint8 training batch under the settings' random symmetries and stain jitter."""
+        if self.cfg.rotation != "none":
+            raw = random_symmetries(raw, generator, any_angle=self.cfg.rotation == "any")
+        return hed_jitter(raw, self.cfg.hed_jitter, generator)
 
     def predict(self, dataset: StoreDataset) -> tuple[np.ndarray, float]:
         """Probabilities of ALL for every image of ``dataset``'s store, as stored (uint8 batches, no
@@ -228,7 +250,8 @@ class Trainer:
             self.mean,
             self.std,
             amp_dtype=self.amp_dtype,
-            channels_last=self.cuda and self.cfg.channels_last,
+            channels_last=self.cfg.channels_last,
+            colour=self.cfg.colour,
         )
         logits = gather_rows(part, self.world)
         targets = torch.from_numpy(dataset.store.targets.astype(np.int64))
@@ -236,10 +259,14 @@ class Trainer:
         return prob_all(logits), loss
 
     def _init_head(self) -> None:
-        plain = StoreDataset(self.train_ds.store, self.train_ds.mean, self.train_ds.std)
+        plain = StoreDataset(self.train_ds.store, normalize=False)
         loader = batch_loader(plain, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
+        batches = (
+            (model_input(raw, self.mean, self.std, self.device, self.cfg.channels_last, self.cfg.colour), targets)
+            for raw, targets in loader
+        )
         with self._autocast():
-            accuracy = fit_probe_head(self.model, loader, self.device, self.seed)
+            accuracy = fit_probe_head(self.model, batches, self.device, self.seed)
         log.info("head initialised by a linear probe on the frozen features (train accuracy %.3f)", accuracy)
 
     # -- the loop ------------------------------------------------------------------------

@@ -121,7 +121,9 @@ def run_study(params: Params, store_root: Path, n_trials: int | None = None, pro
     n_trials = cfg.n_trials if n_trials is None else int(n_trials)
     _check_ranges(params, n_trials)
     store_root = Path(store_root)
-    train = live_augmentation_view(ImageStore(store_root / "train"))
+    # Online augmentation stores originals only: every row gets T; offline, the stored balancing is replayed.
+    stored = ImageStore(store_root / "train")
+    train = stored if params.augment.online else live_augmentation_view(stored)
     val = ImageStore(store_root / "val")
     study = open_study(params)
 

@@ -7,7 +7,8 @@ store (see :mod:`cnmc.data.store`) plus ``augment_report.json`` and a preview gr
   ``image_size`` squared (:func:`cnmc.data.transforms.resize_transform`).
 - Training, per class with n originals: all originals are kept when n <= M (else a seeded
   random M of them, with a warning), and M - n augmented images are added, each T(original)
-  with sources taken round-robin over a seeded permutation of the class's originals.
+  with sources taken round-robin over a seeded permutation of the class's originals. With
+  ``augment.online`` only the originals are stored: training draws T afresh every epoch.
 - Augmented image k of class c uses the torch seed derived from (seed, c, k), set right before
   T runs, so the store is byte-identical for a seed whatever the number of worker processes.
 - Workers write straight into the output ``.npy`` memmaps; the store is built in a temporary
@@ -175,7 +176,9 @@ def resolve_per_class(df: pd.DataFrame, per_class: int | str) -> int:
     return int(df["label"].value_counts().max()) if per_class == "auto" else int(per_class)
 
 
-def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int) -> _SplitPlan:
+def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int, online: bool = False) -> _SplitPlan:
+    """The training split: originals kept up to M a class, and (offline) M - n augmented images a
+    class; ``online`` stores the originals alone, for T to be drawn afresh every epoch."""
     if df.empty:
         raise CnmcError(f"{csv}: the training split has no images")
     keep_mask = np.zeros(len(df), dtype=bool)
@@ -208,7 +211,7 @@ def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int) -> _Spli
     for label in LABELS:
         target = TARGETS[label]
         originals = np.flatnonzero((kept["label"] == label).to_numpy())
-        need = per_class - len(originals)
+        need = 0 if online else per_class - len(originals)
         order = _rng(seed, _TAG_ORDER, target).permutation(originals)
         origins = [int(order[k % len(order)]) for k in range(need)]
         seeds = [derive_seed(seed, target, k) for k in range(need)]
@@ -311,8 +314,8 @@ def prepare_dataset(
             continue
         csv = splits_dir / f"{split}.csv"
         if split == "train":
-            per_class = resolve_per_class(df, cfg.per_class)
-            plans.append(_plan_train(csv, df, per_class, seed))
+            per_class = resolve_per_class(df, "auto" if cfg.online else cfg.per_class)
+            plans.append(_plan_train(csv, df, per_class, seed, cfg.online))
         else:
             plans.append(_plan_plain(split, csv, df))
 
