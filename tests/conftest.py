@@ -198,7 +198,8 @@ class TinyRuns:
         from cnmc.experiment import train_and_log
         from cnmc.runs import RunPaths
 
-        params = tiny_params()
+        # Colour centring on: the served champion then shows that a model's input transform travels with it.
+        params = tiny_params(colour="centred")
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
             mp.delenv("MLFLOW_RUN_ID", raising=False)

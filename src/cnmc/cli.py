@@ -188,6 +188,14 @@ def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
     print(f"  validation chose: {document.validation.reason}")
 
 
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from cnmc.ensemble_run import build_ensemble
+
+    params = _params(args)
+    backbones = args.backbones.split(",") if args.backbones else params.train.backbones
+    print(build_ensemble(params, backbones, Path(args.root)))
+
+
 def cmd_promote(args: argparse.Namespace) -> None:
     from cnmc.registry import promote_and_write
 
@@ -362,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
     p.add_argument("--metrics-out", help="also write the metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = add(
+        "ensemble",
+        cmd_ensemble,
+        "Judge the mean P(ALL) of evaluated backbones on the same store and log it as one servable model.",
+    )
+    add_params(p)
+    p.add_argument("--backbones", help="comma-separated evaluated backbones (default: train.backbones)")
+    p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
 
     p = add(
         "promote",

@@ -223,10 +223,10 @@ def _write_artifacts(
     for report in paths.data_reports:
         if report.is_file():
             mlflow.log_artifact(str(report), artifact_path="data")
-    log_pyfunc(paths.model_dir / "weights.pt", out_dir / "model.json", _example_image(test))
+    log_pyfunc(paths.model_dir / "weights.pt", out_dir / "model.json", example_image(test))
 
 
-def _example_image(store: ImageStore) -> Path:
+def example_image(store: ImageStore) -> Path:
     """A real test image file (or, if its path is gone, one written from the store) as input example."""
     path = Path(store.index["path"].iat[0])
     if path.is_file():

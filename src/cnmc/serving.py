@@ -112,39 +112,72 @@ class LeukemiaClassifier(PythonModel):
     """ALL-vs-Hem classifier over encoded images; weights and spec are MLflow artifacts."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from cnmc.models.backbones import create_backbone
-
-        self.spec = ModelSpec.load(Path(context.artifacts["spec"]))
-        self.model = create_backbone(self.spec.backbone, pretrained=False).model
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-        self.model.eval()
+        self.model, self.spec = load_member(Path(context.artifacts["weights"]), Path(context.artifacts["spec"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
-        try:
-            tta = _tta_param(params, default=self.spec.tta)
-            values = _image_values(model_input)
-            images = decode_base64_images(values, self.spec.image_size)
-        except InvalidInput as exc:
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        prob = predict_proba(self.model, images, self.spec, tta=tta)
-        return pd.DataFrame(
-            {
-                "label": np.where(prob >= self.spec.threshold, "all", "hem"),
-                "prob_all": prob,
-                "threshold": np.full(len(prob), self.spec.threshold),
-            }
-        )
+        return answer(model_input, params, [(self.model, self.spec)], self.spec.threshold)
 
 
-def _tta_param(params: dict[str, Any] | None, default: bool) -> bool:
-    """The ``tta`` inference parameter (MLflow has checked its type against the signature)."""
-    value = (params or {}).get("tta", default)
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
+class EnsembleClassifier(PythonModel):
+    """The mean P(ALL) of several trained models (``cnmc ensemble``): artifacts ``weights``/``spec``,
+    ``weights_1``/``spec_1``, ..., and ``ensemble`` (JSON: the threshold on the mean)."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        import json
+
+        artifacts = context.artifacts
+        keys = [("weights", "spec")] + [(f"weights_{i}", f"spec_{i}") for i in range(1, len(artifacts))]
+        self.members = [load_member(Path(artifacts[w]), Path(artifacts[s])) for w, s in keys if s in artifacts]
+        self.threshold = float(json.loads(Path(artifacts["ensemble"]).read_text())["threshold"])
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
+        return answer(model_input, params, self.members, self.threshold)
+
+
+Member = tuple[torch.nn.Module, ModelSpec]
+
+
+def load_member(weights: Path, spec_file: Path) -> Member:
+    """One trained model, in eval mode on the CPU, and its spec."""
+    from cnmc.models.backbones import create_backbone
+
+    spec = ModelSpec.load(spec_file)
+    model = create_backbone(spec.backbone, pretrained=False).model
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), spec
+
+
+def answer(
+    model_input: Any, params: dict[str, Any] | None, members: Sequence[Member], threshold: float
+) -> pd.DataFrame:
+    """The served answer to a request: each image's mean P(ALL) over ``members`` (one model, or an
+    ensemble), its label at ``threshold``, and the threshold. A bad request raises
+    ``MlflowException(INVALID_PARAMETER_VALUE)`` naming the row and the problem (HTTP 400)."""
+    try:
+        tta = _tta_param(params)
+        values = _image_values(model_input)
+        images = {size: decode_base64_images(values, size) for size in sorted({s.image_size for _, s in members})}
+    except InvalidInput as exc:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+    prob = np.mean([predict_proba(model, images[spec.image_size], spec, tta=tta) for model, spec in members], axis=0)
+    return pd.DataFrame(
+        {
+            "label": np.where(prob >= threshold, "all", "hem"),
+            "prob_all": prob,
+            "threshold": np.full(len(prob), threshold),
+        }
+    )
+
+
+def _tta_param(params: dict[str, Any] | None) -> bool | None:
+    """The ``tta`` inference parameter (MLflow has checked its type against the signature); None:
+    each model's own default (``ModelSpec.tta``)."""
+    value = (params or {}).get("tta")
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
     raise InvalidInput(f"parameter 'tta' must be true or false, got {value!r}"[:200])
 
 
@@ -185,9 +218,19 @@ def encode_file(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def log_pyfunc(weights: Path, spec: Path, example_image: Path, registered_model_name: str | None = None) -> Any:
+def log_pyfunc(
+    weights: Path,
+    spec: Path,
+    example_image: Path,
+    registered_model_name: str | None = None,
+    python_model: PythonModel | None = None,
+    artifacts: dict[str, str] | None = None,
+    tta_default: bool | None = None,
+) -> Any:
     """Log ``weights`` (``weights.pt``) and ``spec`` (``model.json``) as the run's pyfunc model
-    ``model``, with only the code and the requirements that inference needs (:mod:`cnmc.model_env`)."""
+    ``model``, with only the code and the requirements that inference needs (:mod:`cnmc.model_env`).
+
+    An ensemble (:mod:`cnmc.ensemble`) passes its own ``python_model`` and further ``artifacts``."""
     import tempfile
 
     from mlflow.models import infer_signature
@@ -196,13 +239,14 @@ def log_pyfunc(weights: Path, spec: Path, example_image: Path, registered_model_
 
     example = pd.DataFrame({IMAGE_COLUMN: [encode_file(example_image)]})
     output = pd.DataFrame({"label": ["all"], "prob_all": [0.5], "threshold": [0.5]})
+    tta = ModelSpec.load(spec).tta if tta_default is None else tta_default
     with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp:
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=LeukemiaClassifier(),
-            artifacts={"weights": str(weights), "spec": str(spec)},
+            python_model=python_model or LeukemiaClassifier(),
+            artifacts={"weights": str(weights), "spec": str(spec), **(artifacts or {})},
             code_paths=[str(model_env.copy_code(Path(tmp)))],
-            signature=infer_signature(example, output, params={"tta": ModelSpec.load(spec).tta}),
+            signature=infer_signature(example, output, params={"tta": tta}),
             input_example=example,
             pip_requirements=model_env.requirements(),
             registered_model_name=registered_model_name,

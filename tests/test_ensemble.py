@@ -1,0 +1,126 @@
+"""``cnmc ensemble``: the mean of evaluated backbones as one logged model, in process and over HTTP;
+and a model's own input transform (colour centring) answering the same in process and over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Server, TinyRuns, tiny_params
+from PIL import Image
+
+from cnmc.errors import CnmcError
+
+BACKBONES = ("test_resnet", "test_efficientnet")
+
+
+def cells(n: int = 4) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(n):
+        pixels = np.zeros((40, 40, 3), dtype=np.uint8)
+        pixels[8:32, 8:32] = rng.integers(60, 220, size=(24, 24, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        images.append(base64.b64encode(buffer.getvalue()).decode())
+    return pd.DataFrame({"image": images})
+
+
+def post(url: str, frame: pd.DataFrame) -> list[dict]:
+    body = json.dumps({"dataframe_split": frame.to_dict(orient="split", index=False)}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["predictions"]
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_runs: TinyRuns) -> tuple[str, dict]:
+    """The tiny ensemble of both backbones: its model URI and its summary file."""
+    from cnmc.ensemble_run import build_ensemble
+
+    member_uris = {b: tiny_runs(b).model_uri for b in BACKBONES}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tiny_runs.tracking_uri)
+        mp.chdir(tiny_runs.work)
+        try:
+            summary = build_ensemble(tiny_params(), BACKBONES, tiny_runs.root)
+        finally:
+            mlflow.set_tracking_uri(None)
+    facts = json.loads((tiny_runs.root / "ensemble" / "ensemble.json").read_text())
+    return f"runs:/{summary.run_id}/model", facts | {"member_uris": member_uris}
+
+
+@pytest.mark.slow
+def test_an_ensemble_answers_with_the_mean_of_its_members(tiny_runs: TinyRuns, ensemble: tuple[str, dict]) -> None:
+    uri, facts = ensemble
+    assert facts["members"] == list(BACKBONES)
+    assert facts["rule"].startswith(("0.5", f"{facts['threshold']:.3f}"))  # the rule says which and why
+    mlflow.set_tracking_uri(tiny_runs.tracking_uri)
+    try:
+        frame = cells()
+        together = mlflow.pyfunc.load_model(uri).predict(frame)
+        members = [mlflow.pyfunc.load_model(u).predict(frame) for u in facts["member_uris"].values()]
+    finally:
+        mlflow.set_tracking_uri(None)
+    mean = np.mean([m["prob_all"].to_numpy() for m in members], axis=0)
+    np.testing.assert_allclose(together["prob_all"].to_numpy(), mean, atol=1e-6)
+    assert (together["threshold"] == facts["threshold"]).all()
+    assert list(together["label"]) == ["all" if p >= facts["threshold"] else "hem" for p in together["prob_all"]]
+
+
+@pytest.mark.slow
+def test_a_served_ensemble_answers_as_in_process(
+    tiny_runs: TinyRuns, ensemble: tuple[str, dict], tmp_path: Path
+) -> None:
+    import local_server
+
+    uri, _ = ensemble
+    port = local_server.free_port()
+    log = tmp_path / "server.log"
+    proc = local_server.start(
+        local_server.cnmc_serve(uri, port), tmp_path, local_server.serving_env(tiny_runs.tracking_uri), log
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        local_server.wait_until_up(f"{url}/ping", proc, log)
+        frame = cells()
+        served = post(url, frame)
+        mlflow.set_tracking_uri(tiny_runs.tracking_uri)
+        try:
+            local = mlflow.pyfunc.load_model(uri).predict(frame)
+        finally:
+            mlflow.set_tracking_uri(None)
+        np.testing.assert_allclose([r["prob_all"] for r in served], local["prob_all"].to_numpy(), atol=1e-6)
+    finally:
+        local_server.stop(proc)
+
+
+@pytest.mark.slow
+def test_a_colour_centred_model_answers_the_same_in_process_and_over_http(
+    cnmc_server: Server, champion, tmp_path: Path
+) -> None:  # noqa: ANN001 - conftest's Champion
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(champion.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert model.unwrap_python_model().spec.colour == "centred"
+    frame = cells(3)
+    served = post(cnmc_server.url, frame)
+    np.testing.assert_allclose([r["prob_all"] for r in served], model.predict(frame)["prob_all"].to_numpy(), atol=1e-6)
+
+
+def test_an_ensemble_needs_two_evaluated_backbones(tmp_path: Path) -> None:
+    from cnmc.ensemble_run import build_ensemble
+
+    with pytest.raises(CnmcError, match="at least two"):
+        build_ensemble(tiny_params(), ["test_resnet"], tmp_path)
+    with pytest.raises(CnmcError, match="no evaluated test_resnet"):
+        build_ensemble(tiny_params(), list(BACKBONES), tmp_path)
