@@ -97,6 +97,8 @@ VARIANTS = {
     "lite0-random": Variant("tf_efficientnet_lite0", pretrained=False),
     "lite0-paper": Variant("tf_efficientnet_lite0", protocol="paper"),
     "lite0-probe": Variant("tf_efficientnet_lite0", probe=True),
+    "lite0-probe+centred": Variant("tf_efficientnet_lite0", probe=True, overrides=("train.colour=centred",)),
+    "lite0-probe+grey": Variant("tf_efficientnet_lite0", probe=True, overrides=("train.colour=grey",)),
 }
 
 
@@ -169,14 +171,15 @@ def run_fold(
     return record
 
 
-def probe_features(labelled: pd.DataFrame, image_size: int) -> np.ndarray:
-    """Pooled frozen lite0 ImageNet features of every cell, preprocessed as the pipeline does."""
+def probe_features(labelled: pd.DataFrame, image_size: int, colour: str = "rgb") -> np.ndarray:
+    """Pooled frozen lite0 ImageNet features of every cell, preprocessed as the pipeline does
+    (``colour``: the model input's colour mode, ``train.colour``)."""
     import torch
 
     from cnmc.data.images import open_rgb
-    from cnmc.data.store import normalize_batch
     from cnmc.data.transforms import resize_transform
     from cnmc.head_init import pooled_features
+    from cnmc.inference import model_input
     from cnmc.models.backbones import create_backbone
 
     net = create_backbone(VARIANTS["lite0-probe"].backbone, pretrained=True)
@@ -187,7 +190,8 @@ def probe_features(labelled: pd.DataFrame, image_size: int) -> np.ndarray:
             rows = labelled.iloc[start : start + 64]
             pixels = [resize(torch.from_numpy(np.asarray(open_rgb(p)[0])).permute(2, 0, 1)) for p in rows["path"]]
             batch = torch.stack(pixels).permute(0, 2, 3, 1).contiguous()
-            yield normalize_batch(batch, net.mean, net.std), torch.zeros(len(rows), dtype=torch.long)
+            cpu = torch.device("cpu")
+            yield model_input(batch, net.mean, net.std, cpu, colour=colour), torch.zeros(len(rows), dtype=torch.long)
 
     return pooled_features(net.model, batches(), torch.device("cpu"))[0]
 
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(labelled)} labelled cells, {labelled['subject'].nunique()} subjects; {args.folds} folds; "
             f"{args.epochs} epochs at {args.image_size} px, augment.per_class {params.augment.per_class}"
         )
-        features = None
+        features: dict[str, np.ndarray] = {}
         for name in args.variants.split(","):
             variant = VARIANTS[name]
             for fold, test_rows in enumerate(fold_tests(labelled, args.folds, params.seed, variant.protocol)):
@@ -408,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                 if (args.only_fold is not None and fold != args.only_fold) or (path.is_file() and not args.rerun):
                     continue
                 if variant.probe:
-                    features = probe_features(labelled, args.image_size) if features is None else features
-                    record = run_probe(labelled, features, name, fold, test_rows, params)
+                    colour = apply_overrides(params, list(variant.overrides)).train.colour
+                    if colour not in features:
+                        features[colour] = probe_features(labelled, args.image_size, colour)
+                    record = run_probe(labelled, features[colour], name, fold, test_rows, params)
                 else:
                     record = run_fold(labelled, name, variant, fold, test_rows, params, args.out)
                 results.mkdir(parents=True, exist_ok=True)

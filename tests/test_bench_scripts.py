@@ -134,3 +134,24 @@ def test_gpu_check_watchdog_stops_at_the_hard_limit(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "STOPPED: hard limit 1 s reached during" in proc.stdout
     assert json.loads(out.read_text())["stopped"].startswith("hard limit 1 s reached during")
+
+
+def test_train_speed_bench_runs_a_tiny_round() -> None:
+    proc = _run(
+        "bench_train_speed.py",
+        *(
+            "--images",
+            "8",
+            "--rounds",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--backbone",
+            "test_efficientnet",
+        ),
+        *("--set", "train.rotation=d4", "--set", "train.colour=centred"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pipeline / best bare loop:" in proc.stdout
