@@ -24,7 +24,8 @@ TINY_SYNTHETIC = {
     "final_images": 1,
     "image_size": 96,
 }
-TINY_AUGMENT = {"image_size": 32, "per_class": 16, "workers": 1}
+# The offline store (M images a class stored): what most data tests look at; online is tested apart.
+TINY_AUGMENT = {"image_size": 32, "per_class": 16, "workers": 1, "online": False}
 
 
 def tiny_params(min_images_per_class: int = 1, **train: object):
@@ -41,7 +42,7 @@ def tiny_params(min_images_per_class: int = 1, **train: object):
         update={
             "split": params.split.model_copy(update={"min_images_per_class": min_images_per_class}),
             "train": params.train.model_copy(update=train_cfg),
-            "augment": params.augment.model_copy(update={"image_size": 32, "per_class": 16, "workers": 1}),
+            "augment": params.augment.model_copy(update=TINY_AUGMENT),
         }
     )
 

@@ -241,3 +241,13 @@ def test_paper_profile_switches_every_lever_off() -> None:
     )
     assert (t.lr_stem_factor, t.lr_head_factor, t.head_init, t.freeze_bn) == (1.0, 1.0, "random", False)
     assert paper.augment.online is False and paper.split.min_subjects_per_class >= 1
+
+
+def test_the_fit_draws_t_on_the_fly_only_where_augmentation_is_online() -> None:
+    from cnmc.config import Params, apply_overrides
+    from cnmc.fit_run import online_transform
+
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    transform = online_transform(apply_overrides(Params(), ["augment.online=true"]), 32)
+    assert transform is not None and transform(image).shape == image.shape
+    assert online_transform(apply_overrides(Params(), ["augment.online=false"]), 32) is None

@@ -62,7 +62,7 @@ class AugmentConfig(_Section):
     )
     strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
     online: bool = Field(
-        False,
+        True,
         description="T drawn afresh every epoch on the stored originals, none stored (paper: false, M stored images)",
     )
     workers: int = Field(0, ge=0, description="worker processes (0 = all cores)", json_schema_extra=RUNTIME_ONLY)
@@ -99,7 +99,7 @@ class TrainConfig(_Section):
         description="epoch draws: shuffle; class = classes weigh equally; subject = and each donor in a class",
     )
     test_time_augmentation: Literal["off", "auto"] = Field(
-        "off", description="auto: 8-view TTA is the reported and served default where validation shows it helps"
+        "auto", description="auto: 8-view TTA is the reported and served default where validation shows it helps"
     )
     batch_size: int = Field(32, ge=1, description="images per step")
     device: Literal["auto", "cpu", "cuda"] = Field(
