@@ -120,7 +120,7 @@ def _evaluate(
     log.info("validation: %s", rules)
     validation = Validation(
         can_judge=not shortfall,
-        reason=f"{shortfall}: nothing fitted" if shortfall else rules,
+        reason=shortfall or rules,
         n_all=int(val.targets.sum()),
         n_hem=int(len(val.targets) - val.targets.sum()),
         min_images_per_class=params.split.min_images_per_class,

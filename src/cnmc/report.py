@@ -133,7 +133,7 @@ def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:
     """One line per run whose validation set was too small to fit threshold, temperature or epoch."""
     return "\n".join(
         f"- **{run.backbone}: nothing fitted on validation** ({run.validation.reason}): "
-        "threshold 0.5, temperature 1, the last epoch kept."
+        f"threshold 0.5, temperature 1; epoch: {run.epoch_selection}."
         for _, run in runs
         if not run.validation.can_judge
     )
