@@ -96,6 +96,7 @@ def main() -> None:
             strength=args.strength,
             workers=workers,
             preview_images=2,
+            online=False,  # the stored augmentation is what the workers share
         )
 
     with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp_name:
@@ -104,7 +105,7 @@ def main() -> None:
         # untimed warm-up (imports, matplotlib, page cache)
         warm = tmp / "warm"
         make_splits(warm, {"train": {"all": 2, "hem": 2}, "val": {"all": 1, "hem": 1}})
-        warm_cfg = AugmentConfig(image_size=32, per_class=4, workers=1, preview_images=1)
+        warm_cfg = AugmentConfig(image_size=32, per_class=4, workers=1, preview_images=1, online=False)
         prepare_dataset(warm / "splits", warm / "store", warm_cfg, 0, warm / "p.png", progress=False)
 
         seconds: dict[int, float] = {}

@@ -99,7 +99,9 @@ def main() -> None:
         pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS)).to_csv(splits / "train.csv", index=False)
         pd.DataFrame(rows[:2], columns=list(REQUIRED_COLUMNS)).to_csv(splits / "val.csv", index=False)
         per_class = (args.images + 1) // 2  # both classes already have M images: nothing augmented
-        cfg = AugmentConfig(image_size=SIZE, per_class=per_class, strength=1.0, workers=0, preview_images=1)
+        cfg = AugmentConfig(
+            image_size=SIZE, per_class=per_class, strength=1.0, workers=0, preview_images=1, online=False
+        )
         t0 = time.perf_counter()
         summary = prepare_dataset(splits, tmp / "store", cfg, seed=0, preview_path=tmp / "p.png", progress=False)
         build_s = time.perf_counter() - t0

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     df = catalogue(data)
     folds = block_folds(df, args.folds, args.val_blocks)
-    aug = AugmentConfig(image_size=args.image_size, per_class=args.per_class, strength=args.strength)
+    aug = AugmentConfig(image_size=args.image_size, per_class=args.per_class, strength=args.strength, online=False)
     random_cfg = TrainConfig(
         backbones=[BACKBONE],
         pretrained=False,

@@ -66,7 +66,7 @@ COUNTS = {"train": {"all": 7, "hem": 3}, "val": {"all": 2, "hem": 2}, "test": {"
 
 
 def cfg(**kw) -> AugmentConfig:
-    base = {"image_size": SIZE, "per_class": 8, "strength": 1.0, "workers": 1, "preview_images": 2}
+    base = {"image_size": SIZE, "per_class": 8, "strength": 1.0, "workers": 1, "preview_images": 2, "online": False}
     return AugmentConfig(**(base | kw))
 
 
