@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 # Tiny settings for every stage on the shipped demo cells: 32 px store, two tiny random-init backbones.
 SMALL = {
-    "augment": {"image_size": 32, "per_class": 12, "workers": 2, "preview_images": 2},
+    "augment": {"image_size": 32, "per_class": 12, "workers": 2, "preview_images": 2, "online": False},
     "train": {"backbones": ["test_resnet", "test_efficientnet"], "pretrained": False, "epochs": 1, "batch_size": 16},
 }
 

@@ -47,6 +47,7 @@ def test_default_path_on_real_cells_of_unseen_people(
     copy_subjects(TEST, tmp_path / "unseen")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["split"]["min_images_per_class"] = 20
+    raw["split"]["min_subjects_per_class"] = 2  # this small set's validation holds 2 people a class
     raw["augment"]["workers"] = 1
     raw["train"]["batch_size"] = 16
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -19,8 +19,8 @@ PARTS = ("stem", "body", "head")
 def parameter_groups(model: nn.Module, lr: float, stem_factor: float, head_factor: float) -> list[dict[str, Any]]:
     """Optimiser parameter groups ``stem``, ``body`` and ``head`` (empty ones left out), each with
     its learning rate: ``lr`` times its factor (the body's is 1)."""
-    timm_model: Any = model  # timm's get_classifier / group_matcher
-    head = {id(p) for p in timm_model.get_classifier().parameters()}
+    timm_model: Any = model  # timm's get_classifier / group_matcher; any other module is all body
+    head = {id(p) for p in timm_model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
     matcher = timm_model.group_matcher(coarse=True) if hasattr(model, "group_matcher") else {}
     stem = re.compile(matcher["stem"]) if isinstance(matcher, dict) and "stem" in matcher else None
     members: dict[str, list[nn.Parameter]] = {part: [] for part in PARTS}
