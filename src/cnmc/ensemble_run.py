@@ -11,6 +11,7 @@ summarised in ``<root>/ensemble/ensemble.json``.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,8 +85,12 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
     with start_run(params, NAME, None, extra_params={"members": ",".join(backbones)}) as run:
         mlflow.set_tag("threshold_rule", rule)
         mlflow.log_metrics(
-            {f"test_{k}": float(v) for k, v in evaluation["at_tuned"].items() if k in SCALAR_METRICS and v == v}
-            | {f"final_val_{k}": float(v) for k, v in validation.items() if k in SCALAR_METRICS and v == v}
+            {
+                f"test_{k}": float(v)
+                for k, v in evaluation["at_tuned"].items()
+                if k in SCALAR_METRICS and math.isfinite(v)
+            }
+            | {f"final_val_{k}": float(v) for k, v in validation.items() if k in SCALAR_METRICS and math.isfinite(v)}
             | {"threshold": threshold}
         )
         out_dir = mkdir(root / NAME)

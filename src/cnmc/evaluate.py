@@ -164,10 +164,10 @@ def bootstrap_ci(
         raise ValueError(f"no bootstrap for {sorted(unknown)}; choose from {BOOTSTRAP_METRICS}")
     y, p = checked_arrays(y_true, prob_all)
     pred = p >= threshold
-    cells = np.stack([(y == 1) & pred, (y == 0) & pred, (y == 0) & ~pred, (y == 1) & ~pred], axis=1)
+    cells = confusion_cells(y, pred)
     chunks: list[dict[str, NDArray[np.float64]]] = []
     for weights in resample_weights(y.size, groups, n_boot, seed):
-        values = count_metrics(Counts(*(weights @ cells.astype(np.float64)).T))
+        values = count_metrics(Counts(*(weights @ cells).T))
         if "roc_auc" in metric_names:
             values["roc_auc"] = _resample_auc(weights, y, p)
         chunks.append(values)
@@ -179,6 +179,13 @@ def bootstrap_ci(
         low, high = np.percentile(samples, [tail, 100 - tail]) if samples.size else (np.nan, np.nan)
         out[name] = (float(low), float(high))
     return out
+
+
+def confusion_cells(y: NDArray[np.int64], called_all: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Each cell's one-hot (TP, FP, TN, FN) row: a resample's confusion counts are ``weights @ cells``."""
+    return np.stack(
+        [(y == 1) & called_all, (y == 0) & called_all, (y == 0) & ~called_all, (y == 1) & ~called_all], axis=1
+    ).astype(np.float64)
 
 
 def resample_weights(

@@ -27,11 +27,7 @@ from cnmc.calibration import expected_calibration_error, nll
 from cnmc.config import Params
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.errors import CnmcError
-from cnmc.evaluate import (
-    binary_metrics,
-    evaluate_split,
-    judging_shortfall,
-)
+from cnmc.evaluate import binary_metrics, evaluate_split, judging_shortfall
 from cnmc.explain import log_gradcam_grid
 from cnmc.inference import Views, predict_logits, prob_all
 from cnmc.metrics_document import Calibration, FitSummary, MetricsDocument, SplitEvaluation, Validation, load_document

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from cnmc.calibration import cell_nll, fit_temperature
-from cnmc.evaluate import checked_arrays, resample_weights, tune_threshold
+from cnmc.evaluate import checked_arrays, confusion_cells, resample_weights, tune_threshold
 from cnmc.metrics_registry import Counts, count_metrics
 
 
@@ -44,10 +44,7 @@ def choose_threshold(
     if tuned == 0.5:
         return ThresholdChoice(0.5, tuned, None, "0.5: the tuned threshold is 0.5")
     both = np.stack([p >= 0.5, p >= tuned], axis=0)
-    cells = [
-        np.stack([(y == 1) & pred, (y == 0) & pred, (y == 0) & ~pred, (y == 1) & ~pred], axis=1).astype(np.float64)
-        for pred in both
-    ]
+    cells = [confusion_cells(y, called_all) for called_all in both]
     gains = np.concatenate(
         [
             count_metrics(Counts(*(w @ cells[1]).T))["f1_macro"] - count_metrics(Counts(*(w @ cells[0]).T))["f1_macro"]
