@@ -41,20 +41,26 @@ def post(url: str, frame: pd.DataFrame) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ensemble(tiny_runs: TinyRuns) -> tuple[str, dict]:
-    """The tiny ensemble of both backbones: its model URI and its summary file."""
+def ensemble(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """The tiny ensemble of both backbones, logged to a copy of the tiny runs' store (the UI test
+    counts that store's runs): its model URI and its summary file."""
+    import shutil
+
     from cnmc.ensemble_run import build_ensemble
 
     member_uris = {b: tiny_runs(b).model_uri for b in BACKBONES}
+    copy = tmp_path_factory.mktemp("ensemble") / "mlflow.db"
+    shutil.copyfile(tiny_runs.db, copy)
+    uri = f"sqlite:///{copy}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", tiny_runs.tracking_uri)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(tiny_runs.work)
         try:
             summary = build_ensemble(tiny_params(), BACKBONES, tiny_runs.root)
         finally:
             mlflow.set_tracking_uri(None)
     facts = json.loads((tiny_runs.root / "ensemble" / "ensemble.json").read_text())
-    return f"runs:/{summary.run_id}/model", facts | {"member_uris": member_uris}
+    return f"runs:/{summary.run_id}/model", facts | {"member_uris": member_uris, "tracking_uri": uri}
 
 
 @pytest.mark.slow
@@ -62,7 +68,7 @@ def test_an_ensemble_answers_with_the_mean_of_its_members(tiny_runs: TinyRuns, e
     uri, facts = ensemble
     assert facts["members"] == list(BACKBONES)
     assert facts["rule"].startswith(("0.5", f"{facts['threshold']:.3f}"))  # the rule says which and why
-    mlflow.set_tracking_uri(tiny_runs.tracking_uri)
+    mlflow.set_tracking_uri(facts["tracking_uri"])
     try:
         frame = cells()
         together = mlflow.pyfunc.load_model(uri).predict(frame)
@@ -81,18 +87,18 @@ def test_a_served_ensemble_answers_as_in_process(
 ) -> None:
     import local_server
 
-    uri, _ = ensemble
+    uri, facts = ensemble
     port = local_server.free_port()
     log = tmp_path / "server.log"
     proc = local_server.start(
-        local_server.cnmc_serve(uri, port), tmp_path, local_server.serving_env(tiny_runs.tracking_uri), log
+        local_server.cnmc_serve(uri, port), tmp_path, local_server.serving_env(facts["tracking_uri"]), log
     )
     try:
         url = f"http://127.0.0.1:{port}"
         local_server.wait_until_up(f"{url}/ping", proc, log)
         frame = cells()
         served = post(url, frame)
-        mlflow.set_tracking_uri(tiny_runs.tracking_uri)
+        mlflow.set_tracking_uri(facts["tracking_uri"])
         try:
             local = mlflow.pyfunc.load_model(uri).predict(frame)
         finally:
