@@ -590,7 +590,7 @@ def start_watchdog(report: dict[str, Any], clock: Clock, out: Path, tmp: Path) -
     """At the hard limit, even inside a long compilation: print and write what is there, then exit."""
 
     def stop() -> None:
-        report["stopped"] = f"hard limit {clock.hard_limit_s:.0f} s reached during {report.get('running')}"
+        report["stopped"] = f"hard limit {clock.hard_limit_s:g} s reached during {report.get('running')}"
         write_report(report, clock, out)
         print_summary(report)
         print(f"figures: {out}", flush=True)
