@@ -26,11 +26,12 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize(("n", "size"), [(7, 2), (8, 2), (10, 3), (2, 3)])
 def test_an_epoch_is_dealt_out_disjointly_and_completely(n: int, size: int) -> None:
-    shares = [epoch_rows(n, World(rank, size), seed=5) for rank in range(size)]
+    targets = np.zeros(n)
+    shares = [epoch_rows(targets, World(rank, size), seed=5) for rank in range(size)]
     together = np.concatenate(shares)
     assert sorted(together.tolist()) == list(range(n))  # every row once: disjoint and covering
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert not np.array_equal(epoch_rows(n, World(0, size), seed=6), shares[0]) or n < 3  # reshuffled per epoch
+    assert not np.array_equal(epoch_rows(targets, World(0, size), seed=6), shares[0]) or n < 3  # reshuffled per epoch
     held_out = [evaluation_share(n, World(rank, size)) for rank in range(size)]
     assert sorted(np.concatenate(held_out).tolist()) == list(range(n))
 
@@ -38,7 +39,7 @@ def test_an_epoch_is_dealt_out_disjointly_and_completely(n: int, size: int) -> N
 def test_one_process_keeps_the_shuffle_of_a_plain_random_sampler() -> None:
     """Without torchrun an epoch is the order RandomSampler gave before: the same runs as before."""
     expected = list(torch.utils.data.RandomSampler(range(50), generator=torch.Generator().manual_seed(9)))
-    assert epoch_rows(50, World(), seed=9).tolist() == expected
+    assert epoch_rows(np.zeros(50), World(), seed=9).tolist() == expected
 
 
 def test_the_batch_size_is_the_global_batch(copy_store: Path) -> None:

@@ -95,7 +95,7 @@ def test_subject_sampling_gives_each_person_of_a_class_an_equal_share() -> None:
     targets = np.array([t for (_, t), n in sizes.items() for _ in range(n)])
     weights = draw_weights(targets, subjects, "subject")
     assert weights is not None and weights.sum() == pytest.approx(1.0)
-    draws = np.concatenate([epoch_rows(len(targets), World(), seed, weights) for seed in range(20)])
+    draws = np.concatenate([epoch_rows(targets, World(), seed, weights) for seed in range(20)])
     share = Counter(subjects[draws])
     total = len(draws)
     for person in ("a", "b", "c"):
@@ -108,12 +108,32 @@ def test_subject_sampling_gives_each_person_of_a_class_an_equal_share() -> None:
 
 
 def test_weighted_draws_are_dealt_out_disjointly_to_the_ranks() -> None:
-    weights = draw_weights(np.array([0, 1] * 20), np.array(["H", "A"] * 20), "class")
-    shares = [epoch_rows(40, World(rank, 3), seed=4, weights=weights) for rank in range(3)]
+    targets = np.array([0, 1] * 20)
+    weights = draw_weights(targets, np.array(["H", "A"] * 20), "class")
+    shares = [epoch_rows(targets, World(rank, 3), seed=4, weights=weights) for rank in range(3)]
     assert sum(map(len, shares)) == 40 and max(map(len, shares)) - min(map(len, shares)) <= 1
-    together = epoch_rows(40, World(), seed=4, weights=weights)
+    together = epoch_rows(targets, World(), seed=4, weights=weights)
     for rank, share in enumerate(shares):  # the one draw of the epoch, dealt out in turn
         assert np.array_equal(share, together[rank::3])
+
+
+def test_an_online_epoch_draws_m_of_each_class_every_original_in_turn() -> None:
+    """Online augmentation: an epoch as long as the offline store's, M a class, no original twice
+    before every one of its class once (a class larger than M gives a fresh M of its cells)."""
+    targets = np.array([1] * 7 + [0] * 3 + [1] * 13)  # 20 ALL, 3 Hem
+    for seed in range(5):
+        rows = epoch_rows(targets, World(), seed, per_class=10)
+        counts = Counter(rows.tolist())
+        assert (targets[rows] == 1).sum() == 10 and (targets[rows] == 0).sum() == 10
+        assert len({r for r in rows if targets[r] == 1}) == 10  # ten different ALL cells of twenty
+        assert sorted(counts[r] for r in (7, 8, 9)) == [3, 3, 4]  # each Hem cell thrice, one a fourth time
+    shares = [epoch_rows(targets, World(rank, 2), seed=3, per_class=10) for rank in range(2)]
+    assert np.array_equal(
+        np.concatenate([shares[0][:, None], shares[1][:, None]], axis=1).ravel(),
+        epoch_rows(targets, World(), seed=3, per_class=10),
+    )
+    weights = draw_weights(targets, None, "class")
+    assert len(epoch_rows(targets, World(), 0, weights, per_class=10)) == 20
 
 
 def test_per_layer_learning_rates_reach_the_optimiser(tiny_store: Path, tmp_path: Path) -> None:

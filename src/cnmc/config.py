@@ -58,7 +58,9 @@ class AugmentConfig(_Section):
 
     image_size: int = Field(96, ge=16, description="side of the stored square images (paper: 224)")
     per_class: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="M: training images per class after balancing (auto: the largest class; paper: 10000)"
+        "auto",
+        description="M: training images per class after balancing, drawn afresh each epoch when online "
+        "(auto: the largest class; paper: 10000)",
     )
     strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
     online: bool = Field(

@@ -15,6 +15,7 @@ import torch
 
 from cnmc.config import Params
 from cnmc.curves import training_curves_png
+from cnmc.data.sampling import online_per_class
 from cnmc.data.transforms import paper_transform
 from cnmc.distributed import ONE_PROCESS, World
 from cnmc.errors import CnmcError
@@ -58,6 +59,7 @@ def fit_and_log(
         fingerprint,
         params.split.min_images_per_class,
         train_transform=online_transform(params, stores["train"].image_size),
+        per_class=online_per_class(params.augment, stores["train"].index),
         progress=progress,
         world=world,
     )

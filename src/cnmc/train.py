@@ -125,6 +125,7 @@ class Trainer:
         fingerprint: str,
         min_val_per_class: int,
         train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        per_class: int | None = None,
         progress: bool = True,
         world: World = ONE_PROCESS,
     ):
@@ -157,6 +158,7 @@ class Trainer:
         self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
         subjects = train.index["subject"].to_numpy() if "subject" in train.index.columns else None
         self.draw_weights = draw_weights(train.targets, subjects, cfg.sampling)
+        self.per_class = per_class  # online augmentation: an epoch draws this many of each class
         self.optimizer = torch.optim.Adam(
             parameter_groups(self.model, cfg.lr, cfg.lr_stem_factor, cfg.lr_head_factor), lr=cfg.lr
         )
@@ -196,7 +198,7 @@ class Trainer:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         epoch_seed = self.seed * 1000 + epoch
-        share = epoch_rows(len(self.train_ds), self.world, epoch_seed, self.draw_weights)
+        share = epoch_rows(self.train_ds.store.targets, self.world, epoch_seed, self.draw_weights, self.per_class)
         loader = batch_loader(self.train_ds, batch_size=self.rank_batch, rows=share, **self.loader_kwargs)
         levers = torch.Generator().manual_seed(epoch_seed * 100 + self.world.rank)
         total, count = 0.0, 0

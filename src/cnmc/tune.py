@@ -43,6 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnmc.atomic import atomic_write_text
 from cnmc.config import Params, journal_path
+from cnmc.data.sampling import online_per_class
 from cnmc.data.store import ImageStore
 from cnmc.data.transforms import paper_transform
 from cnmc.errors import CnmcError
@@ -355,6 +356,7 @@ class _Objective:
                 fingerprint=f"tune-{trial.number}",
                 min_val_per_class=params.split.min_images_per_class,
                 train_transform=paper_transform(self.train.image_size, strength),
+                per_class=online_per_class(params.augment, self.train.index),
                 progress=self.progress,
             )
             fit = trainer.fit(on_epoch=on_epoch)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from cnmc.config import AugmentConfig
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.manifest import MANIFEST_COLUMNS
+from cnmc.data.sampling import resolve_per_class
 from cnmc.data.store import IMAGES_FILE, INDEX_FILE, LABELS, TARGETS
 from cnmc.data.transforms import paper_transform, resize_transform
 from cnmc.errors import CnmcError
@@ -169,11 +170,6 @@ def _plan_plain(name: str, csv: Path, df: pd.DataFrame) -> _SplitPlan:
     sources = [(int(r), p, f"{csv} line {r + 2}") for r, p in zip(rows, df["path"], strict=True)]
     counts = {label: {"original": int((df["label"] == label).sum()), "augmented": 0, "dropped": 0} for label in LABELS}
     return _SplitPlan(name, csv, index, sources, [], counts)
-
-
-def resolve_per_class(df: pd.DataFrame, per_class: int | str) -> int:
-    """M for a training split: ``auto`` is the largest class, so that every original is kept."""
-    return int(df["label"].value_counts().max()) if per_class == "auto" else int(per_class)
 
 
 def _plan_train(csv: Path, df: pd.DataFrame, per_class: int, seed: int, online: bool = False) -> _SplitPlan:

@@ -8,6 +8,10 @@ spends most of an epoch on the two or three largest people, and a model learns t
 - ``class``: as many draws as rows, with replacement, each class half of the mass;
 - ``subject``: the same, and within a class every subject an equal share of its half.
 
+With online augmentation (``augment.online``) the store holds the originals only, and an epoch is
+as long as the offline store would be: M draws a class (``per_class``), each of a class's originals
+visited in turn before any twice, so a small set is not trained on a handful of draws an epoch.
+
 The draws are dealt out in turn to the torchrun ranks, so the ranks' shares are disjoint.
 """
 
@@ -19,9 +23,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cnmc.config import AugmentConfig
 from cnmc.distributed import World
 
 Sampling = Literal["shuffle", "class", "subject"]
+
+
+def resolve_per_class(df: pd.DataFrame, per_class: int | str) -> int:
+    """M for a training split: ``auto`` is the largest class, so that every original is kept."""
+    return int(df["label"].value_counts().max()) if per_class == "auto" else int(per_class)
+
+
+def online_per_class(cfg: AugmentConfig, train_index: pd.DataFrame) -> int | None:
+    """Draws of each class in an online epoch: M, as many images as the offline store would hold
+    (None where ``augment.online`` is off: the store holds them, and an epoch visits each once)."""
+    return resolve_per_class(train_index, cfg.per_class) if cfg.online else None
 
 
 def draw_weights(targets: np.ndarray, subjects: np.ndarray | None, sampling: Sampling) -> np.ndarray | None:
@@ -39,14 +55,36 @@ def draw_weights(targets: np.ndarray, subjects: np.ndarray | None, sampling: Sam
     return 1.0 / (classes * subjects_in_class * subject_size)
 
 
-def epoch_rows(n: int, world: World, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """This rank's rows of one epoch of ``n`` rows: a seeded permutation of all of them, or with
-    ``weights`` (:func:`draw_weights`) ``n`` seeded draws with replacement, dealt out in turn to the
-    ranks: disjoint shares that cover the epoch and differ in size by at most one (uneven shares are
-    joined by :class:`torch.distributed.algorithms.Join`)."""
+def epoch_rows(
+    targets: np.ndarray,
+    world: World,
+    seed: int,
+    weights: np.ndarray | None = None,
+    per_class: int | None = None,
+) -> np.ndarray:
+    """This rank's rows of one epoch over rows of class ``targets``, dealt out in turn to the ranks:
+    disjoint shares that cover the epoch and differ in size by at most one (uneven shares are joined
+    by :class:`torch.distributed.algorithms.Join`).
+
+    The epoch is a seeded permutation of every row; with ``per_class``, ``per_class`` rows of each
+    class (its rows in turn, each pass freshly shuffled, then the whole epoch shuffled); with
+    ``weights`` (:func:`draw_weights`), as many seeded draws with replacement as either of those.
+    """
     generator = torch.Generator().manual_seed(seed)
-    if weights is None:
-        order = torch.randperm(n, generator=generator)
+    classes = np.unique(targets)
+    length = len(targets) if per_class is None else per_class * len(classes)
+    if weights is not None:
+        order = torch.multinomial(torch.from_numpy(weights), length, replacement=True, generator=generator).numpy()
+    elif per_class is None:
+        order = torch.randperm(length, generator=generator).numpy()
     else:
-        order = torch.multinomial(torch.from_numpy(weights), n, replacement=True, generator=generator)
-    return order.numpy()[world.rank :: world.size]
+        turns = [_in_turn(np.flatnonzero(targets == label), per_class, generator) for label in classes]
+        epoch = np.concatenate(turns) if turns else np.zeros(0, dtype=np.int64)
+        order = epoch[torch.randperm(len(epoch), generator=generator).numpy()]
+    return order[world.rank :: world.size]
+
+
+def _in_turn(rows: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """``count`` of ``rows``: passes over all of them, each in a fresh random order, cut at ``count``."""
+    passes = -(-count // len(rows))
+    return np.concatenate([rows[torch.randperm(len(rows), generator=generator).numpy()] for _ in range(passes)])[:count]
