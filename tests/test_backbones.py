@@ -140,10 +140,29 @@ def test_hub_cache_is_used_offline(offline_empty_hub):
 
 def test_offline_without_weights_fails_fast():
     start = time.monotonic()
-    with pytest.raises(CnmcError, match="weights_path") as error:
+    with pytest.raises(CnmcError, match=r"train\.weights_dir.*--weights-path") as error:
         create_backbone("resnet50", pretrained=True)
     assert time.monotonic() - start < 5
     assert "\n" not in str(error.value)
+
+
+def test_a_hub_that_does_not_answer_fails_fast_and_the_pipeline_says_which_backbones(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, but no network: one short probe, not a minute of the hub client's retries."""
+    from huggingface_hub import constants as hf_constants
+
+    from cnmc.models import backbones
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "https://hub.invalid")
+    with pytest.raises(CnmcError, match="hub.invalid does not answer"):
+        create_backbone("resnet50", pretrained=True)
+    (tmp_path / "efficientnet_b0.safetensors").write_bytes(b"")
+    problems = backbones.missing_weights(
+        ["tf_efficientnet_lite0", "efficientnet_b0", "resnet50", "test_resnet"], True, str(tmp_path)
+    )
+    assert len(problems) == 1 and problems[0].startswith("no pretrained weights for resnet50")
+    assert backbones.missing_weights(["resnet50"], False, "") == []
 
 
 def test_missing_weights_file(tmp_path):

@@ -19,8 +19,15 @@ def test_committed_params_is_the_demo_profile() -> None:
     assert load_params(ROOT / "params.yaml") == Params()
 
 
-def test_paper_profile_has_the_papers_values(tmp_path: Path) -> None:
+def test_paper_profile_has_the_papers_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "paper", "-o", str(tmp_path / "params.yaml")]) == 0
+    # Offline (the tests' HF_HUB_OFFLINE) the hub backbones' needs are said now, not after the augment stage.
+    said = capsys.readouterr().out
+    for backbone in ("resnet50", "resnet101", "efficientnet_b0", "efficientnet_b1", "efficientnet_b3"):
+        assert f"before `dvc repro`: no pretrained weights for {backbone}:" in said
+    args = ["--splits-dir", str(tmp_path / "splits"), "--out-dir", str(tmp_path / "images")]
+    assert main(["augment", "--params", str(tmp_path / "params.yaml"), *args]) == 2
+    assert "5 backbone(s) of train.backbones lack weights" in capsys.readouterr().err
     paper = load_params(tmp_path / "params.yaml")
     assert paper.split.protocol == "paper"
     assert paper.split.test_fraction == 0.1

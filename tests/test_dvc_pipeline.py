@@ -78,9 +78,12 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(project: Path) -> No
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
     assert sorted(r.data.tags["backbone"] for r in runs) == ["test_efficientnet", "test_resnet"]
-    champion = json.loads((project / "registry/champion.json").read_text())
+    champion = json.loads((project / "registry/promotion.json").read_text())
     assert champion["version"] == "1" and champion["promoted"] is True
     assert client.get_model_version_by_alias("cnmc-classifier", "champion").run_id == champion["run_id"]
+    assert {r.data.tags["cnmc.kind"] for r in runs} == {"pipeline"}
+    headline = json.loads((project / "outputs/headline/test_resnet.json").read_text())
+    assert set(headline) == {"test", "val", "threshold", "temperature", "best_epoch", "tta"}
     second = run([str(BIN / "dvc"), "repro"], project)
     assert "didn't change, skipping" in second or "up to date" in second
     assert "Running stage" not in second
@@ -92,6 +95,32 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(project: Path) -> No
     out = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage 'augment'" in out and "Running stage 'train@test_resnet'" in out
     assert "Running stage 'split'" not in out and "Running stage 'manifest'" not in out
+
+
+def test_a_dvc_experiment_is_not_a_release_and_dvc_exp_show_lists_it(project: Path) -> None:
+    dvc = str(BIN / "dvc")
+    run([dvc, "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    released = client.get_model_version_by_alias("cnmc-classifier", "champion")
+
+    out = run([dvc, "exp", "run", "-n", "lr-up", "-S", "train.lr=0.003"], project)
+    assert "Running stage 'train@test_resnet'" in out
+    assert client.get_model_version_by_alias("cnmc-classifier", "champion").version == released.version
+    experiment = client.get_experiment_by_name("cnmc-subject").experiment_id
+    trained = client.search_runs([experiment], "tags.`dvc.experiment` = 'lr-up'")
+    assert len(trained) == 2 and {r.data.tags["cnmc.kind"] for r in trained} == {"experiment"}
+    assert {r.info.run_name.rsplit("-", 1)[0] for r in trained} == {"test_resnet-lr-up", "test_efficientnet-lr-up"}
+    promotion = json.loads((project / "registry/promotion.json").read_text())
+    assert promotion["released"] is False and promotion["champion_version"] == str(released.version)
+    challenger = client.get_model_version_by_alias("cnmc-classifier", "challenger")
+    assert str(challenger.version) == promotion["version"]  # the best run of all: the experiment's or not
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=project, env=env, capture_output=True, text=True).stdout
+    json.loads(shown)
+    assert "lr-up" in shown and "outputs/headline/test_resnet.json" in shown and '"roc_auc"' in shown
 
 
 def test_dvc_push_pull_round_trip_with_a_local_remote(project: Path, tmp_path: Path) -> None:

@@ -338,8 +338,6 @@ def test_mlflow_run_trains_end_to_end(tmp_path: Path, tiny_data: Path, mlflow_db
             ".",
             "--env-manager",
             "local",
-            "--experiment-name",
-            "cnmc-e2e",
             "-P",
             "backbone=test_resnet",
             "-P",
@@ -353,17 +351,21 @@ def test_mlflow_run_trains_end_to_end(tmp_path: Path, tiny_data: Path, mlflow_db
     )
     assert proc.returncode == 0, f"mlflow run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
+    # The run lands where `cnmc train` logs and promotion looks, not in MLflow's Default; the
+    # launcher's own run there points to it. Its files go to the ad hoc folder, not DVC's outs.
     client = MlflowClient(tracking_uri=mlflow_db)
-    experiment = client.get_experiment_by_name("cnmc-e2e")
+    experiment = client.get_experiment_by_name("cnmc-subject")
     assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["backbone"] == "test_resnet"
     assert run.data.params["train.epochs"] == "1"
+    assert run.data.tags["cnmc.kind"] == "mlflow-run" and run.info.run_name.startswith("test_resnet-mlflow-run-")
     assert "test_f1_all" in run.data.metrics
-    assert list(project.glob("outputs/**/metrics/test_resnet.json"))
+    (launcher,) = client.search_runs(["0"])
+    assert launcher.data.tags["cnmc.logged_to"] == f"cnmc-subject: run {run.info.run_id}"
+    assert (project / "outputs/runs/metrics/test_resnet.json").is_file()
+    assert not (project / "outputs/models").exists() and not (project / "outputs/metrics").exists()
 
 
 def test_interrupted_run_is_killed_then_resumed_into_the_same_run(

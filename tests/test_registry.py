@@ -1,5 +1,5 @@
 """Promotion to the registered ``champion``: which run is picked, when the alias moves, the
-version's tags and model card, ``champion.json``; on a temporary SQLite MLflow store.
+version's tags and model card, ``promotion.json``; on a temporary SQLite MLflow store.
 
 Most runs here are made with the client alone (tags, metrics, a metrics document and an empty
 logged model): promotion reads nothing else. One test promotes a real ``train_and_log`` run and
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ from cnmc.errors import CnmcError
 from cnmc.model_card import load_metrics_document
 from cnmc.registry import promote, write_promotion
 
-CFG = PromoteConfig(rank_on="test", metric="f1_all")  # most tests rank on test metrics: fewer to fake
+# Most tests rank on test metrics: fewer to fake.
+CFG = PromoteConfig(rank_on="test", metric="f1_all", tie_breaker="roc_auc")
 NAME = CFG.model_name
 DATA = "d" * 32
 OTHER_DATA = "e" * 32
@@ -61,7 +64,7 @@ def fake_run(
         "threshold": 0.4,
     }
     if val_f1_macro is not None:  # the selected model on validation, as train_and_log logs it
-        metrics |= {"final_val_f1_macro": val_f1_macro, "final_val_roc_auc": 0.9}
+        metrics |= {"final_val_f1_macro": val_f1_macro, "final_val_roc_auc": val_f1_macro + 0.05}
     client.log_batch(run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
     client.log_dict(run_id, document or metrics_document(f1), "fake.json")
     if model:
@@ -132,12 +135,25 @@ def test_by_default_validation_chooses_and_test_only_reports(client: MlflowClien
     best_on_test = fake_run(client, f1=0.95, val_f1_macro=0.70)
     best_on_val = fake_run(client, f1=0.80, val_f1_macro=0.85)
     result = promote(PromoteConfig(), "subject", DATA, client)
-    assert (result.run_id, result.rank_on, result.metric, result.value) == (best_on_val, "val", "f1_macro", 0.85)
-    assert best_on_test != result.run_id and "val f1_macro 0.8500" in result.reason
-    assert "Selected by: validation f1_macro at the reported threshold = 0.850" in result.model_card
+    assert (result.run_id, result.rank_on, result.metric, result.value) == (best_on_val, "val", "roc_auc", 0.9)
+    assert best_on_test != result.run_id and "val roc_auc 0.9000" in result.reason
+    assert "Selected by: validation roc_auc = 0.900" in result.model_card
     assert "the test metrics below played no part in the choice" in result.model_card
     tags = client.get_model_version(NAME, result.version).tags
     assert float(tags["final_val_f1_macro"]) == 0.85 and float(tags["test_f1_all"]) == 0.80
+
+
+def test_without_a_release_only_the_challenger_moves(client: MlflowClient) -> None:
+    """What `dvc exp run` does: the best run becomes the challenger; the champion stays."""
+    first = fake_run(client, f1=0.70)
+    assert promote(CFG, "subject", DATA, client).promoted and champion(client) == "1"
+    better = fake_run(client, f1=0.90)
+    result = promote(CFG, "subject", DATA, client, release=False)
+    assert (result.run_id, result.version, result.promoted, result.released) == (better, "2", False, False)
+    assert champion(client) == "1" and result.champion_version == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+    assert "not a release, 'champion' untouched" in result.reason
+    assert "not a release" in result.model_card and first != better
 
 
 def test_ties_go_to_the_tie_breaker_then_the_newest_run(client: MlflowClient) -> None:
@@ -194,8 +210,8 @@ def test_no_candidate_is_a_one_line_error(client: MlflowClient) -> None:
         assert part in message
 
 
-# -- tags, card, champion.json ------------------------------------------------------------------------
-def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Path) -> None:
+# -- tags, card, promotion.json ------------------------------------------------------------------------
+def test_version_tags_card_and_promotion_json(client: MlflowClient, tmp_path: Path) -> None:
     run_id = fake_run(client, f1=0.9, document=metrics_document(0.9))
     result = promote(CFG, "subject", DATA, client)
     version = client.get_model_version(NAME, result.version)
@@ -230,8 +246,14 @@ def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Pat
     assert "scanner" in card and "domain shift" in card
     assert "Small test set (40 cells)" in card and "Demo data" not in card  # not the demo's hash
 
-    path = write_promotion(result, tmp_path / "registry")
-    assert path == tmp_path / "registry" / "champion.json"
+    old_mask = os.umask(0o022)
+    try:
+        path = write_promotion(result, tmp_path / "registry")
+    finally:
+        os.umask(old_mask)
+    assert path == tmp_path / "registry" / "promotion.json"
+    for written in (path, path.with_name("model_card.md")):  # a teammate can read them
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644
     assert json.loads(path.read_text()) == {
         "name": NAME,
         "version": "1",
@@ -241,6 +263,8 @@ def test_version_tags_card_and_champion_json(client: MlflowClient, tmp_path: Pat
         "data_hash": DATA,
         "protocol": "subject",
         "backbone": "fake",
+        "candidate_alias": "challenger",
+        "released": True,
         "promoted": True,
         "reason": result.reason,
         "alias": "champion",

@@ -84,8 +84,9 @@ def test_study_is_tracked_and_writes_tuned_params(tiny_store, mlflow_db, tmp_pat
 
     client = MlflowClient()
     parent = client.get_run(summary.parent_run_id)
-    assert parent.info.run_name == f"tune-{STUDY}-test_resnet"
-    assert client.get_experiment(parent.info.experiment_id).name == "cnmc-subject"
+    assert parent.info.run_name == f"tune-{STUDY}-test_resnet-ad-hoc"
+    assert client.get_experiment(parent.info.experiment_id).name == "cnmc-subject-tuning"
+    assert parent.data.tags["cnmc.kind"] == "ad-hoc"
     metrics = parent.data.metrics
     assert metrics["best_lr"] == pytest.approx(summary.best_lr)
     assert metrics["best_strength"] == pytest.approx(summary.best_strength)
@@ -203,7 +204,7 @@ def test_two_concurrent_workers_share_one_journal(tiny_store, mlflow_db, tmp_pat
     for i in range(2):
         assert set(yaml.safe_load((tmp_path / f"tuned-{i}.yaml").read_text())) == {"train", "augment"}
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("cnmc-subject-tuning").experiment_id])
     parents = [r.info for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2 and len(runs) == 2 + 2 * per_worker  # a nested run per trial
     assert max(p.start_time for p in parents) < min(p.end_time for p in parents)  # the workers overlapped

@@ -27,10 +27,19 @@ def atomic_write_png(fig: Figure, path: Path | str) -> Path:
     return path
 
 
+def plain_mode(path: Path | str) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (0644/0755 under umask 022), not the
+    private 0600/0700 of a temporary file or folder, so that a teammate can read the output."""
+    mask = os.umask(0o022)  # read by setting it, then set straight back
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a unique temporary sibling, then rename it over ``path``.
 
-    A reader (or DVC) sees the old file or the new one, never half of one.
+    A reader (or DVC) sees the old file or the new one, never half of one. The file gets the mode a
+    plain ``open`` would give (0644 under umask 022), not the temporary file's private 0600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
@@ -38,6 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     ) as tmp:
         tmp.write(text)
     try:
+        plain_mode(tmp.name)
         os.replace(tmp.name, path)
     except OSError:
         os.unlink(tmp.name)

@@ -69,10 +69,23 @@ def _model_uri(args: argparse.Namespace) -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
+    from cnmc.models.backbones import missing_weights
+
     params = profile_params(args.name)
     out = Path(args.output)
     out.write_text(render_params(params, args.name))
     print(f"wrote profile '{args.name}' to {out}")
+    for problem in missing_weights(params.train.backbones, params.train.pretrained, params.train.weights_dir):
+        print(f"  before `dvc repro`: {problem}")
+
+
+def _check_weights(params: Params) -> None:
+    """Stop before any data work when a backbone of the pipeline cannot get its pretrained weights."""
+    from cnmc.models.backbones import missing_weights
+
+    train = params.train
+    if problems := missing_weights(train.backbones, train.pretrained, train.weights_dir):
+        raise CnmcError(f"{len(problems)} backbone(s) of train.backbones lack weights; " + "; ".join(problems))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -94,6 +107,7 @@ def cmd_split(args: argparse.Namespace) -> None:
     from cnmc.data.split import split_manifest, write_splits
 
     params = _params(args)
+    _check_weights(params)
     splits = split_manifest(read_manifest(Path(args.manifest)), params.split, seed=params.seed)
     write_splits(splits, Path(args.out_dir), Path(args.report))
     print(splits.summary_line())
@@ -103,6 +117,7 @@ def cmd_augment(args: argparse.Namespace) -> None:
     from cnmc.data.augment import prepare_dataset
 
     params = _params(args)
+    _check_weights(params)
     summary = prepare_dataset(
         Path(args.splits_dir),
         Path(args.out_dir),
@@ -117,7 +132,7 @@ def cmd_augment(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from cnmc.distributed import process_group
     from cnmc.fit_run import fit_and_log
-    from cnmc.runs import RunPaths
+    from cnmc.runs import RunPaths, default_root
     from cnmc.train import uses_cuda
 
     params = _params(args)
@@ -125,10 +140,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     with process_group(uses_cuda(params.train)) as world:
         if not world.is_main:
             world.barrier()
-        root = _training_root(args, params)
+        store_root = _store_root(args, params)
         if world.is_main:
             world.barrier()
-        paths = RunPaths(root, args.backbone)
+        root = Path(args.work_dir) if args.data else Path(args.run_dir or default_root())
+        paths = RunPaths(root, args.backbone, store_root)
         fit = fit_and_log(
             params,
             args.backbone,
@@ -143,16 +159,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.evaluate:
         print(
             f"{fit.backbone}: trained {fit.epochs_run} epochs, kept epoch {fit.best_epoch} "
-            f"({fit.epoch_selection}); MLflow run {fit.run_id}; evaluate with `cnmc evaluate --backbone "
-            f"{fit.backbone}" + ("" if root == Path("outputs") else f" --root {root}") + "`"
+            f"({fit.epoch_selection}) in {paths.model_dir}; MLflow run {fit.run_id}; evaluate with "
+            f"`cnmc evaluate --backbone {fit.backbone}" + ("" if root == default_root() else f" --root {root}") + "`"
         )
         return
     _evaluate(params, paths, args.metrics_out)
 
 
-def _training_root(args: argparse.Namespace, params: Params) -> Path:
-    """The pipeline folder to train from: ``--data``'s work folder, the DVC outputs when they match
-    the settings, else a matching store prepared beside them."""
+def _store_root(args: argparse.Namespace, params: Params) -> Path:
+    """The folder whose ``images/`` store to train on: ``--data``'s work folder, the DVC outputs when
+    they match the settings, else a matching store prepared beside them."""
     from cnmc.prepare import prepare_work_dir, store_matches
 
     if args.data:
@@ -168,9 +184,9 @@ def _training_root(args: argparse.Namespace, params: Params) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cnmc.runs import RunPaths
+    from cnmc.runs import RunPaths, default_root
 
-    _evaluate(_params(args), RunPaths(Path(args.root), args.backbone), args.metrics_out)
+    _evaluate(_params(args), RunPaths(Path(args.root or default_root()), args.backbone), args.metrics_out)
 
 
 def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
@@ -197,9 +213,11 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from cnmc.registry import promote_and_write
+    from cnmc.registry import pipeline_may_release, promote_and_write
 
-    result = promote_and_write(_params(args), Path(args.out_dir))
+    params = _params(args)
+    release = pipeline_may_release(params.promote) if args.from_pipeline else True
+    result = promote_and_write(params, Path(args.out_dir), release=release)
     print(f"{result.name} v{result.version} ({result.backbone}, {result.metric} {result.value:.4f}): {result.reason}")
 
 
@@ -246,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnmc",
         description="C-NMC 2019 leukemia cell classification pipeline (ALL vs Hem). "
-        "Stages: demo-data -> manifest -> split -> augment. `dvc repro` runs them in order.",
+        "`dvc repro` runs the stages in order: manifest -> split -> augment -> train -> evaluate (per backbone) "
+        "-> report -> promote; each is also a command below.",
     )
     parser.add_argument("--version", action="version", version=f"cnmc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -356,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="train on this data folder directly (any supported layout), not the DVC outputs")
     p.add_argument("--test-data", help="with --data: a separate labelled test folder")
     p.add_argument("--work-dir", default="outputs/direct", help="with --data: working folder (default: %(default)s)")
+    p.add_argument(
+        "--run-dir",
+        help="where the model, metrics and plots go (default: outputs when DVC runs the stage, else "
+        "outputs/runs, outside DVC's outs)",
+    )
     p.add_argument("--metrics-out", help="also write the test metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -367,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_params(p)
     p.add_argument("--backbone", required=True, help="backbone whose <root>/models/<backbone> to evaluate")
-    p.add_argument("--root", default="outputs", help="pipeline folder (default: %(default)s)")
+    p.add_argument(
+        "--root",
+        help="folder of the trained model (default: outputs when DVC runs the stage, else outputs/runs, "
+        "where an ad hoc `cnmc train` writes)",
+    )
     p.add_argument("--metrics-out", help="also write the metrics JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -383,10 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "promote",
         cmd_promote,
-        "Register the best run (by promote.metric on validation) and move the 'champion' alias if it is better.",
+        "Register the best run (by promote.metric on validation) as 'challenger', and release it: move "
+        "'champion' to it if it is better.",
     )
     add_params(p)
-    p.add_argument("--out-dir", default="registry", help="champion.json and model_card.md (default: %(default)s)")
+    p.add_argument(
+        "--out-dir",
+        default="registry/release",
+        help="promotion.json and model_card.md (default: %(default)s; the DVC stage writes registry/)",
+    )
+    p.add_argument(
+        "--from-pipeline",
+        action="store_true",
+        help="the DVC stage: release only where promote.pipeline_releases allows, never in `dvc exp run`",
+    )
 
     p = add(
         "predict",

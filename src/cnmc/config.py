@@ -123,12 +123,16 @@ class PromoteConfig(_Section):
     """Which run becomes the registered ``champion`` (``cnmc promote``)."""
 
     model_name: str = Field("cnmc-classifier", description="registered model name")
-    alias: str = Field("champion", description="alias moved to the best version")
+    alias: str = Field("champion", description="the released model: what serve, predict and explain use")
+    candidate_alias: str = Field("challenger", description="alias every promotion moves to the best run")
+    pipeline_releases: bool = Field(
+        True, description="the promote stage may move the released alias (never inside `dvc exp run`)"
+    )
     rank_on: Literal["val", "test"] = Field(
         "val", description="split whose metrics rank the runs (val: test stays unseen by the choice)"
     )
-    metric: str = Field("f1_macro", description="metric to maximise (at the reported threshold)")
-    tie_breaker: str = Field("roc_auc", description="second metric for ties")
+    metric: str = Field("roc_auc", description="metric to maximise (roc_auc: fitted neither threshold nor T)")
+    tie_breaker: str = Field("f1_macro", description="second metric for ties")
 
     @field_validator("metric", "tie_breaker")
     @classmethod

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cnmc.atomic import atomic_write_png
 
@@ -26,10 +27,11 @@ def training_curves_png(history: Sequence[Mapping[str, float]], path: Path | str
     loss_ax.set(xlabel="Epoch", ylabel="Cross-entropy loss", title="Loss")
     score_ax.plot(table["epoch"], table["val_f1_macro"], "o-", ms=3, label="validation F1 (macro)")
     score_ax.plot(table["epoch"], table["val_roc_auc"], "o-", ms=3, label="validation ROC AUC")
-    score_ax.set(xlabel="Epoch", ylabel="Score", title="Validation scores")
+    score_ax.set(xlabel="Epoch", ylabel="Score", title="Validation scores", ylim=(0, 1.02))
     for ax in (loss_ax, score_ax):
         ax.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best epoch {int(best['epoch'])}")
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, also for a run of one
         ax.legend(fontsize=8)
     score_ax.plot(best["epoch"], best["val_f1_macro"], "*", ms=12, color="C3", zorder=3)
     score_ax.annotate(

@@ -65,7 +65,7 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
                 f"{spec_file.parent}: no evaluated {backbone} (run `cnmc train --backbone {backbone}` first)"
             )
     members = [load_member(weights_file, spec_file) for weights_file, spec_file in files]
-    stores = open_stores(paths[0])
+    stores = open_stores(paths[0].store)
     for (_, spec), backbone in zip(members, backbones, strict=True):
         if spec.image_size != stores["val"].image_size:
             raise CnmcError(f"{backbone} takes {spec.image_size} px images, the store in {root} holds other sizes")

@@ -12,6 +12,7 @@ metrics document (:class:`cnmc.metrics_document.MetricsDocument`).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import replace
@@ -23,6 +24,7 @@ import pandas as pd
 import torch
 
 from cnmc import plots
+from cnmc.atomic import atomic_write_text
 from cnmc.calibration import expected_calibration_error, nll
 from cnmc.config import Params
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
@@ -45,10 +47,11 @@ log = logging.getLogger(__name__)
 def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsDocument:
     """Evaluate ``outputs/models/<backbone>`` and log everything to the run that trained it."""
     fit, spec, model = _load_trained(paths, backbone)
-    stores = open_stores(paths)
+    stores = open_stores(Path(fit.store) if fit.store else paths.store)
     with start_run(params, backbone, fit.run_id):
         document = _evaluate(model, spec, stores, params, paths, fit)
         document.save(paths.metrics)
+        atomic_write_text(paths.headline, json.dumps(document.headline(), indent=2) + "\n")
         mlflow.log_metrics(document.mlflow_metrics())
         mlflow.set_tags(
             {

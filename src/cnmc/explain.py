@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from cnmc.errors import CnmcError
@@ -182,7 +184,17 @@ def gradcam_grid(
     if n == 0:
         fig.text(0.5, 0.5, "no test cells to show", ha="center", va="center")
     fig.tight_layout()
+    _colour_bar(fig)
     return _save_png(fig, path, {"panels": str(n), "Title": title})
+
+
+def _colour_bar(fig: Figure) -> None:
+    """The overlay's scale, once for the figure, in a strip at its right edge."""
+    fig.subplots_adjust(right=0.9)
+    strip = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[COLORMAP]), cax=strip)
+    bar.set_label("Grad-CAM (share of the cell's peak)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 def select_examples(
@@ -351,6 +363,7 @@ def _single_png(image: np.ndarray, heatmap: np.ndarray, path: Path, name: str, p
         f"{name}: {predicted}, p(ALL) {prob:.3f} (threshold {spec.threshold:.2f}, {spec.backbone})", fontsize=10
     )
     fig.tight_layout()
+    _colour_bar(fig)
     return _save_png(fig, path, {"prob_all": f"{prob:.6f}", "label": predicted.lower(), "Title": name})
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlflow
+import pandas as pd
 import torch
 
+from cnmc.atomic import atomic_write_text
 from cnmc.config import Params
 from cnmc.curves import training_curves_png
 from cnmc.data.sampling import online_per_class
@@ -21,8 +23,8 @@ from cnmc.distributed import ONE_PROCESS, World
 from cnmc.errors import CnmcError
 from cnmc.metrics_document import FitSummary
 from cnmc.model_spec import ModelSpec
-from cnmc.models.backbones import create_backbone
-from cnmc.runs import RunPaths, flat_params, mkdir, open_stores, start_run, store_hash, weights_in_dir
+from cnmc.models.backbones import create_backbone, weights_in_dir
+from cnmc.runs import RunPaths, flat_params, mkdir, open_stores, start_run, store_hash
 from cnmc.train import Trainer, config_fingerprint
 
 
@@ -40,7 +42,7 @@ def fit_and_log(
     Under torchrun every rank trains (:class:`cnmc.train.Trainer`); rank 0 alone logs the one MLflow
     run (with ``world_size``) and writes the outputs, and the other ranks return None.
     """
-    stores = open_stores(paths)
+    stores = open_stores(paths.store)
     weights_path = weights_path or weights_in_dir(params.train.weights_dir, backbone)
     # Seed before building: a random-init model (or the new head of a pretrained one) draws its
     # starting weights here, so the same seed, settings and data give the same run.
@@ -91,6 +93,7 @@ def fit_and_log(
                 f"interrupted: the last epoch's checkpoint is in {paths.checkpoint}; rerun with --resume to continue"
             ) from None
         curves = training_curves_png(fit.history, mkdir(paths.curves.parent) / paths.curves.name)
+        atomic_write_text(paths.history, pd.DataFrame(fit.history).to_csv(index=False, float_format="%.6g"))
         mlflow.log_artifact(str(curves), artifact_path="plots")
         model_dir = mkdir(paths.model_dir)
         torch.save(trainer.model.state_dict(), model_dir / "weights.pt")
@@ -107,6 +110,7 @@ def fit_and_log(
             stopped_early=fit.stopped_early,
             train_seconds=round(fit.seconds, 1),
             best_val_f1_macro=fit.best_val_f1_macro,
+            store=str(paths.store),
         )
         summary.save(paths.fit_file)
     return summary

@@ -82,6 +82,7 @@ class FitSummary(_Document):
     stopped_early: bool
     train_seconds: float
     best_val_f1_macro: float
+    store: str = ""  # the image store trained on, for evaluation to judge on the same one
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=2, by_alias=True) + "\n")
@@ -106,6 +107,20 @@ class MetricsDocument(FitSummary):
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.model_dump(by_alias=True), indent=2) + "\n")
+
+    def headline(self) -> dict[str, Any]:
+        """A dozen numbers for ``dvc exp show`` / ``dvc metrics diff``: the reported test answer, the
+        selected model on validation, and the choices the answer rests on."""
+        test, val = self.reported.at_tuned, self.validation.at_threshold
+        test_keys = ("roc_auc", "f1_macro", "balanced_accuracy", "f1_all", "recall_all", "specificity")
+        return {
+            "test": {k: test.get(k) for k in (*test_keys, "mean_subject_accuracy")},
+            "val": {k: val.get(k) for k in ("roc_auc", "f1_macro")},
+            "threshold": self.threshold,
+            "temperature": self.calibration.temperature,
+            "best_epoch": self.best_epoch,
+            "tta": int(self.tta),
+        }
 
     def mlflow_metrics(self) -> dict[str, float]:
         """The run's evaluation metrics by MLflow key: the reported test answer at the reported

@@ -82,14 +82,16 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         "probability that a cell is a leukemic blast (ALL) rather than a normal B-lymphocyte (Hem).",
         "",
         "## Model",
-        f"- Registered model: `{result.name}`, version {result.version} (`models:/{result.name}/{result.version}`)",
+        f"- Registered model: `{result.name}`, version {result.version} (`models:/{result.name}/{result.version}`); "
+        + _aliases(result),
         f"- Backbone: `{result.backbone}` ({_pretrained(params)}), fine-tuned end to end",
         f"- MLflow run: `{result.run_id}` ({tags.get('mlflow.runName', 'unnamed')}, started "
         f"{started:%Y-%m-%d %H:%M} UTC)",
         f"- Git commit: `{tags.get('git_commit', 'unknown')}`",
         f"- Training: {_training(params)}",
-        f"- Selected by: {_SPLIT_NAMES.get(result.rank_on, result.rank_on)} {result.metric} at the reported "
-        f"threshold = {_fmt(result.value)}"
+        f"- Selected by: {_SPLIT_NAMES.get(result.rank_on, result.rank_on)} {result.metric}"
+        + ("" if result.metric == "roc_auc" else " at the reported threshold")
+        + f" = {_fmt(result.value)}"
         + (
             " (the test metrics below played no part in the choice)"
             if result.rank_on == "val"
@@ -226,6 +228,13 @@ def _count(n: Any, noun: str) -> str:
     if not isinstance(n, (int, float)) or (isinstance(n, float) and math.isnan(n)):
         return f"unknown number of {noun}s"
     return f"{int(n)} {noun}{'' if int(n) == 1 else 's'}"
+
+
+def _aliases(result: PromotionResult) -> str:
+    """Which aliases the version holds after the promotion, and whether it was a release."""
+    held = [f"`{result.candidate_alias}`"] + ([f"`{result.alias}`"] if result.promoted else [])
+    release = "" if result.released else f" (not a release: `{result.alias}` was left alone)"
+    return f"aliases {', '.join(held)}{release}"
 
 
 def _pretrained(params: dict[str, str]) -> str:

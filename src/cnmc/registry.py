@@ -1,7 +1,10 @@
 """Promotion: register the best tracked run of the current data and protocol as a version of
-the registered model, and move the ``champion`` alias to it when it beats the current champion.
+the registered model, point the ``challenger`` alias at it, and, in a release, move the
+``champion`` alias to it when it beats the current champion.
 
-Used by ``cnmc promote`` (the DVC ``promote`` stage and the MLproject entry point). Only
+A release is deliberate: ``cnmc promote`` releases; the DVC ``promote`` stage (``--from-pipeline``)
+releases only where ``promote.pipeline_releases`` allows it and never inside ``dvc exp run`` (DVC
+names the experiment in ``DVC_EXP_NAME``), so an experiment only ever moves ``challenger``. Only
 comparable runs compete: same split protocol, same data hash (``data.dvc``), tracked in the
 protocol's experiment ``cnmc-<protocol>``, finished, with the ranking metric and a logged model.
 Runs are ranked on validation by default (``promote.rank_on``), so that the champion's test
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,16 +46,17 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the name the training run logs its pyfunc under
 CARD_FILE = "model_card.md"
-RESULT_FILE = "champion.json"
+RESULT_FILE = "promotion.json"
 _NOT_FOUND = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
 _EXISTS = {ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)}
 
 
 @dataclass(frozen=True)
 class PromotionResult:
-    """The version registered for the best run of this data and protocol, and what happened to
-    the alias. ``promoted``: this version holds the alias after the call (newly, or already);
-    ``champion_version``: the version the alias points at after the call."""
+    """The version registered for the best run of this data and protocol (``candidate_alias`` points
+    at it), and what happened to the released alias. ``released``: the call could move ``alias``;
+    ``promoted``: this version holds ``alias`` after the call (newly, or already);
+    ``champion_version``: the version ``alias`` points at after the call."""
 
     name: str
     version: str
@@ -65,11 +70,13 @@ class PromotionResult:
     reason: str
     alias: str = "champion"
     champion_version: str = ""
+    candidate_alias: str = "challenger"
+    released: bool = True
     rank_on: str = "val"  # the split whose ``metric`` chose the version
     model_card: str = field(default="", repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        """What ``champion.json`` holds (everything but the card's text)."""
+        """What ``promotion.json`` holds (everything but the card's text)."""
         out = asdict(self)
         out.pop("model_card")
         return out
@@ -87,17 +94,29 @@ class _Candidate:
         return (self.value, self.tie, self.run.info.start_time or 0)
 
 
-def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowClient | None = None) -> PromotionResult:
-    """Register the best run of ``protocol`` on ``data_hash`` and move ``cfg.alias`` to it if it
-    beats the current holder on the same data; attach the model card. Writes no local files
-    (see :func:`write_promotion`)."""
+def promote(
+    cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowClient | None = None, release: bool = True
+) -> PromotionResult:
+    """Register the best run of ``protocol`` on ``data_hash``, point ``cfg.candidate_alias`` at it,
+    and with ``release`` move ``cfg.alias`` to it if it beats the current holder on the same data;
+    attach the model card. Writes no local files (see :func:`write_promotion`)."""
     from cnmc.model_card import load_metrics_document, render_model_card
 
     client = client or MlflowClient(tracking_uri=tracking_uri())
     best = _best_candidate(client, cfg, protocol, data_hash)
     run = best.run
     version = _registered_version(client, cfg.model_name, best, protocol, data_hash)
-    moves, reason = _decide(client, cfg, best, version, protocol, data_hash)
+    client.set_registered_model_alias(cfg.model_name, cfg.candidate_alias, str(version.version))
+    if release:
+        moves, reason = _decide(client, cfg, best, version, protocol, data_hash)
+    else:
+        moves, reason = (
+            False,
+            (
+                f"v{version.version} (run {run.info.run_id[:8]}, {cfg.rank_on} {cfg.metric} {best.value:.4f}) is "
+                f"{cfg.candidate_alias!r}; not a release, {cfg.alias!r} untouched (`cnmc promote` releases)"
+            ),
+        )
     result = PromotionResult(
         name=cfg.model_name,
         version=str(version.version),
@@ -111,6 +130,8 @@ def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowCli
         promoted=False,
         reason=reason,
         alias=cfg.alias,
+        candidate_alias=cfg.candidate_alias,
+        released=release,
     )
     card = render_model_card(result, run, load_metrics_document(client, run))
     client.log_text(run.info.run_id, card, CARD_FILE)
@@ -125,15 +146,21 @@ def promote(cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowCli
     )
 
 
-def promote_and_write(params: Params, out_dir: Path) -> PromotionResult:
-    """The promote stage: :func:`promote` under ``params`` on the current data, then :func:`write_promotion`."""
-    result = promote(params.promote, params.split.protocol, tracking.data_hash())
+def pipeline_may_release(cfg: PromoteConfig) -> bool:
+    """Whether the promote stage releases: where ``promote.pipeline_releases`` says so, and never in
+    a DVC experiment (an experiment is not a release)."""
+    return cfg.pipeline_releases and not os.environ.get("DVC_EXP_NAME")
+
+
+def promote_and_write(params: Params, out_dir: Path, release: bool = True) -> PromotionResult:
+    """``cnmc promote``: :func:`promote` under ``params`` on the current data, then :func:`write_promotion`."""
+    result = promote(params.promote, params.split.protocol, tracking.data_hash(), release=release)
     write_promotion(result, out_dir)
     return result
 
 
 def write_promotion(result: PromotionResult, out_dir: Path | str) -> Path:
-    """Write ``out_dir/champion.json`` and ``out_dir/model_card.md``; return the JSON's path."""
+    """Write ``out_dir/promotion.json`` and ``out_dir/model_card.md``; return the JSON's path."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / CARD_FILE, result.model_card)
     path = out_dir / RESULT_FILE

@@ -20,21 +20,32 @@ from mlflow.exceptions import MlflowException
 from cnmc.config import Params
 from cnmc.data.store import ImageStore
 from cnmc.errors import CnmcError
-from cnmc.tracking import data_hash, experiment_name, git_commit, tracking_uri
+from cnmc.tracking import data_hash, experiment_name, git_commit, run_label, tracked_run, tracking_uri
 
 SPLITS = ("train", "val", "test")
+PIPELINE_ROOT = Path("outputs")
+AD_HOC_ROOT = PIPELINE_ROOT / "runs"
+
+
+def default_root() -> Path:
+    """Where a training or evaluation writes: the pipeline's folder when DVC runs the stage (DVC
+    sets ``DVC_STAGE``), else a folder of its own outside DVC's outs, so that an ad hoc run (or
+    ``mlflow run``) leaves the pipeline's results, and ``dvc status``, as they were."""
+    return PIPELINE_ROOT if os.environ.get("DVC_STAGE") else AD_HOC_ROOT
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where one backbone's inputs and outputs live under a pipeline folder (``outputs/``)."""
+    """Where one backbone's inputs and outputs live under a pipeline folder (``outputs/``), or
+    under an ad hoc run's folder that reads the pipeline's image store (``store_root``)."""
 
     root: Path
     backbone: str
+    store_root: Path | None = None
 
     @property
     def store(self) -> Path:  # the augment stage's output
-        return self.root / "images"
+        return (self.store_root or self.root) / "images"
 
     @property
     def model_dir(self) -> Path:  # the train stage's output: weights.pt, model.json, fit.json
@@ -49,8 +60,16 @@ class RunPaths:
         return self.root / "evaluation" / self.backbone
 
     @property
-    def metrics(self) -> Path:  # for `dvc metrics show`
+    def metrics(self) -> Path:  # the whole metrics document: report, promotion and the model card read it
         return self.root / "metrics" / f"{self.backbone}.json"
+
+    @property
+    def headline(self) -> Path:  # a dozen of them, in git, for `dvc exp show` and `dvc metrics diff`
+        return self.root / "headline" / f"{self.backbone}.json"
+
+    @property
+    def history(self) -> Path:  # the per-epoch table behind the curves, for `dvc plots`
+        return self.curves.with_name("history.csv")
 
     @property
     def curves(self) -> Path:  # the train stage's training curves
@@ -84,8 +103,8 @@ def flat_params(params: Params, backbone: str) -> dict[str, Any]:
     return flat
 
 
-def open_stores(paths: RunPaths) -> dict[str, ImageStore]:
-    return {split: ImageStore(paths.store / split) for split in SPLITS}
+def open_stores(store: Path) -> dict[str, ImageStore]:
+    return {split: ImageStore(store / split) for split in SPLITS}
 
 
 def store_hash(store: Path) -> str:
@@ -94,17 +113,6 @@ def store_hash(store: Path) -> str:
     for split in SPLITS:
         digest.update((store / split / "index.csv").read_bytes())
     return digest.hexdigest()[:16]
-
-
-def weights_in_dir(weights_dir: str, backbone: str) -> str | None:
-    """``train.weights_dir``'s file for ``backbone`` (any of the usual suffixes), if there is one."""
-    if not weights_dir:
-        return None
-    for suffix in (".safetensors", ".pth", ".pt", ".bin"):
-        candidate = Path(weights_dir) / f"{backbone}{suffix}"
-        if candidate.is_file():
-            return str(candidate)
-    return None
 
 
 def mkdir(path: Path) -> Path:
@@ -116,7 +124,7 @@ def mkdir(path: Path) -> Path:
 def start_run(
     params: Params, backbone: str, resume_run: str | None, extra_params: dict[str, Any] | None = None
 ) -> Iterator[Any]:
-    """A new MLflow run in the protocol's experiment (or the one `mlflow run` chose), tagged and
+    """A new MLflow run in the protocol's experiment (:func:`cnmc.tracking.tracked_run`), tagged and
     described; with ``resume_run``, that run continued."""
     protocol, dhash = params.split.protocol, data_hash()
     mlflow.set_tracking_uri(tracking_uri())
@@ -127,10 +135,11 @@ def start_run(
             raise CnmcError(
                 f"MLflow run {resume_run} (from training) is not in {tracking_uri()}: run `cnmc train` again"
             ) from None
-    elif not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment_name(protocol))  # under `mlflow run`, the CLI picked it
-    with mlflow.start_run(
-        run_id=resume_run, run_name=f"{backbone}-{protocol}-{dhash[:8]}", log_system_metrics=True
+    with tracked_run(
+        experiment_name(protocol),
+        f"{backbone}-{run_label()}-{dhash[:8]}",
+        resume_run,
+        log_system_metrics=True,
     ) as run:
         if not resume_run:
             mlflow.log_params(flat_params(params, backbone) | (extra_params or {}))

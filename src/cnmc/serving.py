@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,14 @@ def value_bytes(value: Any, row: int = 0) -> bytes:
     return data
 
 
-class LeukemiaClassifier(PythonModel):
+class _ExplicitSignature(PythonModel):
+    """Our models declare their signature when logged (:func:`log_pyfunc`): MLflow's switch that
+    skips type-hint inference, and its warning at every class definition and load, is set."""
+
+    _skip_type_hint_validation = True
+
+
+class LeukemiaClassifier(_ExplicitSignature):
     """ALL-vs-Hem classifier over encoded images; weights and spec are MLflow artifacts."""
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -118,7 +127,7 @@ class LeukemiaClassifier(PythonModel):
         return answer(model_input, params, [(self.model, self.spec)], self.spec.threshold)
 
 
-class EnsembleClassifier(PythonModel):
+class EnsembleClassifier(_ExplicitSignature):
     """The mean P(ALL) of several trained models (``cnmc ensemble``): artifacts ``weights``/``spec``,
     ``weights_1``/``spec_1``, ..., and ``ensemble`` (JSON: the threshold on the mean)."""
 
@@ -218,6 +227,22 @@ def encode_file(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+@contextmanager
+def _quiet_about_cloudpickle() -> Iterator[None]:
+    """MLflow warns, at every log, that a python_model object is pickled; ours pickles a reference to
+    an installed class of this package (its code travels in ``code_paths``), which is what we ship."""
+
+    def not_that_warning(record: logging.LogRecord) -> bool:
+        return "serialized using CloudPickle" not in record.getMessage()
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    logger.addFilter(not_that_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_that_warning)
+
+
 def log_pyfunc(
     weights: Path,
     spec: Path,
@@ -240,7 +265,7 @@ def log_pyfunc(
     example = pd.DataFrame({IMAGE_COLUMN: [encode_file(example_image)]})
     output = pd.DataFrame({"label": ["all"], "prob_all": [0.5], "threshold": [0.5]})
     tta = ModelSpec.load(spec).tta if tta_default is None else tta_default
-    with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp, _quiet_about_cloudpickle():
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=python_model or LeukemiaClassifier(),

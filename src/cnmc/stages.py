@@ -125,6 +125,11 @@ def _param_order(key: str) -> tuple[int, int]:
     return order.index(section), fields.index(name) if name else -1
 
 
+# How `dvc plots show` draws the data files (the PNGs are shown as they are).
+ROC_PLOT = {"x": "fpr", "y": "tpr", "template": "simple", "title": "test ROC", "x_label": "FPR", "y_label": "TPR"}
+CONFUSION_PLOT = {"x": "actual", "y": "predicted", "template": "confusion", "title": "test confusion matrix"}
+EPOCH_PLOT = {"x": "epoch", "y": "val_f1_macro", "template": "linear", "title": "validation macro F1 by epoch"}
+
 PIPELINE = (
     Stage(
         "manifest",
@@ -155,7 +160,10 @@ PIPELINE = (
         data=("outputs/images",),
         matrix=True,
         outs=(Out("outputs/models/${item.backbone}"),),
-        plots=(Out("outputs/curves/${item.backbone}/curves.png", cache=False),),
+        plots=(
+            Out("outputs/curves/${item.backbone}/curves.png", cache=False),
+            Out("outputs/curves/${item.backbone}/history.csv", cache=False, options=EPOCH_PLOT),
+        ),
     ),
     Stage(
         "evaluate",
@@ -163,9 +171,16 @@ PIPELINE = (
         "cnmc.evaluate_run",
         data=("outputs/images", "outputs/models/${item.backbone}"),
         matrix=True,
-        outs=(Out("outputs/evaluation/${item.backbone}"),),
-        metrics=(Out("outputs/metrics/${item.backbone}.json", cache=False),),
-        plots=(Out("outputs/plots/${item.backbone}", cache=False),),
+        outs=(Out("outputs/evaluation/${item.backbone}"), Out("outputs/metrics/${item.backbone}.json", cache=False)),
+        metrics=(Out("outputs/headline/${item.backbone}.json", cache=False),),
+        plots=(
+            Out("outputs/plots/${item.backbone}/roc.csv", cache=False, options=ROC_PLOT),
+            Out("outputs/plots/${item.backbone}/confusion.json", cache=False, options=CONFUSION_PLOT),
+            *(
+                Out(f"outputs/plots/${{item.backbone}}/{name}.png", cache=False)
+                for name in ("roc", "confusion", "reliability", "gradcam")
+            ),
+        ),
     ),
     Stage(
         "report",
@@ -176,10 +191,10 @@ PIPELINE = (
     ),
     Stage(
         "promote",
-        "cnmc promote --out-dir registry",
+        "cnmc promote --from-pipeline --out-dir registry",
         "cnmc.registry",
         data=("outputs/metrics", "outputs/report"),
-        outs=(Out("registry/champion.json", cache=False), Out("registry/model_card.md", cache=False)),
+        outs=(Out("registry/promotion.json", cache=False), Out("registry/model_card.md", cache=False)),
     ),
 )
 TUNING = (

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 DB_NAME = "mlflow.db"
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default", where `mlflow run` puts a run nobody placed
 
 
 def project_root() -> Path:
@@ -27,6 +31,66 @@ def tracking_uri() -> str:
 
 def experiment_name(protocol: str) -> str:
     return f"cnmc-{protocol}"
+
+
+def tuning_experiment_name(protocol: str) -> str:
+    """Tuning's parent and trial runs live apart from the training runs that promotion ranks."""
+    return f"cnmc-{protocol}-tuning"
+
+
+def run_kind() -> str:
+    """What started this process's run: ``experiment`` (``dvc exp run``, which names it in
+    ``DVC_EXP_NAME``), ``pipeline`` (``dvc repro``: ``DVC_STAGE``), ``mlflow-run`` or ``ad-hoc``."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return "experiment"
+    if os.environ.get("DVC_STAGE"):
+        return "pipeline"
+    return "mlflow-run" if os.environ.get("MLFLOW_RUN_ID") else "ad-hoc"
+
+
+def run_label() -> str:
+    """The part of a run's name that tells who started it: the DVC experiment's name, or the kind."""
+    return os.environ.get("DVC_EXP_NAME") or run_kind()
+
+
+@contextmanager
+def tracked_run(experiment: str, run_name: str, resume_run: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
+    """An MLflow run in ``experiment``, tagged with its kind (and DVC experiment); with
+    ``resume_run``, that run continued.
+
+    Under ``mlflow run`` the launcher's run is used when the user placed it (``--experiment-name``);
+    one it left in ``Default`` is set aside instead, tagged with a link to the run logged here, so
+    that ``mlflow run`` and ``cnmc train`` land in the same experiment and promotion sees both.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    kind, launcher = run_kind(), None
+    if not resume_run:
+        launcher = _unplaced_launcher()
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            try:
+                mlflow.set_experiment(experiment)
+            except mlflow.exceptions.MlflowException:  # another worker created it at the same moment
+                mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_id=resume_run, run_name=run_name, **start_kwargs) as run:
+        if not resume_run:
+            mlflow.set_tags({"cnmc.kind": kind} | {"dvc.experiment": os.environ.get("DVC_EXP_NAME", "")})
+        if launcher:
+            mlflow.MlflowClient().set_tag(launcher, "cnmc.logged_to", f"{experiment}: run {run.info.run_id}")
+        yield run
+
+
+def _unplaced_launcher() -> str | None:
+    """The id of an ``mlflow run`` launcher's run left in ``Default``, taken out of this process's
+    environment (None: no launcher, or one the user placed)."""
+    from mlflow import MlflowClient
+
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if not launcher or MlflowClient().get_run(launcher).info.experiment_id != DEFAULT_EXPERIMENT_ID:
+        return None
+    del os.environ["MLFLOW_RUN_ID"]
+    return launcher
 
 
 def git_commit(root: Path | None = None) -> str:

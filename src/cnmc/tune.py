@@ -24,7 +24,6 @@ import gc
 import hashlib
 import logging
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -323,8 +322,7 @@ class _Objective:
         import mlflow
         import torch
 
-        from cnmc.models.backbones import create_backbone
-        from cnmc.runs import weights_in_dir
+        from cnmc.models.backbones import create_backbone, weights_in_dir
         from cnmc.train import Trainer
 
         params, cfg = self.params, self.params.tune
@@ -436,18 +434,12 @@ class _FirstTrialSeededTPE(BaseSampler):
 @contextmanager
 def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any]:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from cnmc.runs import flat_params
-    from cnmc.tracking import data_hash, experiment_name, git_commit
+    from cnmc.tracking import data_hash, git_commit, run_label, tracked_run, tuning_experiment_name
 
     cfg, protocol = params.tune, params.split.protocol
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the CLI picked the experiment
-        try:
-            mlflow.set_experiment(experiment_name(protocol))
-        except MlflowException:  # another worker created it at the same moment
-            mlflow.set_experiment(experiment_name(protocol))
-    with mlflow.start_run(run_name=f"tune-{cfg.study_name}-{cfg.backbone}") as run:
+    with tracked_run(tuning_experiment_name(protocol), f"tune-{cfg.study_name}-{cfg.backbone}-{run_label()}") as run:
         base = flat_params(params, cfg.backbone)
         for tuned in ("train.lr", "augment.strength", "train.epochs"):  # set per trial, not from here
             base.pop(tuned, None)

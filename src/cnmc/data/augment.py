@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cnmc.atomic import plain_mode
 from cnmc.config import AugmentConfig
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.manifest import MANIFEST_COLUMNS
@@ -321,6 +322,7 @@ def prepare_dataset(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    plain_mode(tmp)  # it becomes the store
     try:
         resize_tasks: list[tuple[Any, ...]] = []
         augment_tasks: list[tuple[Any, ...]] = []

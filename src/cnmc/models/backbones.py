@@ -5,9 +5,13 @@ Weights resolve in this order: an explicit local file, then the Hugging Face hub
 cannot be had is an error, never a silent fall back to random ones.
 """
 
+import functools
 import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -52,7 +56,7 @@ def create_backbone(name: str, pretrained: bool, weights_path: str | None = None
     norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
     if not pretrained:
         if weights_path:
-            raise CnmcError(f"weights_path {weights_path} is set but pretrained is false: drop one")
+            raise CnmcError(f"a weights file ({weights_path}) is given but train.pretrained is false: drop one")
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
         weights = "random"
     elif name in TEST_MODELS:
@@ -120,13 +124,46 @@ def _from_file(name: str, path: Path, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def weights_in_dir(weights_dir: str, backbone: str) -> str | None:
+    """``train.weights_dir``'s file for ``backbone`` (any of the usual suffixes), if there is one."""
+    if not weights_dir:
+        return None
+    for suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        candidate = Path(weights_dir) / f"{backbone}{suffix}"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def missing_weights(backbones: Sequence[str], pretrained: bool, weights_dir: str) -> list[str]:
+    """For each of ``backbones`` whose pretrained weights cannot be had here, one line saying what it
+    needs; found in seconds, without building a model, so a run can stop before any data work."""
+    if not pretrained:
+        return []
+    problems = []
+    for name in backbones:
+        if name not in SUPPORTED or name in TEST_MODELS:
+            continue  # create_backbone says what is wrong with these
+        local = weights_in_dir(weights_dir, name)
+        if local is not None:
+            continue
+        if name in lite.PACKAGES:
+            try:
+                lite.package_weights_path(name)
+            except CnmcError as exc:
+                problems.append(str(exc))
+        elif _cached_hub_file(name) is None and (why := _hub_unavailable()):
+            problems.append(f"{_no_weights(name)} ({why})")
+    return problems
+
+
 def _from_hub(name: str, num_classes: int) -> torch.nn.Module:
-    """Hub weights: the local cache first (no network), the download only when online."""
+    """Hub weights: the local cache first (no network), the download only when the hub answers."""
     cached = _cached_hub_file(name)
     if cached is not None:
         return _from_file(name, cached, num_classes)
-    if _hub_offline():
-        raise CnmcError(f"{_no_weights(name)} (HF_HUB_OFFLINE is set and {hf_constants.HF_HUB_CACHE} has none)")
+    if why := _hub_unavailable():
+        raise CnmcError(f"{_no_weights(name)} ({why})")
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as exc:
@@ -148,18 +185,30 @@ def _cached_hub_file(name: str) -> Path | None:
     return None
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now: huggingface_hub reads it only once, at import."""
-    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(hf_constants.HF_HUB_OFFLINE)
+def _hub_unavailable() -> str:
+    """Why a download from the hub cannot work now ('' where it may): offline by setting, or the
+    hub's host not answering within seconds (rather than a minute of the hub client's retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or hf_constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE is set and {hf_constants.HF_HUB_CACHE} has none"
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
+    return "" if _answers(host) else f"{host} does not answer and {hf_constants.HF_HUB_CACHE} has none"
+
+
+@functools.cache
+def _answers(host: str, timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def _no_weights(name: str) -> str:
     return (
-        f"no pretrained weights for {name}: set weights_path to a local .pth/.safetensors file"
-        f" (train.weights_dir/{name}.pth), download them once with internet into the Hugging Face"
-        f" cache (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"),"
-        f" or use {LITE0}, whose weights install with pip"
+        f"no pretrained weights for {name}: put a .safetensors/.pth state dict at "
+        f"<train.weights_dir>/{name}.safetensors (or pass `cnmc train --weights-path FILE`), download "
+        f"them once with internet into the Hugging Face cache (python -c \"import timm; "
+        f"timm.create_model('{name}', pretrained=True)\"), or use {LITE0}, whose weights install with pip"
     )
 
 
