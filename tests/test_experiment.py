@@ -121,6 +121,11 @@ def test_run_logs_epoch_curves_and_test_metrics(logged_run: LoggedRun) -> None:
     assert metrics["test_roc_auc"] == pytest.approx(tuned["roc_auc"])
     assert metrics["threshold"] == pytest.approx(document["threshold"])
     assert 0.0 <= metrics["threshold"] <= 1.0
+    people = document["people"]  # a call per test person, beside the cells
+    test_subjects = set(pd.read_csv(logged_run.paths.store / "test" / "index.csv", dtype=str)["subject"])
+    assert {p["subject"] for p in people["per_person"]} == test_subjects and people["people"] == len(test_subjects)
+    assert metrics["test_people_right"] == people["right"] == sum(p["right"] for p in people["per_person"])
+    assert 0.0 <= people["accuracy_ci95"][0] <= people["accuracy"] <= people["accuracy_ci95"][1] <= 1.0
 
 
 def test_run_logs_artifacts_and_the_metrics_file(logged_run: LoggedRun) -> None:
@@ -141,6 +146,10 @@ def test_run_logs_artifacts_and_the_metrics_file(logged_run: LoggedRun) -> None:
 
     saved = json.loads(paths.metrics.read_text())
     assert saved == json.loads(json.dumps(document))  # the file is the returned document
+    from cnmc.report import build_report
+
+    report = build_report([paths.metrics], paths.root / "report-check")
+    assert f"of {saved['people']['people']} people called right (exact 95% CI" in report.markdown
     assert saved["run_id"] == logged_run.run_id and saved["backbone"] == BACKBONE
     assert saved["epochs_run"] == EPOCHS and 1 <= saved["best_epoch"] <= EPOCHS
     assert {"at_0.5", "at_tuned"} <= set(saved["test"])

@@ -304,6 +304,7 @@ def test_real_run_is_promoted_and_served_from_the_alias(copy_store: Path, mlflow
 
     low, high = doc.test.ci95["at_tuned"]["f1_all"]
     assert f"[{low:.3f}, {high:.3f}]" in result.model_card
+    assert doc.people is not None and "## Per person" in result.model_card and doc.people.line() in result.model_card
 
     expected = pd.read_csv(paths.evaluation_dir / "predictions.csv").head(4)
     shutil.rmtree(paths.model_dir)  # the registry, not the local files, serves it

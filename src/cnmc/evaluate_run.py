@@ -32,9 +32,18 @@ from cnmc.errors import CnmcError
 from cnmc.evaluate import binary_metrics, evaluate_split, judging_shortfall
 from cnmc.explain import log_gradcam_grid
 from cnmc.inference import Views, predict_logits, prob_all
-from cnmc.metrics_document import Calibration, FitSummary, MetricsDocument, SplitEvaluation, Validation, load_document
+from cnmc.metrics_document import (
+    Calibration,
+    FitSummary,
+    MetricsDocument,
+    PeopleEvaluation,
+    SplitEvaluation,
+    Validation,
+    load_document,
+)
 from cnmc.model_spec import ModelSpec
 from cnmc.models.backbones import create_backbone
+from cnmc.patients import people_evaluation
 from cnmc.runs import RunPaths, mkdir, open_stores, start_run
 from cnmc.serving import log_pyfunc
 from cnmc.tracking import data_hash
@@ -163,6 +172,11 @@ def _evaluate(
         test=SplitEvaluation.model_validate(evaluate_split(test.targets, test_prob, subjects, threshold)),
         test_tta=SplitEvaluation.model_validate(evaluate_split(test.targets, tta_prob, subjects, threshold)),
         tta=tta,
+        people=PeopleEvaluation.model_validate(
+            people_evaluation(
+                subjects, test.targets, tta_prob if tta else test_prob, threshold, params.split.min_subjects_per_class
+            )
+        ),
     )
 
 

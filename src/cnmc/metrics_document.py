@@ -70,6 +70,27 @@ class Calibration(_Document):
     val_nll_after: float
 
 
+class PeopleEvaluation(_Document):
+    """The model's answer per test person (:func:`cnmc.patients.people_evaluation`): each person's
+    call from the mean p(ALL) of their cells, and people called right out of people."""
+
+    people: int
+    right: int
+    accuracy: float | None
+    accuracy_ci95: list[float] | None
+    roc_auc: float | None
+    roc_auc_note: str = ""
+    per_person: list[dict[str, Any]] = []
+
+    def line(self) -> str:
+        """The figure in words: few people, wide intervals."""
+        if not self.people:
+            return "no test people"
+        low, high = self.accuracy_ci95 or [float("nan")] * 2
+        auc = f"; AUC over people {self.roc_auc:.2f}" if self.roc_auc is not None else f" ({self.roc_auc_note})"
+        return f"{self.right} of {self.people} people called right (exact 95% CI {low:.2f}-{high:.2f}){auc}"
+
+
 class FitSummary(_Document):
     """What training found (``fit.json`` beside the weights): read by evaluation and kept in its document."""
 
@@ -99,6 +120,7 @@ class MetricsDocument(FitSummary):
     test_tta: SplitEvaluation
     calibration: Calibration
     tta: bool = False  # the 8-view TTA answer is the reported (and served) one: validation showed it helps
+    people: PeopleEvaluation | None = None  # documents written before the per-person call lack it
 
     @property
     def reported(self) -> SplitEvaluation:
@@ -114,7 +136,8 @@ class MetricsDocument(FitSummary):
         test, val = self.reported.at_tuned, self.validation.at_threshold
         test_keys = ("roc_auc", "f1_macro", "balanced_accuracy", "f1_all", "recall_all", "specificity")
         return {
-            "test": {k: test.get(k) for k in (*test_keys, "mean_subject_accuracy")},
+            "test": {k: test.get(k) for k in (*test_keys, "mean_subject_accuracy")}
+            | ({"people_accuracy": self.people.accuracy} if self.people else {}),
             "val": {k: val.get(k) for k in ("roc_auc", "f1_macro")},
             "threshold": self.threshold,
             "temperature": self.calibration.temperature,
@@ -136,6 +159,11 @@ class MetricsDocument(FitSummary):
             out |= {
                 f"{prefix}{name}": float(v) for name, v in values.items() if name in SCALAR_METRICS and v is not None
             }
+        if self.people and self.people.people:
+            out |= {"test_people_n": float(self.people.people), "test_people_right": float(self.people.right)}
+            out |= {"test_people_accuracy": float(self.people.accuracy or 0.0)}
+            if self.people.roc_auc is not None:
+                out["test_people_roc_auc"] = self.people.roc_auc
         return out | self.calibration.model_dump() | {"threshold": self.threshold}
 
 

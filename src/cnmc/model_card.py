@@ -23,7 +23,7 @@ from cnmc.atomic import atomic_write_text
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.errors import CnmcError
 from cnmc.evaluate import CI_METRICS
-from cnmc.metrics_document import MetricsDocument, load_document
+from cnmc.metrics_document import MetricsDocument, PeopleEvaluation, load_document
 from cnmc.metrics_registry import label
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
             )
     if "mean_subject_accuracy" in tuned:
         lines += ["", f"Mean per-subject accuracy at the tuned threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
+    if metrics_doc.people is not None:
+        lines += ["", "## Per person", _people_section(metrics_doc.people)]
     lines += [
         "",
         "## Decision threshold",
@@ -192,6 +194,25 @@ def _download(client: MlflowClient, run_id: str, name: str, dst: str) -> Path | 
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+def _people_section(people: PeopleEvaluation) -> str:
+    """The call per test person, worded for what it is: few people, wide intervals."""
+    rows = [
+        f"| {p['subject']} | {p['label']} | {p['cells']} | {p['mean_prob_all']:.2f} "
+        f"[{p['ci95_low']:.2f}, {p['ci95_high']:.2f}] | {p['share_called_all']:.2f} | {p['call']} |"
+        for p in people.per_person
+    ]
+    return "\n".join(
+        [
+            "A person is called ALL when the mean p(ALL) of their cells reaches the threshold. "
+            f"{people.line()}. With this few people the interval is wide: read it before the accuracy.",
+            "",
+            "| Person | Truth | Cells | Mean p(ALL) [bootstrap 95% CI over cells] | Share of cells called ALL | Call |",
+            "|---|---|---:|---|---:|---|",
+            *rows,
+        ]
+    )
 
 
 def _threshold_note(doc: MetricsDocument) -> str:

@@ -135,6 +135,18 @@ def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:
     )
 
 
+def _people_lines(runs: list[tuple[Path, MetricsDocument]]) -> str:
+    """Per person: each run's test people called right (mean p(ALL) of their cells at the threshold)."""
+    lines = [f"- **{run.backbone}**: {run.people.line()}." for _, run in runs if run.people is not None]
+    if not lines:
+        return ""
+    head = (
+        "**Per person** (a person is called ALL when the mean p(ALL) of their cells reaches the threshold; "
+        "with this few people the exact intervals are wide):"
+    )
+    return "\n".join([head, *lines])
+
+
 def _cell(value: Any) -> str:
     missing = value is None or (isinstance(value, float) and math.isnan(value))
     return "—" if missing else f"{value:.2f}"
@@ -220,12 +232,13 @@ def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
     for protocol, rows in table.groupby("protocol", sort=False):
         hashes = ", ".join(sorted(rows["data_hash"].dropna().unique()))
         group = [item for item in runs if item[1].protocol == protocol]
-        calibration, notes = _calibration_table(group), _validation_notes(group)
+        calibration, notes, people = _calibration_table(group), _validation_notes(group), _people_lines(group)
         demo = f" — **demo data**: {DEMO_NOTE}" if hashes == DEMO_DATA_HASH else ""
         sections.append(
             f"### Protocol `{protocol}` — {PROTOCOLS.get(protocol, 'unknown protocol')}\n\n"
             f"Data hash: `{hashes}`{demo}\n\n{_markdown_table(rows)}"
             + (f"\n\n{notes}" if notes else "")
+            + (f"\n\n{people}" if people else "")
             + (f"\n\n{calibration}" if calibration else "")
         )
     tables_text = "\n\n".join(sections + [f"**Warning:** {message}" for message in warnings])
