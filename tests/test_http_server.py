@@ -198,11 +198,66 @@ def test_more_images_than_the_batch_limit_are_refused_before_decoding(cnmc_serve
     assert reply.status == 200 and len(reply.json()["predictions"]) == SERVED_MAX_BATCH
 
 
+# -- one patient ------------------------------------------------------------------------------------
+def test_a_patient_request_answers_every_cell_and_calls_the_person(cnmc_server: Server) -> None:
+    images = [base64.b64encode(cell_bmp(seed=k)).decode() for k in range(5)]
+    images.insert(2, base64.b64encode(b"not an image").decode())
+    images.append("%%% not base64 %%%")
+    names = [f"c{k}.bmp" for k in range(len(images))]
+    body = json.dumps({"images": images, "names": names, "subject": "P1"}).encode()
+    reply = call(cnmc_server, "POST", "/patient", body, JSON)
+    assert reply.status == 200, reply.body
+    answer = reply.json()
+    cells, patient = answer["cells"], answer["patient"]
+    assert [c["name"] for c in cells] == names  # request order, bad ones in place
+    assert cells[2]["error"] and "base64" in cells[-1]["error"] and cells[2]["prob_all"] is None
+    good = [c for c in cells if c["error"] is None]
+    assert len(good) == 5 and all(c["label"] in ("all", "hem") and 0 <= c["prob_all"] <= 1 for c in good)
+    assert patient["subject"] == "P1" and (patient["cells"], patient["unreadable"]) == (5, 2)
+    assert patient["mean_prob_all"] == pytest.approx(np.mean([c["prob_all"] for c in good]))
+    assert patient["call"] == ("all" if patient["mean_prob_all"] >= cnmc_server.threshold else "hem")
+    assert patient["ci95_low"] <= patient["mean_prob_all"] <= patient["ci95_high"]
+
+    # Cells MLflow's protocol scores give the same p(ALL): one inference path.
+    scored = call(cnmc_server, "POST", "/invocations", json.dumps({"inputs": {"image": images[:2]}}).encode(), JSON)
+    assert [p["prob_all"] for p in scored.json()["predictions"]] == pytest.approx([c["prob_all"] for c in cells[:2]])
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "words"),
+    [
+        (b"{not json", JSON, 400, "not JSON"),
+        (b'{"pictures": []}', JSON, 400, '"images"'),
+        (b'{"images": []}', JSON, 400, "at least one cell"),
+        (b'{"images": [1, 2]}', JSON, 400, "base64 string"),
+        (b'{"images": ["eA=="], "names": ["a", "b"]}', JSON, 400, "one name per image"),
+        (json.dumps({"images": ["eA=="] * (SERVED_MAX_BATCH + 1)}).encode(), JSON, 413, "at most"),
+        (b'{"images": ["eA=="]}', {"Content-Type": "text/plain"}, 415, "application/json"),
+    ],
+)
+def test_bad_patient_requests_get_one_line_json_errors(
+    cnmc_server: Server, body: bytes, headers: dict[str, str], status: int, words: str
+) -> None:
+    reply = call(cnmc_server, "POST", "/patient", body, headers)
+    assert reply.status == status
+    error = reply.json()
+    assert set(error) == {"error_code", "message"} and words in error["message"] and "\n" not in error["message"]
+
+
+def test_the_page_is_one_offline_file(cnmc_server: Server) -> None:
+    reply = call(cnmc_server, "GET", "/")
+    page = reply.body.decode()
+    assert reply.status == 200 and '<input id="files" type="file" multiple' in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from elsewhere
+
+
 # -- what is served ---------------------------------------------------------------------------------
 def test_info_names_the_registered_version_its_run_and_the_model(cnmc_server: Server, champion: Champion) -> None:
     reply = call(cnmc_server, "GET", "/info")
     assert reply.status == 200
-    assert reply.json() == {
+    facts = reply.json()
+    assert {"GET /", "POST /patient", "POST /invocations", "GET /info"} == set(facts.pop("routes"))
+    assert facts == {
         "model_uri": champion.model_uri,
         "registered_model": champion.name,
         "version": champion.version,
@@ -214,6 +269,7 @@ def test_info_names_the_registered_version_its_run_and_the_model(cnmc_server: Se
         "data_hash": champion.data_hash,
         "max_batch": SERVED_MAX_BATCH,
         "max_body_bytes": int(SERVED_MAX_BODY_MB * MIB),
+        "patient_min_cells": 5,
     }
     for path in ("/ping", "/health"):
         assert call(cnmc_server, "GET", path).status == 200

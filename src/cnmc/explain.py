@@ -295,7 +295,7 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
     can't be read as an image is skipped with a warning; ``<out_dir>/explanations.csv`` lists every
     file with its result or error. Returns the PNGs written (CnmcError if none could be).
     """
-    from cnmc.predict import _read_image, find_images, load_image_model
+    from cnmc.predict import find_images, load_image_model, read_image
 
     files = find_images(image_paths)
     classifier = _classifier(load_image_model(model_uri), model_uri)
@@ -316,7 +316,7 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
         }
         rows.append(row)
         try:
-            image = decode_image(_read_image(path), spec.image_size)[None]
+            image = decode_image(read_image(path), spec.image_size)[None]
         except CnmcError as exc:
             row["error"] = str(exc)
             log.warning("%s: skipped (%s)", path, exc)

@@ -114,21 +114,62 @@ def model_facts(
     }
 
 
+ROUTES = {
+    "GET /": "a page: drop one patient's cell images, see each cell and the patient's call",
+    "POST /invocations": "MLflow's scoring protocol: one answer per cell",
+    "POST /patient": 'one person\'s cells {"images": [<base64>, ...], "names": [...], "subject": "..."}: '
+    "each cell's answer and the person's call (mean p(ALL) with a bootstrap interval)",
+    "GET /info": "this page of facts",
+}
+
+
 def build_app(model: Any, facts: dict[str, Any], max_batch: int, max_body_bytes: int) -> HttpGuard:
     """MLflow's scoring app for ``model`` (``/invocations``, ``/ping``, ``/health``, ``/version``)
-    with ``/info`` added, wrapped in the guard."""
+    with ``/info``, ``/patient`` and the page at ``/`` added, wrapped in the guard."""
     from mlflow.pyfunc import scoring_server
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import HTMLResponse, JSONResponse
+
+    from cnmc.patient_api import PatientRequestError, answer_patient, page_html, parse_request
+    from cnmc.patients import MIN_CELLS
 
     app = scoring_server.init(BatchLimited(model, max_batch))  # type: ignore[arg-type]  # a PyFuncModel proxy
-    info = {**facts, "max_batch": max_batch, "max_body_bytes": max_body_bytes}
+    info = {
+        **facts,
+        "max_batch": max_batch,
+        "max_body_bytes": max_body_bytes,
+        "patient_min_cells": MIN_CELLS,
+        "routes": ROUTES,
+    }
+    page = page_html()
 
     async def get_info(request: Request) -> JSONResponse:
         return JSONResponse(info)
 
+    async def get_page(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    async def post_patient(request: Request) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return _error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST /patient takes Content-Type: application/json")
+        try:
+            images, names, subject = parse_request(await request.body(), max_batch)
+        except PatientRequestError as exc:
+            return _error(exc.status, str(exc))
+        return JSONResponse(await run_in_threadpool(answer_patient, model, images, names, subject))
+
     app.add_route("/info", get_info, methods=["GET"])
+    app.add_route("/", get_page, methods=["GET"])
+    app.add_route("/patient", post_patient, methods=["POST"])
     return HttpGuard(app, max_body_bytes)
+
+
+def _error(status: HTTPStatus, message: str) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error_code": status_name(status), "message": message}, status_code=status)
 
 
 def serve(model_uri: str, host: str, port: int, max_batch: int, max_body_mb: float) -> None:

@@ -257,46 +257,76 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 def _predict_chunk(model: Any, files: list[Path]) -> list[dict[str, Any]]:
-    """Rows for ``files``: decode each (errors become rows), then predict the good ones together."""
+    """Rows for ``files``: read each (errors become rows), then score the readable ones together."""
     rows: list[dict[str, Any]] = []
     good: list[tuple[int, bytes]] = []
     for path in files:
         rows.append({"path": str(path), "label": None, "prob_all": None, "threshold": None, "error": None})
         try:
-            data = _read_image(path)
+            data = _read_bytes(path)
         except CnmcError as exc:
             rows[-1]["error"] = str(exc)
             continue
         good.append((len(rows) - 1, data))
+    for (index, _), result in zip(good, score_images(model, [data for _, data in good]), strict=True):
+        rows[index].update(result)
+    return rows
+
+
+def score_images(model: Any, images: list[bytes]) -> list[dict[str, Any]]:
+    """``label``, ``prob_all`` and ``threshold`` for each encoded image, or its ``error``: each is
+    decoded first with the serving code's checks, then the good ones go through the model together
+    (one by one where the model refuses the batch, so one bad image never costs the others)."""
+    results: list[dict[str, Any]] = [{} for _ in images]
+    good: list[tuple[int, bytes]] = []
+    for index, data in enumerate(images):
+        try:
+            _check_image(data)
+        except CnmcError as exc:
+            results[index] = {"error": str(exc)}
+            continue
+        good.append((index, data))
     if not good:
-        return rows
+        return results
     from mlflow.exceptions import MlflowException
 
     try:
         out = _predict_bytes(model, [data for _, data in good])
-        for (index, _), result in zip(good, out.to_dict("records"), strict=True):
-            rows[index].update(_result(result))
+        for (index, _), record in zip(good, out.to_dict("records"), strict=True):
+            results[index] = _result(record)
     except MlflowException:  # a file the model refuses (its serving code may be older): keep the rest
         for index, data in good:
             try:
-                rows[index].update(_result(_predict_bytes(model, [data]).to_dict("records")[0]))
+                results[index] = _result(_predict_bytes(model, [data]).to_dict("records")[0])
             except MlflowException as exc:
-                rows[index]["error"] = _reason(exc)
-    return rows
+                results[index] = {"error": _reason(exc)}
+    return results
 
 
-def _read_image(path: Path) -> bytes:
+def read_image(path: Path) -> bytes:
     """The file's bytes if it decodes as an image (the checks the served model makes), else CnmcError."""
+    data = _read_bytes(path)
+    _check_image(data)
+    return data
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = read_image_file(path, MAX_IMAGE_BYTES)
-        open_rgb(data)
+        return read_image_file(path, MAX_IMAGE_BYTES)
     except OSError as exc:
         raise CnmcError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})") from None
     except ImageProblem as exc:
         raise CnmcError(str(exc)) from None
+
+
+def _check_image(data: bytes) -> None:
+    """CnmcError unless ``data`` decodes as an image (the checks the served model makes)."""
+    try:
+        open_rgb(data)
+    except ImageProblem as exc:
+        raise CnmcError(str(exc)) from None
     except Exception as exc:  # Pillow plugins raise almost anything on malformed bytes
         raise CnmcError(f"could not decode the image ({exc.__class__.__name__}: {exc})"[:300]) from None
-    return data
 
 
 def _predict_bytes(model: Any, images: list[bytes]) -> pd.DataFrame:
