@@ -20,11 +20,9 @@ before the page loads. Usage (from the project root)::
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -38,107 +36,12 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers the UI test uses
-import local_server  # noqa: E402
+from chromium import Chromium  # noqa: E402
 
 PARAMS = ["backbone", "train.pretrained", "train.epochs"]
 METRICS = ["test_f1_all", "test_roc_auc", "test_f1_macro", "test_balanced_accuracy", "val_f1_macro"]
 CHART_METRICS = ["test_f1_all", "test_roc_auc", "val_f1_macro"]
 WIDTH = 1800
-
-
-class Chromium:
-    """Headless Chromium driven over ``--remote-debugging-pipe`` (fd 3: commands in, fd 4: replies)."""
-
-    def __init__(self, binary: str, width: int, height: int):
-        self.profile = tempfile.mkdtemp(prefix="cnmc-chromium-")
-        cmd_r, self._out = os.pipe()
-        self._in, res_w = os.pipe()
-
-        def child_fds() -> None:  # dup above 4 first, so dup2 never maps a descriptor onto itself
-            a, b = os.dup(cmd_r), os.dup(res_w)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                *local_server.CHROMIUM_FLAGS,
-                "--remote-debugging-pipe",
-                f"--user-data-dir={self.profile}",
-                f"--window-size={width},{height}",
-                "about:blank",
-            ],
-            preexec_fn=child_fds,
-            close_fds=False,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(cmd_r)
-        os.close(res_w)
-        self._buffer, self._id = b"", 0
-        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
-        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
-        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
-
-    def call(self, method: str, session: str | None = None, timeout: float = 60, **params: object) -> dict:
-        self._id += 1
-        message: dict = {"id": self._id, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        os.write(self._out, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" not in self._buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self._in], [], [], left)[0]:
-                    raise TimeoutError(f"Chromium did not answer {method}")
-                chunk = os.read(self._in, 1 << 20)
-                if not chunk:
-                    raise RuntimeError("Chromium closed the DevTools pipe")
-                self._buffer += chunk
-            raw, self._buffer = self._buffer.split(b"\0", 1)
-            reply = json.loads(raw)
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-
-    def page(self, method: str, **params: object) -> dict:
-        return self.call(method, session=self.session, **params)
-
-    def js(self, expression: str) -> object:
-        result = self.page("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression[:80]}: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
-
-    def wait(self, condition: str, timeout: float = 60) -> None:
-        guarded = f"(() => {{ try {{ return !!({condition}); }} catch (e) {{ return false; }} }})()"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.js(guarded):
-                return
-            time.sleep(0.25)
-        raise TimeoutError(f"page never satisfied: {condition}")
-
-    def goto(self, url: str) -> None:
-        self.page("Page.navigate", url=url)
-
-    def png(self, height: int | None = None) -> bytes:
-        params: dict = {"format": "png"}
-        if height:
-            params["clip"] = {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}
-        return base64.b64decode(self.page("Page.captureScreenshot", **params)["data"])
-
-    def close(self) -> None:
-        try:
-            self.call("Browser.close", timeout=5)
-            self.proc.wait(10)
-        except Exception:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        shutil.rmtree(self.profile, ignore_errors=True)
 
 
 def start_server(db: Path, work: Path) -> tuple[subprocess.Popen, str]:

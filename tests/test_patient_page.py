@@ -1,0 +1,45 @@
+"""The patient page of ``cnmc serve`` in a real browser: headless Chromium picks real C-NMC cells
+(the shipped demo cells) and a broken file through the page's file input, and the test reads what
+the page rendered: each cell's label and p(ALL), sorted, the person's call, the refused file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from chromium import patient_page
+from conftest import Server
+
+from cnmc.data.demo import demo_cells
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def browser() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)")
+
+
+def test_picking_a_patients_cells_shows_each_cell_and_the_call(
+    browser: str, cnmc_server: Server, tmp_path: Path
+) -> None:
+    cells = sorted((demo_cells() / "C-NMC_Leukemia" / "training_data" / "fold_0" / "hem").glob("UID_H6_*"))[:5]
+    broken = tmp_path / "UID_H6_99_1_hem.bmp"
+    broken.write_bytes(b"BM not really a bitmap")
+    shown, png = patient_page(browser, cnmc_server.url + "/", [*cells, broken])
+
+    assert shown["status"] == "" and shown["call"] in ("all", "hem")
+    assert {c["name"] for c in shown["cells"]} == {p.name for p in cells}
+    probs = [c["prob"] for c in shown["cells"]]
+    assert probs == sorted(probs, reverse=True)  # most ALL-like first
+    for cell in shown["cells"]:
+        called = "all" if cell["prob"] >= cnmc_server.threshold else "hem"
+        assert cell["label"] == called and cell["label"].upper() in cell["text"] and cell["thumbnail"] > 0
+    for words in ("5 readable cells", "1 unreadable", "95% CI"):
+        assert words in shown["summary"]
+    assert len(shown["errors"]) == 1 and shown["errors"][0].startswith(broken.name)
+    assert png.startswith(b"\x89PNG")
