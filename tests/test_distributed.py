@@ -87,7 +87,7 @@ def test_torchrun_with_two_processes_trains_one_model_into_one_run(tiny_store: P
     for name in ("train_loss", "val_f1_macro"):  # each epoch logged once, by rank 0
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
     assert len(client.get_metric_history(run.info.run_id, "test_f1_all")) == 1
-    outputs = project / "outputs"
+    outputs = project / "outputs" / "runs"  # an ad hoc run: beside the pipeline's outs, reading its store
     checkpoints = sorted(p.name for p in (outputs / "checkpoints" / "test_resnet").iterdir())
     assert checkpoints == ["checkpoint.pt", "mlflow_run_id"]  # one checkpoint, no temporary left
     assert (outputs / "metrics" / "test_resnet.json").is_file() and (

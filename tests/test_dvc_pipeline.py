@@ -89,24 +89,13 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(project: Path) -> No
     assert "Running stage" not in second
     assert run([str(BIN / "dvc"), "status"], project).strip().endswith("up to date.")
 
-    # A changed augment setting reruns augment and what depends on it, not manifest or split.
-    params = project / "params.yaml"
-    params.write_text(params.read_text().replace("per_class: 12", "per_class: 14"))
-    out = run([str(BIN / "dvc"), "repro"], project)
-    assert "Running stage 'augment'" in out and "Running stage 'train@test_resnet'" in out
-    assert "Running stage 'split'" not in out and "Running stage 'manifest'" not in out
-
-
-def test_a_dvc_experiment_is_not_a_release_and_dvc_exp_show_lists_it(project: Path) -> None:
-    dvc = str(BIN / "dvc")
-    run([dvc, "repro"], project)
+    # A DVC experiment is not a release: it moves the challenger, never the champion, and
+    # `dvc exp show` lists its headline metrics (the files git tracks).
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     released = client.get_model_version_by_alias("cnmc-classifier", "champion")
-
-    out = run([dvc, "exp", "run", "-n", "lr-up", "-S", "train.lr=0.003"], project)
-    assert "Running stage 'train@test_resnet'" in out
+    out = run([str(BIN / "dvc"), "exp", "run", "-n", "lr-up", "-S", "train.lr=0.003"], project)
+    assert "Running stage 'train@test_resnet'" in out and "Running stage 'augment'" not in out
     assert client.get_model_version_by_alias("cnmc-classifier", "champion").version == released.version
     experiment = client.get_experiment_by_name("cnmc-subject").experiment_id
     trained = client.search_runs([experiment], "tags.`dvc.experiment` = 'lr-up'")
@@ -116,11 +105,19 @@ def test_a_dvc_experiment_is_not_a_release_and_dvc_exp_show_lists_it(project: Pa
     assert promotion["released"] is False and promotion["champion_version"] == str(released.version)
     challenger = client.get_model_version_by_alias("cnmc-classifier", "challenger")
     assert str(challenger.version) == promotion["version"]  # the best run of all: the experiment's or not
-
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=project, env=env, capture_output=True, text=True).stdout
+    shown = subprocess.run(
+        [str(BIN / "dvc"), "exp", "show", "--json"], cwd=project, env=env, capture_output=True, text=True
+    ).stdout
     json.loads(shown)
     assert "lr-up" in shown and "outputs/headline/test_resnet.json" in shown and '"roc_auc"' in shown
+
+    # A changed augment setting reruns augment and what depends on it, not manifest or split.
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("per_class: 12", "per_class: 14"))
+    out = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage 'augment'" in out and "Running stage 'train@test_resnet'" in out
+    assert "Running stage 'split'" not in out and "Running stage 'manifest'" not in out
 
 
 def test_dvc_push_pull_round_trip_with_a_local_remote(project: Path, tmp_path: Path) -> None:

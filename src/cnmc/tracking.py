@@ -73,7 +73,8 @@ def tracked_run(experiment: str, run_name: str, resume_run: str | None = None, *
                 mlflow.set_experiment(experiment)
             except mlflow.exceptions.MlflowException:  # another worker created it at the same moment
                 mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_id=resume_run, run_name=run_name, **start_kwargs) as run:
+    # A resumed run keeps its name (MLflow would rename it, and the kind read here may differ).
+    with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name, **start_kwargs) as run:
         if not resume_run:
             mlflow.set_tags({"cnmc.kind": kind} | {"dvc.experiment": os.environ.get("DVC_EXP_NAME", "")})
         if launcher:
