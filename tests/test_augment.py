@@ -281,12 +281,15 @@ def test_more_originals_than_m_keeps_a_seeded_subset(tmp_path, built, caplog):
 
 def test_per_class_auto_keeps_every_original_and_balances_to_the_largest_class(tmp_path, built):
     _, splits, _ = built
-    s = build(splits, tmp_path / "s", seed=7, per_class="auto")
+    s = build(splits, tmp_path / "s", seed=7, per_class="auto", auto_min=0)
     assert s.per_class == 7 and s.train_dropped == {"all": 0, "hem": 0}
     assert s.train_original == {"all": 7, "hem": 3} and s.train_augmented == {"all": 0, "hem": 4}
     report = json.loads((tmp_path / "s" / "augment_report.json").read_text())
     assert report["config"]["per_class"] == "auto" and report["per_class"] == 7
     assert report["splits"]["train"]["classes"]["all"]["dropped"] == 0
+    # A small set is still augmented: auto is at least augment.auto_min a class.
+    floored = build(splits, tmp_path / "f", seed=7, per_class="auto", auto_min=10)
+    assert floored.per_class == 10 and floored.train_augmented == {"all": 3, "hem": 7}
 
 
 def test_missing_test_split_is_skipped(tmp_path):

@@ -37,7 +37,7 @@ def test_every_setting_the_fit_reads_retrains_and_nothing_else_does() -> None:
     assert every_train_setting <= params, every_train_setting - params
     # Online augmentation draws T in training: its switch, strength and draws a class (M) are the
     # fit's (the image size comes in by name with the store's, which the stage depends on anyway).
-    online = {"augment.online", "augment.strength", "augment.per_class", "augment.image_size"}
+    online = {"augment.online", "augment.strength", "augment.per_class", "augment.auto_min", "augment.image_size"}
     assert {"augment.online", "augment.strength", "augment.per_class"} <= params
     assert not params & runtime and not any(p.startswith(("promote.", "tune.", "augment.")) for p in params - online)
 

@@ -62,6 +62,9 @@ class AugmentConfig(_Section):
         description="M: training images per class after balancing, drawn afresh each epoch when online "
         "(auto: the largest class; paper: 10000)",
     )
+    auto_min: int = Field(
+        300, ge=0, description="with per_class auto: at least this many a class, so a small set is still augmented"
+    )
     strength: float = Field(1.0, ge=0, le=1, description="scales every magnitude of T (1 = paper, 0 = identity)")
     online: bool = Field(
         True,

@@ -311,7 +311,10 @@ def prepare_dataset(
             continue
         csv = splits_dir / f"{split}.csv"
         if split == "train":
-            per_class = resolve_per_class(df, "auto" if cfg.online else cfg.per_class)
+            # Online, the store keeps every original and no augmented image; M is the epoch's (sampling).
+            per_class = (
+                resolve_per_class(df, "auto") if cfg.online else resolve_per_class(df, cfg.per_class, cfg.auto_min)
+            )
             plans.append(_plan_train(csv, df, per_class, seed, cfg.online))
         else:
             plans.append(_plan_plain(split, csv, df))

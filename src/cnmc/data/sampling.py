@@ -29,15 +29,16 @@ from cnmc.distributed import World
 Sampling = Literal["shuffle", "class", "subject"]
 
 
-def resolve_per_class(df: pd.DataFrame, per_class: int | str) -> int:
-    """M for a training split: ``auto`` is the largest class, so that every original is kept."""
-    return int(df["label"].value_counts().max()) if per_class == "auto" else int(per_class)
+def resolve_per_class(df: pd.DataFrame, per_class: int | str, auto_min: int = 0) -> int:
+    """M for a training split: ``auto`` is the largest class, so that every original is kept, and at
+    least ``auto_min``, so that a small or balanced set still gets augmented images."""
+    return max(int(df["label"].value_counts().max()), auto_min) if per_class == "auto" else int(per_class)
 
 
 def online_per_class(cfg: AugmentConfig, train_index: pd.DataFrame) -> int | None:
     """Draws of each class in an online epoch: M, as many images as the offline store would hold
     (None where ``augment.online`` is off: the store holds them, and an epoch visits each once)."""
-    return resolve_per_class(train_index, cfg.per_class) if cfg.online else None
+    return resolve_per_class(train_index, cfg.per_class, cfg.auto_min) if cfg.online else None
 
 
 def draw_weights(targets: np.ndarray, subjects: np.ndarray | None, sampling: Sampling) -> np.ndarray | None:
