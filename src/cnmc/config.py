@@ -82,7 +82,7 @@ class TrainConfig(_Section):
     )
     pretrained: bool = Field(True, description="start from ImageNet weights (false: random init)")
     weights_dir: str = Field("", description="folder with <backbone>.pth/.safetensors weights ('' = hub cache)")
-    epochs: int = Field(8, ge=1, description="maximum epochs (paper: 50)")
+    epochs: int = Field(5, ge=1, description="maximum epochs (paper: 50)")
     patience: int = Field(4, ge=1, description="epochs without better val macro F1 (or equal F1, lower loss; paper 15)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (paper: 1e-4)")
     head_init: Literal["random", "linear_probe"] = Field(
