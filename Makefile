@@ -36,8 +36,8 @@ test-fast: install
 
 # What CI checks besides the tests: lint, formatting and types (mypy on src/, settings in pyproject.toml).
 lint: install
-	$(BIN)/ruff check src tests bench docs
-	$(BIN)/ruff format --check src tests bench docs
+	$(BIN)/ruff check src tests bench docs scripts
+	$(BIN)/ruff format --check src tests bench docs scripts
 	$(BIN)/python -m mypy
 
 # Serve the registered champion (params.yaml: promote) over HTTP on 127.0.0.1:$(PORT) (README: serving).

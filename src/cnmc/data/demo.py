@@ -4,7 +4,7 @@
 ``DIR``: the Kaggle layout with three training folds, a preliminary-phase test set of whole
 subjects renamed ``1.png`` ... with its labels CSV, and a few unlabelled final-phase cells.
 ``cnmc/demo_cells/ATTRIBUTION.md`` says where the cells come from and how they were chosen
-(``cnmc/demo_cells/make_subset.py``).
+(``scripts/make_demo_subset.py`` in the repository).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Run once by a maintainer, from the project root, on the 2,997-cell ``cnmc-real`` folder:
 
-    .venv/bin/python src/cnmc/demo_cells/make_subset.py ../shared/data/cnmc-real src/cnmc/demo_cells
+    .venv/bin/python scripts/make_demo_subset.py ../shared/data/cnmc-real src/cnmc/demo_cells
 
 The rule (seeded, so the choice can be redone exactly):
 - Preliminary-phase test set: whole subjects, as the real data set has it. Hem: every Hem subject
@@ -113,5 +113,5 @@ def write_subset(source: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: make_subset.py CNMC_REAL_DIR OUT_DIR")
+        sys.exit("usage: make_demo_subset.py CNMC_REAL_DIR OUT_DIR")
     write_subset(Path(sys.argv[1]), Path(sys.argv[2]))
