@@ -27,7 +27,7 @@ from cnmc.metrics_document import MetricsDocument, PeopleEvaluation, load_docume
 from cnmc.metrics_registry import label
 
 if TYPE_CHECKING:
-    from cnmc.registry import PromotionResult
+    from cnmc.promotion import PromotionResult
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from cnmc.atomic import atomic_write_text
 from cnmc.config import Params, PromoteConfig
 from cnmc.errors import CnmcError
 from cnmc.metrics_registry import MLFLOW_PREFIX, mlflow_key
+from cnmc.model_card import load_metrics_document, render_model_card
+from cnmc.promotion import PromotionResult
 from cnmc.tracking import experiment_name, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -49,37 +51,6 @@ CARD_FILE = "model_card.md"
 RESULT_FILE = "promotion.json"
 _NOT_FOUND = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
 _EXISTS = {ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)}
-
-
-@dataclass(frozen=True)
-class PromotionResult:
-    """The version registered for the best run of this data and protocol (``candidate_alias`` points
-    at it), and what happened to the released alias. ``released``: the call could move ``alias``;
-    ``promoted``: this version holds ``alias`` after the call (newly, or already);
-    ``champion_version``: the version ``alias`` points at after the call."""
-
-    name: str
-    version: str
-    run_id: str
-    metric: str
-    value: float
-    data_hash: str
-    protocol: str
-    backbone: str
-    promoted: bool
-    reason: str
-    alias: str = "champion"
-    champion_version: str = ""
-    candidate_alias: str = "challenger"
-    released: bool = True
-    rank_on: str = "val"  # the split whose ``metric`` chose the version
-    model_card: str = field(default="", repr=False, compare=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """What ``promotion.json`` holds (everything but the card's text)."""
-        out = asdict(self)
-        out.pop("model_card")
-        return out
 
 
 @dataclass(frozen=True)
@@ -100,8 +71,6 @@ def promote(
     """Register the best run of ``protocol`` on ``data_hash``, point ``cfg.candidate_alias`` at it,
     and with ``release`` move ``cfg.alias`` to it if it beats the current holder on the same data;
     attach the model card. Writes no local files (see :func:`write_promotion`)."""
-    from cnmc.model_card import load_metrics_document, render_model_card
-
     client = client or MlflowClient(tracking_uri=tracking_uri())
     best = _best_candidate(client, cfg, protocol, data_hash)
     run = best.run
