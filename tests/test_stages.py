@@ -42,6 +42,12 @@ def test_every_setting_the_fit_reads_retrains_and_nothing_else_does() -> None:
     assert not params & runtime and not any(p.startswith(("promote.", "tune.", "augment.")) for p in params - online)
 
 
+def test_a_module_attribute_named_like_a_setting_is_not_that_setting() -> None:
+    """``torch.channels_last`` in the inference code does not make ``train.channels_last`` evaluate's."""
+    assert "train.channels_last" in stage("train").params()
+    assert "train.channels_last" not in stage("evaluate").params()
+
+
 def test_serving_code_is_a_dep_of_evaluate_and_not_of_train() -> None:
     train, evaluate = set(stage("train").code_deps()), set(stage("evaluate").code_deps())
     judged = {f"src/cnmc/{name}.py" for name in ("serving", "tta", "explain", "calibration", "model_env")}

@@ -93,8 +93,12 @@ def settings_read(entry: str) -> set[str]:
     for path in files:
         if path == CONFIG_FILE:
             continue
-        for node in ast.walk(parsed(path)):
+        tree = parsed(path)
+        modules = _module_names(tree)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Attribute):
+                if isinstance(node.value, ast.Name) and node.value.id in modules:
+                    continue  # torch.channels_last is torch's, not the setting train.channels_last
                 attributes.add(node.attr)
             elif isinstance(node, ast.Name | ast.arg):
                 names.add(node.id if isinstance(node, ast.Name) else node.arg)
@@ -111,6 +115,15 @@ def settings_read(entry: str) -> set[str]:
         elif name in attributes or name in names:
             read.add(name)
     return read
+
+
+def _module_names(tree: ast.Module) -> set[str]:
+    """The names a file binds to imported modules (``torch``, ``np``): their attributes are no settings."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
+    return names
 
 
 def _runtime_only(extra: Any) -> bool:
