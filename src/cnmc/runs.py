@@ -107,10 +107,11 @@ def open_stores(store: Path) -> dict[str, ImageStore]:
     return {split: ImageStore(store / split) for split in SPLITS}
 
 
-def store_hash(store: Path) -> str:
-    """Hash of the stores' index files: identifies the exact training data of a run."""
+def store_hash(store: Path, splits: tuple[str, ...] = SPLITS) -> str:
+    """Hash of the stores' index files: identifies the exact data of a run (tuning's trials see
+    ``train`` and ``val`` only)."""
     digest = hashlib.sha256()
-    for split in SPLITS:
+    for split in splits:
         digest.update((store / split / "index.csv").read_bytes())
     return digest.hexdigest()[:16]
 

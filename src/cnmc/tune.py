@@ -21,7 +21,6 @@ process's first trial: a resumed study or a second worker does not replay earlie
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import math
 import tempfile
@@ -435,7 +434,7 @@ class _FirstTrialSeededTPE(BaseSampler):
 def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any]:
     import mlflow
 
-    from cnmc.runs import flat_params
+    from cnmc.runs import flat_params, store_hash
     from cnmc.tracking import data_hash, git_commit, run_label, tracked_run, tuning_experiment_name
 
     cfg, protocol = params.tune, params.split.protocol
@@ -452,7 +451,7 @@ def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any
                 "protocol": protocol,
                 "data_hash": data_hash(),
                 "git_commit": git_commit(),
-                "store_hash": _store_hash(store_root),
+                "store_hash": store_hash(store_root, ("train", "val")),
                 "optuna.study": cfg.study_name,
                 "cnmc.stage": "tune",
                 "mlflow.note.content": (
@@ -609,11 +608,3 @@ def _safe_storage(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: show the scheme only
         return url.split("://", 1)[0] + "://..." if "@" in url else url
-
-
-def _store_hash(store_root: Path) -> str:
-    """Hash of the train and val index files: the data every trial saw."""
-    digest = hashlib.sha256()
-    for split in ("train", "val"):
-        digest.update((store_root / split / "index.csv").read_bytes())
-    return digest.hexdigest()[:16]
