@@ -87,6 +87,19 @@ def _reset_mlflow() -> None:
     mlflow.set_tracking_uri(None)
 
 
+@pytest.fixture
+def browser() -> str:
+    """Headless Chromium's path, for the MLflow UI and patient page checks; the test skips, saying
+    why, where it isn't installed."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip(
+        "headless Chromium not installed: the browser checks need it "
+        "(Debian: apt-get install chromium; .ci/run installs it before `make test`)"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic data set in the Kaggle C-NMC layout (96 px BMPs)."""

@@ -4,7 +4,6 @@ the page rendered: each cell's label and p(ALL), sorted, the person's call, the 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from conftest import Server
 from cnmc.data.demo import demo_cells
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def browser() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)")
 
 
 def test_picking_a_patients_cells_shows_each_cell_and_the_call(

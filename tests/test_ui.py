@@ -25,18 +25,6 @@ PAGE_RENDER_S = 90
 
 
 @pytest.fixture
-def browser() -> str:
-    """Chromium's path; the test skips, saying why, where it isn't installed."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip(
-        "headless Chromium not installed: the MLflow UI check needs it "
-        "(Debian: apt-get install chromium; .ci/run installs it before `make test`)"
-    )
-
-
-@pytest.fixture
 def mlflow_ui(browser: str, tiny_runs, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     """``mlflow server`` (what ``make ui`` runs) on the tiny runs' store: its base URL."""
     port = local_server.free_port()

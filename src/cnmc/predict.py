@@ -14,7 +14,6 @@ followed (:func:`cnmc.data.layout.walk_files`), so a link loop can neither repea
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -152,9 +151,7 @@ def predict_paths(
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    buffer = io.StringIO()
-    table.to_csv(buffer, index=False)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, table.to_csv(index=False))
 
 
 def _subjects_csv(path: Path) -> dict[str, str]:
