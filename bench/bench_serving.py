@@ -69,9 +69,9 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     """A random-weight pyfunc of ``backbone`` in a fresh SQLite store; returns (tracking URI, model URI)."""
     import mlflow
 
-    from cnmc.model_spec import ModelSpec
     from cnmc.models.backbones import create_backbone
-    from cnmc.serving import log_pyfunc
+    from cnmc.models.spec import ModelSpec
+    from cnmc.serving.pyfunc import log_pyfunc
 
     model_dir = tmp / "model"
     model_dir.mkdir()
@@ -137,7 +137,7 @@ def main() -> None:
     import mlflow
 
     from cnmc.data.store import normalize_batch
-    from cnmc.serving import decode_base64_images
+    from cnmc.serving.pyfunc import decode_base64_images
 
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp_name:
         tmp = Path(tmp_name)

@@ -28,10 +28,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cnmc.config import Params, apply_overrides
+from cnmc.core.config import Params, apply_overrides
 from cnmc.data.store import IMAGES_FILE, INDEX_FILE, ImageStore
 from cnmc.models.backbones import create_backbone
-from cnmc.train import Trainer
+from cnmc.training.trainer import Trainer
 
 
 def write_store(folder: Path, n: int, size: int, seed: int = 0) -> ImageStore:

@@ -68,13 +68,13 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from cnmc.config import AugmentConfig, TrainConfig  # noqa: E402
+from cnmc.core.config import AugmentConfig, TrainConfig  # noqa: E402
 from cnmc.data.augment import REQUIRED_COLUMNS, load_image_tensor, prepare_dataset  # noqa: E402
 from cnmc.data.store import ImageStore, StoreDataset, normalize_batch  # noqa: E402
 from cnmc.data.transforms import resize_transform  # noqa: E402
-from cnmc.evaluate import binary_metrics, tune_threshold  # noqa: E402
+from cnmc.metrics.scores import binary_metrics, tune_threshold  # noqa: E402
 from cnmc.models.backbones import create_backbone  # noqa: E402
-from cnmc.train import Trainer  # noqa: E402
+from cnmc.training.trainer import Trainer  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ of a GPU machine answers the issue's questions at once:
    cell-like images: only speed is measured) and read the way ``Trainer.train_epoch`` reads it: the
    Trainer's own ``train_ds`` (``StoreDataset(..., normalize=False)``) through ``batch_loader`` with
    the Trainer's ``loader_kwargs`` (its workers, pinned memory), each uint8 batch copied
-   non-blocking to the GPU and normalised there by ``cnmc.inference.model_input``. A fresh loader
+   non-blocking to the GPU and normalised there by ``cnmc.inference.forward.model_input``. A fresh loader
    per epoch, as the Trainer makes one per epoch (so worker start-up counts), timed between two
    ``torch.cuda.synchronize()``. Goal: >= 10,000 img/s at 224 px (PASS/below).
 2. **Training through the pipeline's Trainer.** For each paper backbone (resnet50, resnet101,
@@ -74,12 +74,12 @@ import timm
 import torch
 from torch import nn
 
-from cnmc.atomic import atomic_write_text
-from cnmc.config import TrainConfig
+from cnmc.core.atomic import atomic_write_text
+from cnmc.core.config import TrainConfig
 from cnmc.data.store import IMAGENET_MEAN, IMAGENET_STD, IMAGES_FILE, INDEX_FILE, ImageStore, batch_loader
-from cnmc.inference import model_input
+from cnmc.inference.forward import model_input
 from cnmc.models.backbones import create_backbone
-from cnmc.train import Trainer
+from cnmc.training.trainer import Trainer
 
 PAPER_BACKBONES = ("resnet50", "resnet101", "efficientnet_b0", "efficientnet_b1", "efficientnet_b3")
 SMOKE_BACKBONES = ("test_resnet", "test_efficientnet")

@@ -34,7 +34,7 @@ def tiny_params(min_images_per_class: int = 1, **train: object):
     The tiny validation split (a few cells a class) may fit threshold and temperature unless
     ``min_images_per_class`` says otherwise, so that those paths are tested.
     """
-    from cnmc.config import Params
+    from cnmc.core.config import Params
 
     params = Params()
     train_cfg = {"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False, **train}
@@ -115,7 +115,7 @@ def tiny_store(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A prepared pipeline folder laid out like ``outputs/`` (``RunPaths(root, backbone)``
     works on it): images/{train,val,test}, data_report.json, split_report.json,
     plots/augment_preview.png. Read-only: copy it (``copy_store``) before writing into it."""
-    from cnmc.config import AugmentConfig, SplitConfig
+    from cnmc.core.config import AugmentConfig, SplitConfig
     from cnmc.data.augment import prepare_dataset
     from cnmc.data.manifest import build_manifest, write_manifest
     from cnmc.data.split import split_manifest, write_splits
@@ -209,8 +209,8 @@ class TinyRuns:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        from cnmc.experiment import train_and_log
-        from cnmc.runs import RunPaths
+        from cnmc.jobs.fit_evaluate import train_and_log
+        from cnmc.jobs.paths import RunPaths
 
         # Colour centring on: the served champion then shows that a model's input transform travels with it.
         params = tiny_params(colour="centred")
@@ -243,7 +243,7 @@ def tiny_runs(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pyte
 @dataclass(frozen=True)
 class Champion:
     """The tiny ``test_resnet`` run, registered and given the ``champion`` alias by ``cnmc promote``'s
-    own :func:`cnmc.registry.promote`, in the ``tiny_runs`` store."""
+    own :func:`cnmc.tracking.model_registry.promote`, in the ``tiny_runs`` store."""
 
     tracking_uri: str
     name: str
@@ -264,8 +264,8 @@ def champion(tiny_runs: TinyRuns) -> Champion:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from cnmc.config import PromoteConfig
-    from cnmc.registry import promote
+    from cnmc.core.config import PromoteConfig
+    from cnmc.tracking.model_registry import promote
 
     run = tiny_runs("test_resnet")
     client = MlflowClient(tracking_uri=run.tracking_uri)
@@ -347,7 +347,7 @@ def metrics_document(test: dict, **fields: object) -> dict:
     validation), as the evaluate stage writes it; ``fields`` replace top-level values."""
     import json
 
-    from cnmc.metrics_document import Calibration
+    from cnmc.metrics.document import Calibration
 
     document = {
         "backbone": "fake",

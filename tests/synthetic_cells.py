@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from cnmc.atomic import fill_new_folder
+from cnmc.core.atomic import fill_new_folder
 
 ROOT = "C-NMC_Leukemia"
 TRAIN_DIR = f"{ROOT}/training_data"

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from cnmc.config import AugmentConfig
+from cnmc.core.config import AugmentConfig
+from cnmc.core.errors import CnmcError
 from cnmc.data import transforms as T
 from cnmc.data.augment import REQUIRED_COLUMNS, PrepareSummary, derive_seed, prepare_dataset
 from cnmc.data.store import ImageStore
-from cnmc.errors import CnmcError
 
 SIZE = 32
 

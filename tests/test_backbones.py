@@ -14,8 +14,9 @@ from huggingface_hub import constants as hf_constants
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from cnmc.errors import CnmcError
-from cnmc.models import SUPPORTED, create_backbone, lite
+from cnmc.core.errors import CnmcError
+from cnmc.models import lite
+from cnmc.models.backbones import SUPPORTED, create_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -210,8 +211,8 @@ def errors_without_lite_packages():
     blocked = [package.module for package in lite.PACKAGES.values()]
     code = (
         f"import sys; sys.modules.update(dict.fromkeys({blocked!r}))\n"
-        "from cnmc.errors import CnmcError\n"
-        "from cnmc.models import create_backbone\n"
+        "from cnmc.core.errors import CnmcError\n"
+        "from cnmc.models.backbones import create_backbone\n"
         "assert create_backbone('test_resnet', pretrained=False).weights == 'random'\n"
         f"for name in {LITE!r}:\n"
         "    try:\n"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from cnmc.calibration import (
+from cnmc.inference.forward import prob_all
+from cnmc.metrics.calibration import (
     T_MAX,
     T_MIN,
     expected_calibration_error,
@@ -17,8 +18,7 @@ from cnmc.calibration import (
     nll,
     reliability_bins,
 )
-from cnmc.inference import prob_all
-from cnmc.plots import reliability_png
+from cnmc.plots.evaluation import reliability_png
 
 
 def overconfident(n: int = 20000, scale: float = 5.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

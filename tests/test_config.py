@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cnmc.cli import main
-from cnmc.config import Params, load_params, profile_params, render_params
-from cnmc.errors import CnmcError
+from cnmc.core.config import Params, load_params, profile_params, render_params
+from cnmc.core.errors import CnmcError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str
     ],
 )
 def test_tune_storage_is_a_journal_file_or_an_rdb_url(storage: str, journal: Path | None) -> None:
-    from cnmc.config import journal_path
+    from cnmc.core.config import journal_path
 
     assert journal_path(Params.model_validate({"tune": {"storage": storage}}).tune.storage) == journal
 
@@ -82,7 +82,7 @@ def test_cli_flags_override_params(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_params_from_layers_a_partial_file(tmp_path: Path) -> None:
-    from cnmc.config import merge_params_file
+    from cnmc.core.config import merge_params_file
 
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text("# from cnmc tune\ntrain:\n  lr: 0.0003\naugment:\n  strength: 0.4\n")
@@ -95,7 +95,7 @@ def test_params_from_layers_a_partial_file(tmp_path: Path) -> None:
 
 def test_the_champion_uri_is_built_from_promote_and_read_by_the_cli(tmp_path) -> None:
     from cnmc.cli import _model_uri, build_parser
-    from cnmc.config import PromoteConfig
+    from cnmc.core.config import PromoteConfig
 
     def uri(*argv: str) -> str:
         return _model_uri(build_parser().parse_args(["predict", "cell.bmp", *argv]))
@@ -111,7 +111,7 @@ def test_the_champion_uri_is_built_from_promote_and_read_by_the_cli(tmp_path) ->
 
 def test_set_overrides_any_setting_once_validated_and_in_order(tmp_path) -> None:
     from cnmc.cli import _params, build_parser
-    from cnmc.errors import CnmcError
+    from cnmc.core.errors import CnmcError
 
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  lr: 0.01\n")

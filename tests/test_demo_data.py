@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from cnmc.cli import main
+from cnmc.core.errors import CnmcError
 from cnmc.data import demo
 from cnmc.data.demo import copy_demo_dataset, demo_cells
 from cnmc.data.manifest import build_manifest
-from cnmc.errors import CnmcError
 
 SHIPPED = demo_cells()
 PRELIM_CSV = "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data_labels.csv"
@@ -107,6 +107,6 @@ def test_a_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_the_committed_data_dvc_is_the_demo_hash_the_report_and_card_recognise() -> None:
     from cnmc.data.demo import DEMO_DATA_HASH
-    from cnmc.tracking import data_hash
+    from cnmc.tracking.runs import data_hash
 
     assert data_hash(Path(__file__).resolve().parents[1]) == DEMO_DATA_HASH

@@ -16,10 +16,10 @@ import torch
 from conftest import tiny_params
 from mlflow import MlflowClient
 
-from cnmc.config import render_params
+from cnmc.core.config import render_params
+from cnmc.core.distributed import World, evaluation_share
+from cnmc.core.errors import CnmcError
 from cnmc.data.sampling import epoch_rows
-from cnmc.distributed import World, evaluation_share
-from cnmc.errors import CnmcError
 
 BIN = Path(sys.executable).parent
 
@@ -45,7 +45,7 @@ def test_one_process_keeps_the_shuffle_of_a_plain_random_sampler() -> None:
 def test_the_batch_size_is_the_global_batch(copy_store: Path) -> None:
     from cnmc.data.store import ImageStore
     from cnmc.models.backbones import create_backbone
-    from cnmc.train import Trainer
+    from cnmc.training.trainer import Trainer
 
     net = create_backbone("test_resnet", pretrained=False)
     stores = [ImageStore(copy_store / "images" / split) for split in ("train", "val")]

@@ -16,7 +16,7 @@ import pytest
 from conftest import Server, TinyRuns, tiny_params
 from PIL import Image
 
-from cnmc.errors import CnmcError
+from cnmc.core.errors import CnmcError
 
 BACKBONES = ("test_resnet", "test_efficientnet")
 
@@ -46,7 +46,7 @@ def ensemble(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> t
     counts that store's runs): its model URI and its summary file."""
     import shutil
 
-    from cnmc.ensemble_run import build_ensemble
+    from cnmc.jobs.ensemble import build_ensemble
 
     member_uris = {b: tiny_runs(b).model_uri for b in BACKBONES}
     copy = tmp_path_factory.mktemp("ensemble") / "mlflow.db"
@@ -124,7 +124,7 @@ def test_a_colour_centred_model_answers_the_same_in_process_and_over_http(
 
 
 def test_an_ensemble_needs_two_evaluated_backbones(tmp_path: Path) -> None:
-    from cnmc.ensemble_run import build_ensemble
+    from cnmc.jobs.ensemble import build_ensemble
 
     with pytest.raises(CnmcError, match="at least two"):
         build_ensemble(tiny_params(), ["test_resnet"], tmp_path)

@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnmc import plots
-from cnmc.curves import training_curves_png
-from cnmc.evaluate import (
+from cnmc.metrics.scores import (
     BOOTSTRAP_METRICS,
     binary_metrics,
     bootstrap_ci,
@@ -21,6 +19,8 @@ from cnmc.evaluate import (
     per_subject_accuracy,
     tune_threshold,
 )
+from cnmc.plots import evaluation as plots
+from cnmc.plots.training import training_curves_png
 
 # Tiny example: at 0.5 the predictions are [1, 1, 0, 1, 0] -> TP 2, FN 1, FP 1, TN 1.
 Y = [1, 1, 1, 0, 0]

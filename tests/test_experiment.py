@@ -24,9 +24,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnmc.experiment import train_and_log
-from cnmc.runs import RunPaths
-from cnmc.serving import encode_file
+from cnmc.jobs.fit_evaluate import train_and_log
+from cnmc.jobs.paths import RunPaths
+from cnmc.serving.pyfunc import encode_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -146,7 +146,7 @@ def test_run_logs_artifacts_and_the_metrics_file(logged_run: LoggedRun) -> None:
 
     saved = json.loads(paths.metrics.read_text())
     assert saved == json.loads(json.dumps(document))  # the file is the returned document
-    from cnmc.report import build_report
+    from cnmc.jobs.report import build_report
 
     report = build_report([paths.metrics], paths.root / "report-check")
     assert f"of {saved['people']['people']} people called right (exact 95% CI" in report.markdown
@@ -192,7 +192,7 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
 
 
 def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) -> None:
-    from cnmc.model_spec import ModelSpec
+    from cnmc.models.spec import ModelSpec
 
     document, paths = tracking.document, tracking.paths
     calibration = document["calibration"]
@@ -225,8 +225,8 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
 def test_the_logged_model_bundles_only_the_code_and_packages_inference_needs(
     tracking: LoggedRun, tmp_path: Path
 ) -> None:
-    from cnmc.imports import PACKAGE_DIR, code_closure
-    from cnmc.model_env import ENTRY, requirements
+    from cnmc.core.imports import PACKAGE_DIR, code_closure
+    from cnmc.serving.model_env import ENTRY, requirements
 
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{tracking.run_id}/model", dst_path=str(tmp_path)))
     code = local / "code" / "cnmc"
@@ -239,8 +239,8 @@ def test_the_logged_model_bundles_only_the_code_and_packages_inference_needs(
 def test_a_validation_set_too_small_fits_nothing_and_says_so(
     tiny_store: Path, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnmc.metrics_document import MetricsDocument
-    from cnmc.model_card import _threshold_note
+    from cnmc.jobs.model_card import _threshold_note
+    from cnmc.metrics.document import MetricsDocument
 
     root = Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
     monkeypatch.chdir(tmp_path)
@@ -380,8 +380,8 @@ def test_mlflow_run_trains_end_to_end(tmp_path: Path, tiny_data: Path, mlflow_db
 def test_interrupted_run_is_killed_then_resumed_into_the_same_run(
     copy_store: Path, mlflow_db: str, monkeypatch: pytest.MonkeyPatch, logged_run: LoggedRun
 ) -> None:
-    from cnmc.errors import CnmcError
-    from cnmc.train import Trainer
+    from cnmc.core.errors import CnmcError
+    from cnmc.training.trainer import Trainer
 
     paths = RunPaths(copy_store, BACKBONE)
     real_epoch = Trainer.train_epoch

@@ -1,4 +1,4 @@
-"""Grad-CAM explanations (``cnmc.explain``): target layers, heatmaps, the run's example grid,
+"""Grad-CAM explanations (``cnmc.jobs.explain``): target layers, heatmaps, the run's example grid,
 the seeded choice of examples, and ``explain_images`` on a model from a real tiny run."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore
-from cnmc.errors import CnmcError
-from cnmc.explain import (
+from cnmc.jobs.explain import (
     explain_images,
     gradcam_grid,
     gradcam_heatmaps,
@@ -24,9 +24,9 @@ from cnmc.explain import (
     select_examples,
     target_layer,
 )
-from cnmc.model_spec import ModelSpec
 from cnmc.models.backbones import create_backbone
-from cnmc.serving import encode_file
+from cnmc.models.spec import ModelSpec
+from cnmc.serving.pyfunc import encode_file
 
 
 def tiny_model(name: str, size: int = 32) -> tuple[torch.nn.Module, ModelSpec]:

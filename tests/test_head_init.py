@@ -1,4 +1,4 @@
-"""LP-FT head initialisation (cnmc.head_init) and frozen batch-norm statistics, on the tiny store."""
+"""LP-FT head initialisation (cnmc.training.head_init) and frozen batch-norm statistics, on the tiny store."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from test_train import make_trainer
 
+from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
-from cnmc.errors import CnmcError
-from cnmc.head_init import PROBE_C, fit_probe_head, pooled_features
 from cnmc.models.backbones import create_backbone
+from cnmc.training.head_init import PROBE_C, fit_probe_head, pooled_features
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""cnmc.http_guard in process, on toy ASGI apps (fast): good answers pass byte for byte, error
+"""cnmc.serving.guard in process, on toy ASGI apps (fast): good answers pass byte for byte, error
 answers and exceptions become small JSON, MLflow's echoes are cut out of messages."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-from cnmc.http_guard import MESSAGE_LIMIT, HttpGuard, client_message, content_type_problem
+from cnmc.serving.guard import MESSAGE_LIMIT, HttpGuard, client_message, content_type_problem
 
 
 def run(

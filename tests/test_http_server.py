@@ -29,7 +29,7 @@ import pytest
 from conftest import SERVED_MAX_BATCH, SERVED_MAX_BODY_MB, Champion, Server
 from PIL import Image
 
-from cnmc.http_guard import MESSAGE_LIMIT
+from cnmc.serving.guard import MESSAGE_LIMIT
 
 MIB = 1024 * 1024
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from cnmc.core.errors import CnmcError
 from cnmc.data.layout import CellName, detect_layout, parse_cell_name
-from cnmc.errors import CnmcError
 
 
 def touch(path: Path) -> Path:

@@ -12,14 +12,14 @@ import pytest
 import torch
 from test_train import make_trainer
 
+from cnmc.core.distributed import World
 from cnmc.data.batch_augment import hed_jitter, random_symmetries, symmetry
 from cnmc.data.sampling import draw_weights, epoch_rows
-from cnmc.distributed import World
-from cnmc.inference import model_input, recolour
+from cnmc.inference.forward import model_input, recolour
+from cnmc.inference.tta import tta_views
+from cnmc.metrics.validation_rules import choose_temperature, choose_threshold, subject_shortfall
 from cnmc.models.backbones import create_backbone
 from cnmc.models.param_groups import parameter_groups
-from cnmc.tta import tta_views
-from cnmc.validation_rules import choose_temperature, choose_threshold, subject_shortfall
 
 
 def distinct_images(n: int, size: int = 6) -> torch.Tensor:
@@ -172,7 +172,7 @@ def test_a_run_with_the_levers_trains_and_resumes_exactly(tiny_store: Path, tmp_
 def test_online_augmentation_stores_originals_and_trains_with_fresh_draws(tiny_data: Path, tmp_path: Path) -> None:
     from conftest import SEED, TINY_AUGMENT
 
-    from cnmc.config import AugmentConfig, SplitConfig
+    from cnmc.core.config import AugmentConfig, SplitConfig
     from cnmc.data.augment import prepare_dataset
     from cnmc.data.manifest import build_manifest
     from cnmc.data.split import split_manifest, write_splits
@@ -237,8 +237,8 @@ def test_the_temperature_moves_only_where_it_lowers_the_nll_reliably() -> None:
 
 
 def test_lever_settings_are_checked_when_params_load() -> None:
-    from cnmc.config import Params, apply_overrides
-    from cnmc.errors import CnmcError
+    from cnmc.core.config import Params, apply_overrides
+    from cnmc.core.errors import CnmcError
 
     params = apply_overrides(Params(), ["train.rotation=d4", "train.colour=centred", "train.sampling=subject"])
     assert (params.train.rotation, params.train.colour, params.train.sampling) == ("d4", "centred", "subject")
@@ -248,7 +248,7 @@ def test_lever_settings_are_checked_when_params_load() -> None:
 
 
 def test_paper_profile_switches_every_lever_off() -> None:
-    from cnmc.config import profile_params
+    from cnmc.core.config import profile_params
 
     paper = profile_params("paper")
     t = paper.train
@@ -264,8 +264,8 @@ def test_paper_profile_switches_every_lever_off() -> None:
 
 
 def test_the_fit_draws_t_on_the_fly_only_where_augmentation_is_online() -> None:
-    from cnmc.config import Params, apply_overrides
-    from cnmc.fit_run import online_transform
+    from cnmc.core.config import Params, apply_overrides
+    from cnmc.jobs.train import online_transform
 
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     transform = online_transform(apply_overrides(Params(), ["augment.online=true"]), 32)

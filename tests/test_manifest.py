@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 from cnmc.cli import main
+from cnmc.core.errors import CnmcError
 from cnmc.data import manifest as manifest_module
 from cnmc.data.manifest import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
-from cnmc.errors import CnmcError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-sample"
 PRELIM = "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data"

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnmc.imports import PACKAGE_DIR, code_closure
-from cnmc.model_env import ENTRY, copy_code, requirements
+from cnmc.core.imports import PACKAGE_DIR, code_closure
+from cnmc.serving.model_env import ENTRY, copy_code, requirements
 
 
 def test_the_closure_is_the_serving_code_and_not_the_project() -> None:
     files, external = code_closure(ENTRY)
     names = {path.relative_to(PACKAGE_DIR).as_posix() for path in files}
-    assert {"__init__.py", "serving.py", "tta.py", "models/backbones.py", "data/images.py"} <= names
+    assert {"__init__.py", "serving/pyfunc.py", "inference/tta.py", "models/backbones.py", "data/images.py"} <= names
     for unwanted in (
-        "http_server.py",
-        "http_guard.py",
+        "serving/http_app.py",
+        "serving/guard.py",
         "cli.py",
-        "train.py",
-        "tune.py",
-        "explain.py",
+        "training/trainer.py",
+        "jobs/tune.py",
+        "jobs/explain.py",
         "data/manifest.py",
     ):
         assert unwanted not in names, unwanted
@@ -35,4 +35,4 @@ def test_requirements_are_the_pinned_ones_inference_imports() -> None:
 
 def test_copy_makes_an_importable_package_without_caches(tmp_path: Path) -> None:
     root = copy_code(tmp_path)
-    assert (root / "serving.py").is_file() and not list(root.rglob("__pycache__"))
+    assert (root / "serving" / "pyfunc.py").is_file() and not list(root.rglob("__pycache__"))

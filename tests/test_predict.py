@@ -1,4 +1,4 @@
-"""Batch prediction (``cnmc.predict.predict_paths``) with a model from a real tiny run: every file
+"""Batch prediction (``cnmc.serving.batch.predict_paths``) with a model from a real tiny run: every file
 gets a row, bad files are reported and don't stop the batch, globs and folders expand."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pytest
 from conftest import tiny_params
 from PIL import Image
 
-from cnmc.errors import CnmcError
-from cnmc.experiment import train_and_log
-from cnmc.predict import COLUMNS, find_images, predict_paths
-from cnmc.runs import RunPaths
-from cnmc.serving import encode_file
+from cnmc.core.errors import CnmcError
+from cnmc.jobs.fit_evaluate import train_and_log
+from cnmc.jobs.paths import RunPaths
+from cnmc.serving.batch import COLUMNS, find_images, predict_paths
+from cnmc.serving.pyfunc import encode_file
 
 BACKBONE = "test_resnet"
 
@@ -145,10 +145,10 @@ def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
 ) -> None:
     """If the pre-check lets a file through (e.g. a model logged with older serving code that is
     stricter), the batch is retried file by file: the refused one gets the model's reason."""
-    import cnmc.predict
+    import cnmc.serving.batch
 
     files = write_images(tmp_path / "images")
-    monkeypatch.setattr(cnmc.predict, "open_rgb", lambda data: None)  # no pre-check
+    monkeypatch.setattr(cnmc.serving.batch, "open_rgb", lambda data: None)  # no pre-check
     out = tmp_path / "p.csv"
     summary = predict_paths(
         model.model_uri, [str(files["a.bmp"]), str(files["text.png"]), str(files["b.png"])], out, progress=False
@@ -190,7 +190,7 @@ def test_predict_by_subject_writes_a_call_per_person_beside_the_cells(model: Tin
     """Real C-NMC cells of two people (names give the subject), one of them with a broken file."""
     from cnmc.cli import main
     from cnmc.data.demo import demo_cells
-    from cnmc.predict import People
+    from cnmc.serving.batch import People
 
     fold = demo_cells() / "C-NMC_Leukemia" / "training_data" / "fold_0"
     cells = tmp_path / "cells"

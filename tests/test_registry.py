@@ -24,10 +24,10 @@ from conftest import metrics_document as conftest_metrics_document
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from cnmc.config import Params, PromoteConfig
-from cnmc.errors import CnmcError
-from cnmc.model_card import load_metrics_document
-from cnmc.registry import promote, write_promotion
+from cnmc.core.config import Params, PromoteConfig
+from cnmc.core.errors import CnmcError
+from cnmc.jobs.model_card import load_metrics_document
+from cnmc.tracking.model_registry import promote, write_promotion
 
 # Most tests rank on test metrics: fewer to fake.
 CFG = PromoteConfig(rank_on="test", metric="f1_all", tie_breaker="roc_auc")
@@ -282,9 +282,9 @@ def test_a_run_without_a_metrics_document_gets_no_card(client: MlflowClient) -> 
 
 # -- a real training run, served from the registry ---------------------------------------------------
 def test_real_run_is_promoted_and_served_from_the_alias(copy_store: Path, mlflow_db: str, tmp_path: Path) -> None:
-    from cnmc.experiment import train_and_log
-    from cnmc.runs import RunPaths
-    from cnmc.serving import encode_file
+    from cnmc.jobs.fit_evaluate import train_and_log
+    from cnmc.jobs.paths import RunPaths
+    from cnmc.serving.pyfunc import encode_file
 
     base = Params()
     params = base.model_copy(

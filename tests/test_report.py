@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from conftest import metrics_document
 
-from cnmc.errors import CnmcError
-from cnmc.evaluate import evaluate_split
-from cnmc.report import build_report
+from cnmc.core.errors import CnmcError
+from cnmc.jobs.report import build_report
+from cnmc.metrics.scores import evaluate_split
 
 
 def write_metrics(path: Path, backbone: str, protocol: str = "subject", seed: int = 0) -> dict:

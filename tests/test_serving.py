@@ -29,8 +29,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cnmc.data.images import MAX_PIXELS
-from cnmc.model_spec import ModelSpec
-from cnmc.serving import InvalidInput, LeukemiaClassifier, decode_base64_images
+from cnmc.models.spec import ModelSpec
+from cnmc.serving.pyfunc import InvalidInput, LeukemiaClassifier, decode_base64_images
 
 BACKBONE = "test_resnet"
 
@@ -189,9 +189,9 @@ def test_a_string_is_never_opened_as_a_file(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_too_many_bytes_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch, good_bmp: bytes) -> None:
-    import cnmc.serving
+    import cnmc.serving.pyfunc
 
-    monkeypatch.setattr(cnmc.serving, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(cnmc.serving.pyfunc, "MAX_IMAGE_BYTES", 1000)
     with pytest.raises(InvalidInput, match="too large"):
         decode_base64_images([b64(good_bmp)], 32)
     with pytest.raises(InvalidInput, match="too large"):
@@ -215,12 +215,12 @@ def test_pyfunc_maps_bad_input_to_invalid_parameter_value(classifier: LeukemiaCl
 
 
 def test_unexpected_decode_errors_become_invalid_input(monkeypatch: pytest.MonkeyPatch, good_bmp: bytes) -> None:
-    import cnmc.serving
+    import cnmc.serving.pyfunc
 
     def broken(data: bytes, size: int) -> np.ndarray:
         raise RuntimeError("resize exploded")
 
-    monkeypatch.setattr(cnmc.serving, "decode_image", broken)
+    monkeypatch.setattr(cnmc.serving.pyfunc, "decode_image", broken)
     with pytest.raises(InvalidInput, match=r"row 0: could not decode the image \(RuntimeError: resize exploded\)"):
         decode_base64_images([b64(good_bmp)], 32)
 

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from cnmc.config import SplitConfig
+from cnmc.core.config import SplitConfig
+from cnmc.core.errors import CnmcError
 from cnmc.data.split import split_manifest, write_splits
-from cnmc.errors import CnmcError
 
 COLUMNS = ["path", "label", "subject", "source", "sha256", "width", "height", "original_mode", "original_name"]
 

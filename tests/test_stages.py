@@ -1,4 +1,4 @@
-"""The DVC stage files are rendered from cnmc.stages, and what each stage declares follows from the
+"""The DVC stage files are rendered from cnmc.jobs.stages, and what each stage declares follows from the
 typed config and the code the stage runs: a setting or a source file a stage uses is never missing."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from cnmc.config import Params
-from cnmc.stages import FILES, PIPELINE, TUNING, render, settings_read
+from cnmc.core.config import Params
+from cnmc.jobs.stages import FILES, PIPELINE, TUNING, render, settings_read
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def stage(name: str):  # noqa: ANN201
 def test_the_stage_files_are_the_rendering_of_cnmc_stages() -> None:
     for name, (stages, about) in FILES.items():
         assert (ROOT / name).read_text() == render(stages, about), (
-            f"{name} is out of date: run `python -m cnmc.stages` and commit the result"
+            f"{name} is out of date: run `python -m cnmc.jobs.stages` and commit the result"
         )
 
 
@@ -50,10 +50,17 @@ def test_a_module_attribute_named_like_a_setting_is_not_that_setting() -> None:
 
 def test_serving_code_is_a_dep_of_evaluate_and_not_of_train() -> None:
     train, evaluate = set(stage("train").code_deps()), set(stage("evaluate").code_deps())
-    judged = {f"src/cnmc/{name}.py" for name in ("serving", "tta", "explain", "calibration", "model_env")}
+    judged = {
+        f"src/cnmc/{name}.py"
+        for name in ("serving/pyfunc", "inference/tta", "jobs/explain", "metrics/calibration", "serving/model_env")
+    }
     assert not train & judged, train & judged
-    assert judged <= evaluate and "src/cnmc/fit_run.py" not in evaluate and "src/cnmc/train.py" not in evaluate
-    assert {"src/cnmc/train.py", "src/cnmc/fit_run.py", "src/cnmc/models/backbones.py"} <= train
+    assert (
+        judged <= evaluate
+        and "src/cnmc/jobs/train.py" not in evaluate
+        and "src/cnmc/training/trainer.py" not in evaluate
+    )
+    assert {"src/cnmc/training/trainer.py", "src/cnmc/jobs/train.py", "src/cnmc/models/backbones.py"} <= train
 
 
 def test_tuning_trials_declare_the_training_settings_they_read() -> None:
@@ -63,7 +70,7 @@ def test_tuning_trials_declare_the_training_settings_they_read() -> None:
 
 def test_the_derivation_follows_the_code(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """A setting counts once the code names its section (or config class) and the field."""
-    import cnmc.stages as stages
+    import cnmc.jobs.stages as stages
 
     code = tmp_path / "probe.py"
     code.write_text("def f(cfg: SplitConfig, seed: int):\n    return cfg.val_fraction, cfg.epochs\n")

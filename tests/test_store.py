@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cnmc.core.errors import CnmcError
 from cnmc.data.store import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,7 +20,6 @@ from cnmc.data.store import (
     normalize_batch,
 )
 from cnmc.data.transforms import paper_transform
-from cnmc.errors import CnmcError
 
 N, S = 10, 16
 

@@ -1,4 +1,4 @@
-"""The training loop (cnmc.train.Trainer) on the tiny store: history and best weights, early
+"""The training loop (cnmc.training.trainer.Trainer) on the tiny store: history and best weights, early
 stopping, exact resume after an interruption, refused checkpoints, SIGTERM, a diverging loss."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnmc import train as train_module
-from cnmc.config import TrainConfig
+from cnmc.core.config import TrainConfig
+from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore
 from cnmc.data.transforms import paper_transform
-from cnmc.errors import CnmcError
 from cnmc.models.backbones import create_backbone
-from cnmc.train import Trainer, sigterm_as_interrupt
+from cnmc.training import trainer as train_module
+from cnmc.training.trainer import Trainer, sigterm_as_interrupt
 
 BACKBONE = "test_efficientnet"
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "val_f1_macro", "val_roc_auc"}
@@ -194,7 +194,7 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tiny_store, tmp_path)
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tiny_store, tmp_path, caplog):
     trainer = make_trainer(tiny_store, tmp_path / "none" / "checkpoint.pt", epochs=1)
-    with caplog.at_level("WARNING", logger="cnmc.train"):
+    with caplog.at_level("WARNING", logger="cnmc.training.trainer"):
         result = trainer.fit(resume=True)
     assert len(result.history) == 1
     assert "no checkpoint" in caplog.text

@@ -15,10 +15,10 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cnmc.data.store import normalize_batch
-from cnmc.inference import predict_logits, prob_all
-from cnmc.model_spec import ModelSpec
-from cnmc.serving import LeukemiaClassifier, encode_file, log_pyfunc, predict_proba
-from cnmc.tta import VIEW_NAMES, tta_views
+from cnmc.inference.forward import predict_logits, prob_all
+from cnmc.inference.tta import VIEW_NAMES, tta_views
+from cnmc.models.spec import ModelSpec
+from cnmc.serving.pyfunc import LeukemiaClassifier, encode_file, log_pyfunc, predict_proba
 
 BACKBONE = "test_resnet"
 SIZE = 32

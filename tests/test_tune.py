@@ -1,4 +1,4 @@
-"""Optuna tuning (cnmc.tune) on the tiny store: a tracked study and tuned.yaml, pruning (in SQLite),
+"""Optuna tuning (cnmc.jobs.tune) on the tiny store: a tracked study and tuned.yaml, pruning (in SQLite),
 a failed trial that does not stop the study, resuming, two concurrent `cnmc tune` workers on one
 journal file, and the store view that replays the augment stage's balancing with T on the fly."""
 
@@ -16,11 +16,11 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from cnmc import train as train_module
-from cnmc import tune
-from cnmc.config import Params
+from cnmc.core.config import Params
+from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore
-from cnmc.errors import CnmcError
+from cnmc.jobs import tune
+from cnmc.training import trainer as train_module
 
 STUDY = "tiny-tune"
 

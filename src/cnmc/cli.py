@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnmc import __version__
-from cnmc.config import (
+from cnmc.core.config import (
     PARAMS_FILE,
     PROFILES,
     Params,
@@ -24,10 +24,10 @@ from cnmc.config import (
     profile_params,
     render_params,
 )
-from cnmc.errors import CnmcError
+from cnmc.core.errors import CnmcError
 
 if TYPE_CHECKING:
-    from cnmc.runs import RunPaths
+    from cnmc.jobs.paths import RunPaths
 
 log = logging.getLogger("cnmc")
 
@@ -130,10 +130,10 @@ def cmd_augment(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from cnmc.distributed import process_group
-    from cnmc.fit_run import fit_and_log
-    from cnmc.runs import RunPaths, default_root
-    from cnmc.train import uses_cuda
+    from cnmc.core.distributed import process_group
+    from cnmc.jobs.paths import RunPaths, default_root
+    from cnmc.jobs.train import fit_and_log
+    from cnmc.training.trainer import uses_cuda
 
     params = _params(args)
     # Under torchrun: one process per rank; rank 0 prepares the data first, the others then reuse it.
@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _store_root(args: argparse.Namespace, params: Params) -> Path:
     """The folder whose ``images/`` store to train on: ``--data``'s work folder, the DVC outputs when
     they match the settings, else a matching store prepared beside them."""
-    from cnmc.prepare import prepare_work_dir, store_matches
+    from cnmc.jobs.prepare import prepare_work_dir, store_matches
 
     if args.data:
         root = Path(args.work_dir)
@@ -184,13 +184,13 @@ def _store_root(args: argparse.Namespace, params: Params) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cnmc.runs import RunPaths, default_root
+    from cnmc.jobs.paths import RunPaths, default_root
 
     _evaluate(_params(args), RunPaths(Path(args.root or default_root()), args.backbone), args.metrics_out)
 
 
 def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
-    from cnmc.evaluate_run import evaluate_and_log
+    from cnmc.jobs.evaluate import evaluate_and_log
 
     document = evaluate_and_log(params, paths.backbone, paths)
     if metrics_out:
@@ -205,7 +205,7 @@ def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
-    from cnmc.ensemble_run import build_ensemble
+    from cnmc.jobs.ensemble import build_ensemble
 
     params = _params(args)
     backbones = args.backbones.split(",") if args.backbones else params.train.backbones
@@ -213,7 +213,7 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from cnmc.registry import pipeline_may_release, promote_and_write
+    from cnmc.tracking.model_registry import pipeline_may_release, promote_and_write
 
     params = _params(args)
     release = pipeline_may_release(params.promote) if args.from_pipeline else True
@@ -222,7 +222,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from cnmc.predict import People, predict_paths
+    from cnmc.serving.batch import People, predict_paths
 
     if args.subject is not None and args.by == "subject":
         raise CnmcError("--subject NAME makes every input one person's: it does not go with --by subject")
@@ -245,13 +245,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from cnmc.http_server import serve
+    from cnmc.serving.http_app import serve
 
     serve(_model_uri(args), args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from cnmc.tune import run_study, write_tuned_params
+    from cnmc.jobs.tune import run_study, write_tuned_params
 
     params = _params(args)
     summary = run_study(params, Path(args.store), progress=not args.quiet)
@@ -262,14 +262,14 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
-    from cnmc.explain import explain_images
+    from cnmc.jobs.explain import explain_images
 
     for path in explain_images(_model_uri(args), args.inputs, Path(args.out_dir)):
         print(path)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from cnmc.report import report_backbones
+    from cnmc.jobs.report import report_backbones
 
     print(report_backbones(_params(args), Path(args.metrics_dir), Path(args.out_dir)))
 

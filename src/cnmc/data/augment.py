@@ -35,14 +35,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cnmc.atomic import plain_mode
-from cnmc.config import AugmentConfig
+from cnmc.core.atomic import plain_mode
+from cnmc.core.config import AugmentConfig
+from cnmc.core.errors import CnmcError
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.manifest import MANIFEST_COLUMNS
 from cnmc.data.sampling import resolve_per_class
 from cnmc.data.store import IMAGES_FILE, INDEX_FILE, LABELS, TARGETS
 from cnmc.data.transforms import paper_transform, resize_transform
-from cnmc.errors import CnmcError
 
 log = logging.getLogger(__name__)
 

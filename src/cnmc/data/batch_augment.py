@@ -5,7 +5,7 @@ they cost next to nothing beside a training step. They draw from a ``torch.Gener
 trainer seeds per epoch, so a resumed run draws the same.
 
 - A segmented cell has no up, down, left or right: :func:`random_symmetries` gives each cell one
-  of the 8 elements of D4 (the same views test-time augmentation averages, :mod:`cnmc.tta`), and
+  of the 8 elements of D4 (the same views test-time augmentation averages, :mod:`cnmc.inference.tta`), and
   with ``any_angle`` a further rotation of the whole batch by a random angle.
 - Donors differ in staining. :func:`hed_jitter` (Tellez et al. 2019) moves each cell in the
   haematoxylin-eosin-DAB colour space: every stain channel scaled by U(1 - s, 1 + s) and shifted
@@ -28,7 +28,7 @@ _LOG_FLOOR = 1e-6
 
 
 def symmetry(batch: torch.Tensor, element: int) -> torch.Tensor:
-    """Element ``element`` (0-7, in :data:`cnmc.tta.VIEW_NAMES` order) of D4 on a (B, H, W, C) batch."""
+    """Element ``element`` (0-7, in :data:`cnmc.inference.tta.VIEW_NAMES` order) of D4 on a (B, H, W, C) batch."""
     spatial = (1, 2)
     if element < 4:
         return torch.rot90(batch, element, dims=spatial)

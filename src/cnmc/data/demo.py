@@ -13,8 +13,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from cnmc.atomic import fill_new_folder
-from cnmc.errors import CnmcError
+from cnmc.core.atomic import fill_new_folder
+from cnmc.core.errors import CnmcError
 
 TREE = "C-NMC_Leukemia"
 # The md5 that the committed ``data.dvc`` records for ``data/`` holding exactly these cells.
@@ -33,7 +33,7 @@ def demo_cells() -> Path:
 
 def copy_demo_dataset(out_dir: Path) -> str:
     """Copy the shipped cells into ``out_dir`` (absent or empty), all at once or not at all
-    (:func:`cnmc.atomic.fill_new_folder`); return the one line the CLI prints."""
+    (:func:`cnmc.core.atomic.fill_new_folder`); return the one line the CLI prints."""
     out_dir = Path(out_dir)
     source = demo_cells() / TREE
     if not source.is_dir():

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnmc.errors import CnmcError
+from cnmc.core.errors import CnmcError
 
 CLASSES = ("all", "hem")
 FOLDS = ("fold_0", "fold_1", "fold_2")

@@ -37,7 +37,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from cnmc.atomic import atomic_write_text
+from cnmc.core.atomic import atomic_write_text
+from cnmc.core.errors import CnmcError
 from cnmc.data.images import ImageProblem, open_rgb, read_image_file
 from cnmc.data.layout import (
     CLASSES,
@@ -53,7 +54,6 @@ from cnmc.data.layout import (
     parse_cell_name,
     walk_files,
 )
-from cnmc.errors import CnmcError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnmc.config import AugmentConfig
-from cnmc.distributed import World
+from cnmc.core.config import AugmentConfig
+from cnmc.core.distributed import World
 
 Sampling = Literal["shuffle", "class", "subject"]
 

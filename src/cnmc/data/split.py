@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from cnmc.atomic import atomic_write_text
-from cnmc.config import SplitConfig
-from cnmc.errors import CnmcError
+from cnmc.core.atomic import atomic_write_text
+from cnmc.core.config import SplitConfig
+from cnmc.core.errors import CnmcError
 
 log = logging.getLogger(__name__)
 

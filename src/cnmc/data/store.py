@@ -12,7 +12,7 @@ image decoding or resizing: that is what makes input fast (see ``bench/bench_inp
 
 ``ImageStore.subset(rows, transform_mask)`` is a view of chosen rows (repeats allowed) over the
 same memmap; the mask says which of its rows an on-the-fly transform applies to (tuning uses it
-to replay the augment stage's balancing with fresh draws of T, see :mod:`cnmc.tune`).
+to replay the augment stage's balancing with fresh draws of T, see :mod:`cnmc.jobs.tune`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from cnmc.errors import CnmcError
+from cnmc.core.errors import CnmcError
 
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
@@ -326,7 +326,7 @@ class StoreDataset(Dataset):
     the store's ``transform_mask`` selects (all rows of a plain store).
     ``ds[[i, j, ...]]`` gives a whole batch ``(float (B, 3, S, S), int64 (B,))`` in one memmap
     slice: use it through :func:`batch_loader`, the fast path. With ``normalize=False`` a batch is
-    uint8 (B, S, S, 3), for :func:`cnmc.inference.model_input` to normalise on the device.
+    uint8 (B, S, S, 3), for :func:`cnmc.inference.forward.model_input` to normalise on the device.
     """
 
     def __init__(

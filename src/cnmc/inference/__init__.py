@@ -1,0 +1,1 @@
+"""Running a network on images: input layout, colour, batched logits, test-time views."""

@@ -1,0 +1,251 @@
+"""The ``evaluate@<backbone>`` stage: judge a trained backbone and log it to its training run.
+
+On validation it decides, each by a rule the document, the run's tags and the model card state:
+whether the 8-view TTA answer is the model's (``train.test_time_augmentation: auto``, where it raises validation ROC
+AUC), the temperature (only where it lowers validation NLL with a subject-bootstrap interval above
+zero) and the threshold (only where its gain in macro F1 over 0.5 has such an interval); nothing is
+fitted where validation has fewer than ``split.min_images_per_class`` cells or
+``split.min_subjects_per_class`` people of a class. On test it reports plain and TTA metrics, the plots, a
+Grad-CAM grid and the predictions; it logs the pyfunc that serves the model and writes the
+metrics document (:class:`cnmc.metrics.document.MetricsDocument`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from cnmc.core.atomic import atomic_write_text
+from cnmc.core.config import Params
+from cnmc.core.errors import CnmcError
+from cnmc.data.store import ImageStore, StoreDataset, batch_loader
+from cnmc.inference.forward import Views, predict_logits, prob_all
+from cnmc.inference.tta import tta_views
+from cnmc.jobs.explain import log_gradcam_grid
+from cnmc.jobs.paths import RunPaths, mkdir, open_stores, start_run
+from cnmc.metrics.calibration import expected_calibration_error, nll
+from cnmc.metrics.document import (
+    Calibration,
+    FitSummary,
+    MetricsDocument,
+    PeopleEvaluation,
+    SplitEvaluation,
+    Validation,
+    load_document,
+)
+from cnmc.metrics.patients import people_evaluation
+from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
+from cnmc.metrics.validation_rules import ThresholdChoice, choose_temperature, choose_threshold, subject_shortfall
+from cnmc.models.backbones import create_backbone
+from cnmc.models.spec import ModelSpec
+from cnmc.plots import evaluation as plots
+from cnmc.serving.pyfunc import log_pyfunc
+from cnmc.tracking.runs import data_hash
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsDocument:
+    """Evaluate ``outputs/models/<backbone>`` and log everything to the run that trained it."""
+    fit, spec, model = _load_trained(paths, backbone)
+    stores = open_stores(Path(fit.store) if fit.store else paths.store)
+    with start_run(params, backbone, fit.run_id):
+        document = _evaluate(model, spec, stores, params, paths, fit)
+        document.save(paths.metrics)
+        atomic_write_text(paths.headline, json.dumps(document.headline(), indent=2) + "\n")
+        mlflow.log_metrics(document.mlflow_metrics())
+        mlflow.set_tags(
+            {
+                "validation_can_judge": str(document.validation.can_judge).lower(),
+                "validation_note": document.validation.reason,
+            }
+        )
+        mlflow.log_artifact(str(paths.metrics))
+    return document
+
+
+def _load_trained(paths: RunPaths, backbone: str) -> tuple[FitSummary, ModelSpec, torch.nn.Module]:
+    files = (paths.fit_file, paths.model_dir / "model.json", paths.model_dir / "weights.pt")
+    if not all(f.is_file() for f in files):
+        raise CnmcError(f"{paths.model_dir}: no trained model (run `cnmc train --backbone {backbone}` first)")
+    fit: FitSummary = load_document(paths.fit_file, FitSummary)
+    spec = ModelSpec.load(files[1])
+    model = create_backbone(spec.backbone, pretrained=False).model
+    model.load_state_dict(torch.load(files[2], map_location="cpu", weights_only=True))
+    return fit, spec, model
+
+
+def _logits(
+    model: torch.nn.Module, store: ImageStore, spec: ModelSpec, batch_size: int, views: Views | None = None
+) -> np.ndarray:
+    loader = batch_loader(StoreDataset(store, normalize=False), batch_size=batch_size)
+    return predict_logits(model, (images for images, _ in loader), spec.mean, spec.std, views=views, colour=spec.colour)
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    stores: dict[str, ImageStore],
+    params: Params,
+    paths: RunPaths,
+    fit: FitSummary,
+) -> MetricsDocument:
+    """Calibrate and tune on validation, evaluate on test (plain and TTA), write and log the artifacts.
+
+    The temperature is fitted on the raw validation logits, the threshold on the calibrated
+    validation probabilities; every test number is at calibrated probabilities, TTA at the same
+    temperature and threshold.
+    """
+    val, test, batch = stores["val"], stores["test"], params.train.batch_size * 2
+    val_views = _logits(model, val, spec, batch, views=tta_views)
+    val_subjects = val.index["subject"].to_numpy()
+    val_logits = val_views[:, 0]
+    shortfall = judging_shortfall(val.targets, params.split.min_images_per_class) or subject_shortfall(
+        val.targets, val_subjects, params.split.min_subjects_per_class
+    )
+    if shortfall:
+        log.warning("%s: threshold 0.5 and temperature 1, nothing fitted", shortfall)
+    tta, tta_rule = _choose_tta(params, val.targets, val_views, shortfall)
+    temperature, temperature_rule = (
+        (1.0, "1: nothing fitted") if shortfall else choose_temperature(val_logits, val.targets, val_subjects)
+    )
+    val_prob = prob_all(val_views if tta else val_logits, temperature)
+    choice = (
+        ThresholdChoice(0.5, 0.5, None, "0.5: nothing fitted")
+        if shortfall
+        else choose_threshold(val.targets, val_prob, val_subjects)
+    )
+    threshold = choice.threshold
+    rules = f"threshold {choice.rule}; temperature {temperature_rule}; {tta_rule}"
+    log.info("validation: %s", rules)
+    validation = Validation(
+        can_judge=not shortfall,
+        reason=shortfall or rules,
+        n_all=int(val.targets.sum()),
+        n_hem=int(len(val.targets) - val.targets.sum()),
+        min_images_per_class=params.split.min_images_per_class,
+        at_threshold=binary_metrics(val.targets, val_prob, threshold),
+        n_subjects_all=len(set(val_subjects[val.targets == 1])),
+        n_subjects_hem=len(set(val_subjects[val.targets == 0])),
+        threshold_rule=choice.rule,
+        tuned_threshold=choice.tuned,
+        threshold_gain_ci95=list(choice.gain_ci95) if choice.gain_ci95 else None,
+        temperature_rule=temperature_rule,
+        tta_rule=tta_rule,
+    )
+    spec = replace(spec, threshold=threshold, temperature=temperature, tta=tta)
+    # One pass over the test set gives the logits of every view; view 0 is the plain image.
+    test_views = _logits(model, test, spec, batch, views=tta_views)
+    test_logits = test_views[:, 0]
+    test_prob, tta_prob, raw_prob = (
+        prob_all(test_logits, temperature),
+        prob_all(test_views, temperature),
+        prob_all(test_logits),
+    )
+    subjects = list(test.index["subject"])
+    calibration = Calibration(
+        temperature=temperature,
+        test_ece_before=expected_calibration_error(test.targets, raw_prob),
+        test_ece_after=expected_calibration_error(test.targets, test_prob),
+        test_nll_before=nll(test_logits, test.targets),
+        test_nll_after=nll(test_logits, test.targets, temperature),
+        test_tta_ece=expected_calibration_error(test.targets, tta_prob),
+        val_nll_before=nll(val_logits, val.targets),
+        val_nll_after=nll(val_logits, val.targets, temperature),
+    )
+    _write_artifacts(model, spec, test, test_prob, tta_prob, raw_prob, paths)
+    return MetricsDocument(
+        **fit.model_dump(),
+        protocol=params.split.protocol,
+        data_hash=data_hash(),
+        threshold=threshold,
+        validation=validation,
+        calibration=calibration,
+        test=SplitEvaluation.model_validate(evaluate_split(test.targets, test_prob, subjects, threshold)),
+        test_tta=SplitEvaluation.model_validate(evaluate_split(test.targets, tta_prob, subjects, threshold)),
+        tta=tta,
+        people=PeopleEvaluation.model_validate(
+            people_evaluation(
+                subjects, test.targets, tta_prob if tta else test_prob, threshold, params.split.min_subjects_per_class
+            )
+        ),
+    )
+
+
+def _choose_tta(params: Params, targets: np.ndarray, views: np.ndarray, shortfall: str) -> tuple[bool, str]:
+    """Whether the 8-view TTA answer is the model's (``train.test_time_augmentation: auto``): where validation can judge
+    and its ROC AUC with TTA beats the plain one."""
+    if params.train.test_time_augmentation == "off":
+        return False, "TTA off (train.test_time_augmentation)"
+    if shortfall:
+        return False, "TTA not chosen: validation cannot judge"
+    plain, averaged = (binary_metrics(targets, prob_all(v))["roc_auc"] for v in (views[:, 0], views))
+    verdict = "chosen" if averaged > plain else "not chosen"
+    return averaged > plain, f"TTA {verdict}: validation ROC AUC {averaged:.4f} with it, {plain:.4f} without"
+
+
+def _write_artifacts(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    test: ImageStore,
+    test_prob: np.ndarray,
+    tta_prob: np.ndarray,
+    raw_prob: np.ndarray,
+    paths: RunPaths,
+) -> None:
+    """The test plots, the Grad-CAM grid, ``predictions.csv``, the calibrated ``model.json`` and the pyfunc."""
+    threshold, name = spec.threshold, spec.backbone
+    reported = tta_prob if spec.tta else test_prob  # the model's own answer (ModelSpec.tta)
+    y_pred = (reported >= threshold).astype(int)
+    plots_dir, out_dir = mkdir(paths.plots_dir), mkdir(paths.evaluation_dir)
+    plots.confusion_matrix_png(
+        test.targets, y_pred, plots_dir / "confusion.png", f"{name}: test, threshold {threshold:.2f}"
+    )
+    plots.confusion_matrix_json(test.targets, y_pred, plots_dir / "confusion.json")
+    plots.roc_png(test.targets, reported, plots_dir / "roc.png", f"{name}: test ROC" + (" (TTA)" if spec.tta else ""))
+    plots.roc_csv(test.targets, reported, plots_dir / "roc.csv")
+    plots.reliability_png(
+        test.targets,
+        raw_prob,
+        test_prob,
+        plots_dir / "reliability.png",
+        f"{name}: test, temperature {spec.temperature:.3g}",
+    )
+    log_gradcam_grid(model, spec, test, reported, threshold, plots_dir / "gradcam.png")
+    pd.DataFrame(
+        {
+            "path": test.index["path"],
+            "subject": test.index["subject"],
+            "label": test.index["label"],
+            "prob_all": test_prob,
+            "predicted": np.where(y_pred == 1, "all", "hem"),
+            "prob_all_tta": tta_prob,
+        }
+    ).to_csv(out_dir / "predictions.csv", index=False)
+    spec.save(out_dir / "model.json")
+    mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+    mlflow.log_artifact(str(out_dir / "predictions.csv"))
+    for report in paths.data_reports:
+        if report.is_file():
+            mlflow.log_artifact(str(report), artifact_path="data")
+    log_pyfunc(paths.model_dir / "weights.pt", out_dir / "model.json", example_image(test))
+
+
+def example_image(store: ImageStore) -> Path:
+    """A real test image file (or, if its path is gone, one written from the store) as input example."""
+    path = Path(store.index["path"].iat[0])
+    if path.is_file():
+        return path
+    from PIL import Image
+
+    tmp = Path(tempfile.mkdtemp()) / "example.png"
+    Image.fromarray(np.asarray(store.images[0])).save(tmp)
+    return tmp

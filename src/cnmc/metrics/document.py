@@ -1,0 +1,177 @@
+"""The metrics document: what evaluating one trained model found, as one typed object.
+
+The evaluate stage writes it (``outputs/metrics/<backbone>.json``, also a run artifact); the
+report, the model card and MLflow logging read it, and promotion ranks by the MLflow keys it
+logs (:func:`MetricsDocument.mlflow_metrics`). Metric values are fractions in [0, 1]; JSON null
+stands for an undefined one (ROC AUC with one class present).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cnmc.core.atomic import atomic_write_text
+from cnmc.core.errors import CnmcError, validated
+from cnmc.metrics.catalogue import SCALAR_METRICS, mlflow_key
+
+Document = TypeVar("Document", bound="FitSummary")
+# binary_metrics at one threshold: the registry's metrics, the counts, and per-subject summaries.
+ThresholdMetrics = dict[str, float | None]
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SplitEvaluation(_Document):
+    """:func:`cnmc.metrics.scores.evaluate_split` of one split: at 0.5 (the paper's argmax) and at the
+    validation-tuned threshold, per subject, and the 95% bootstrap intervals."""
+
+    at_half: ThresholdMetrics = Field(alias="at_0.5")
+    at_tuned: ThresholdMetrics
+    threshold: float
+    per_subject: dict[str, dict[str, Any]] = {}
+    ci95: dict[str, dict[str, list[float | None]]] = {}
+
+
+class Validation(_Document):
+    """Whether validation could fit the temperature and the threshold, what each rule then chose and
+    why, and the selected model on it (documents written before the rules lack those fields)."""
+
+    can_judge: bool
+    reason: str
+    n_all: int
+    n_hem: int
+    min_images_per_class: int
+    at_threshold: ThresholdMetrics
+    n_subjects_all: int | None = None
+    n_subjects_hem: int | None = None
+    threshold_rule: str = ""
+    tuned_threshold: float | None = None
+    threshold_gain_ci95: list[float] | None = None
+    temperature_rule: str = ""
+    tta_rule: str = ""
+
+
+class Calibration(_Document):
+    """Temperature scaling (fitted on validation) and how calibrated test probabilities are."""
+
+    temperature: float
+    test_ece_before: float
+    test_ece_after: float
+    test_nll_before: float
+    test_nll_after: float
+    test_tta_ece: float
+    val_nll_before: float
+    val_nll_after: float
+
+
+class PeopleEvaluation(_Document):
+    """The model's answer per test person (:func:`cnmc.metrics.patients.people_evaluation`): each person's
+    call from the mean p(ALL) of their cells, and people called right out of people."""
+
+    people: int
+    right: int
+    accuracy: float | None
+    accuracy_ci95: list[float] | None
+    roc_auc: float | None
+    roc_auc_note: str = ""
+    per_person: list[dict[str, Any]] = []
+
+    def line(self) -> str:
+        """The figure in words: few people, wide intervals."""
+        if not self.people:
+            return "no test people"
+        low, high = self.accuracy_ci95 or [float("nan")] * 2
+        auc = f"; AUC over people {self.roc_auc:.2f}" if self.roc_auc is not None else f" ({self.roc_auc_note})"
+        return f"{self.right} of {self.people} people called right (exact 95% CI {low:.2f}-{high:.2f}){auc}"
+
+
+class FitSummary(_Document):
+    """What training found (``fit.json`` beside the weights): read by evaluation and kept in its document."""
+
+    backbone: str
+    run_id: str
+    weights: str = ""
+    best_epoch: int
+    epochs_run: int
+    epoch_selection: str
+    stopped_early: bool
+    train_seconds: float
+    best_val_f1_macro: float
+    store: str = ""  # the image store trained on, for evaluation to judge on the same one
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.model_dump_json(indent=2, by_alias=True) + "\n")
+
+
+class MetricsDocument(FitSummary):
+    """Everything one evaluation found, with the training facts it rests on."""
+
+    protocol: str
+    data_hash: str
+    threshold: float
+    validation: Validation
+    test: SplitEvaluation
+    test_tta: SplitEvaluation
+    calibration: Calibration
+    tta: bool = False  # the 8-view TTA answer is the reported (and served) one: validation showed it helps
+    people: PeopleEvaluation | None = None  # documents written before the per-person call lack it
+
+    @property
+    def reported(self) -> SplitEvaluation:
+        """The headline test evaluation: with TTA where the model answers with it, else plain."""
+        return self.test_tta if self.tta else self.test
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.model_dump(by_alias=True), indent=2) + "\n")
+
+    def headline(self) -> dict[str, Any]:
+        """A dozen numbers for ``dvc exp show`` / ``dvc metrics diff``: the reported test answer, the
+        selected model on validation, and the choices the answer rests on."""
+        test, val = self.reported.at_tuned, self.validation.at_threshold
+        test_keys = ("roc_auc", "f1_macro", "balanced_accuracy", "f1_all", "recall_all", "specificity")
+        return {
+            "test": {k: test.get(k) for k in (*test_keys, "mean_subject_accuracy")}
+            | ({"people_accuracy": self.people.accuracy} if self.people else {}),
+            "val": {k: val.get(k) for k in ("roc_auc", "f1_macro")},
+            "threshold": self.threshold,
+            "temperature": self.calibration.temperature,
+            "best_epoch": self.best_epoch,
+            "tta": int(self.tta),
+        }
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """The run's evaluation metrics by MLflow key: the reported test answer at the reported
+        threshold (``test_*``) and at 0.5 (``test_t0.5_*``), with TTA (``test_tta_*``), the selected
+        model on validation (``final_val_*``, what promotion ranks), calibration and the threshold."""
+        out: dict[str, float] = {}
+        for prefix, values in (
+            (mlflow_key("test", ""), self.reported.at_tuned),
+            ("test_t0.5_", self.reported.at_half),
+            ("test_tta_", self.test_tta.at_tuned),
+            (mlflow_key("val", ""), self.validation.at_threshold),
+        ):
+            out |= {
+                f"{prefix}{name}": float(v) for name, v in values.items() if name in SCALAR_METRICS and v is not None
+            }
+        if self.people and self.people.people:
+            out |= {"test_people_n": float(self.people.people), "test_people_right": float(self.people.right)}
+            out |= {"test_people_accuracy": float(self.people.accuracy or 0.0)}
+            if self.people.roc_auc is not None:
+                out["test_people_roc_auc"] = self.people.roc_auc
+        return out | self.calibration.model_dump() | {"threshold": self.threshold}
+
+
+def load_document(path: Path | str, kind: type[Document] = MetricsDocument) -> Document:  # type: ignore[assignment]
+    """Read a metrics document (or a ``fit.json``); any problem is one line naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CnmcError(f"{path}: cannot read {kind.__name__} ({exc.__class__.__name__}: {exc})") from exc
+    return validated(kind, raw, str(path), f"a {kind.__name__} must be a JSON object")

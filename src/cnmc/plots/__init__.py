@@ -1,0 +1,1 @@
+"""Figures: the evaluation plots and the training curves."""

@@ -1,0 +1,278 @@
+"""The served model: an MLflow pyfunc that holds the weights and the preprocessing.
+
+A client sends encoded image bytes (base64 in a column ``image``) and gets back ``label``,
+``prob_all`` and the decision ``threshold``. Preprocessing is the exact path the training
+images took (:func:`cnmc.data.images.open_rgb`, then the stage's resize and normalisation),
+so served and evaluated predictions agree.
+
+Serving (``cnmc serve``, :mod:`cnmc.serving.http_app`; or ``mlflow models serve -m <uri> --env-manager
+local``): the signature has one string column ``image``, so a request is ``{"dataframe_split":
+{"columns": ["image"], "data": [[b64]]}}``, ``{"dataframe_records": [{"image": b64}]}`` or
+``{"inputs": [b64, ...]}`` (MLflow's server maps a plain JSON list onto the signature's single
+column). Every problem with a value (not base64, not
+an image, empty, truncated, too large, not a string) raises :class:`InvalidInput`, which
+``predict`` turns into ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with a message
+naming the row and the problem, never a stack trace. Values are only ever bytes: no request can
+make the model open a file or unpickle anything.
+
+Probabilities are temperature-scaled (``ModelSpec.temperature``, fitted on validation logits by
+:mod:`cnmc.metrics.calibration`). One inference parameter, ``tta`` (bool; default: ``ModelSpec.tta``,
+true where validation showed the averaged answer is better), averages them over the 8 flips and
+90° rotations (:mod:`cnmc.inference.tta`): ``{"dataframe_split": ..., "params": {"tta": true}}`` over HTTP,
+``model.predict(df, params={"tta": True})`` in process. The threshold is the same either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.data.transforms import resize_transform
+from cnmc.inference.forward import array_batches, predict_logits, prob_all
+from cnmc.inference.tta import tta_views
+from cnmc.models.spec import ModelSpec
+
+IMAGE_COLUMN = "image"
+BATCH_SIZE = 32
+# Encoded bytes per image: a 450x450 BMP is 0.6 MB; 64 MiB holds an uncompressed 22 M-pixel RGB image.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+_DATA_URL = re.compile(r"data:[\w.+/-]*;base64,", re.IGNORECASE)
+
+
+class InvalidInput(ValueError):
+    """A request the model can't use; the message names the row and the problem."""
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Encoded image bytes -> resized uint8 (S, S, 3), exactly as the augment stage stores it."""
+    image, _ = open_rgb(data)
+    chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return resize_transform(image_size)(chw).permute(1, 2, 0).numpy()
+
+
+def decode_base64_images(values: Sequence[Any], image_size: int) -> np.ndarray:
+    """Base64 strings (or raw bytes) -> a (N, S, S, 3) uint8 batch; raises :class:`InvalidInput`."""
+    out = np.empty((len(values), image_size, image_size, 3), dtype=np.uint8)
+    for row, value in enumerate(values):
+        data = value_bytes(value, row)
+        try:
+            out[row] = decode_image(data, image_size)
+        except ImageProblem as exc:
+            raise InvalidInput(f"row {row}: {exc}") from None
+        except Exception as exc:  # nothing a client sends may end in a stack trace
+            reason = f"{exc.__class__.__name__}: {exc}"[:200]
+            raise InvalidInput(f"row {row}: could not decode the image ({reason})") from None
+    return out
+
+
+def value_bytes(value: Any, row: int = 0) -> bytes:
+    """One request value -> the encoded image bytes; :class:`InvalidInput` names the problem.
+
+    A string is base64 (whitespace, as in line-wrapped ``base64`` output, and a
+    ``data:image/...;base64,`` prefix are allowed); raw ``bytes`` are taken as they are.
+    Nothing else is accepted: a string is never taken as a file path.
+    """
+    where = f"row {row}: '{IMAGE_COLUMN}'"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = "".join(value.split())
+        if match := _DATA_URL.match(text):
+            text = text[match.end() :]
+        if not text:
+            raise InvalidInput(f"{where} is empty (expected base64-encoded image bytes)")
+        if len(text) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
+            raise InvalidInput(f"{where} is too large (over {MAX_IMAGE_BYTES:,} bytes of image data)")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{where} is not valid base64") from None
+    elif value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        raise InvalidInput(f"{where} is missing (null); expected a base64 string")
+    else:
+        raise InvalidInput(f"{where} must be a base64 string, got {type(value).__name__}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidInput(f"{where} is too large ({len(data):,} bytes, limit {MAX_IMAGE_BYTES:,})")
+    return data
+
+
+class _ExplicitSignature(PythonModel):
+    """Our models declare their signature when logged (:func:`log_pyfunc`): MLflow's switch that
+    skips type-hint inference, and its warning at every class definition and load, is set."""
+
+    _skip_type_hint_validation = True
+
+
+class LeukemiaClassifier(_ExplicitSignature):
+    """ALL-vs-Hem classifier over encoded images; weights and spec are MLflow artifacts."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        self.model, self.spec = load_member(Path(context.artifacts["weights"]), Path(context.artifacts["spec"]))
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
+        return answer(model_input, params, [(self.model, self.spec)], self.spec.threshold)
+
+
+class EnsembleClassifier(_ExplicitSignature):
+    """The mean P(ALL) of several trained models (``cnmc ensemble``): artifacts ``weights``/``spec``,
+    ``weights_1``/``spec_1``, ..., and ``ensemble`` (JSON: the threshold on the mean)."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        import json
+
+        artifacts = context.artifacts
+        keys = [("weights", "spec")] + [(f"weights_{i}", f"spec_{i}") for i in range(1, len(artifacts))]
+        self.members = [load_member(Path(artifacts[w]), Path(artifacts[s])) for w, s in keys if s in artifacts]
+        self.threshold = float(json.loads(Path(artifacts["ensemble"]).read_text())["threshold"])
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
+        return answer(model_input, params, self.members, self.threshold)
+
+
+Member = tuple[torch.nn.Module, ModelSpec]
+
+
+def load_member(weights: Path, spec_file: Path) -> Member:
+    """One trained model, in eval mode on the CPU, and its spec."""
+    from cnmc.models.backbones import create_backbone
+
+    spec = ModelSpec.load(spec_file)
+    model = create_backbone(spec.backbone, pretrained=False).model
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), spec
+
+
+def answer(
+    model_input: Any, params: dict[str, Any] | None, members: Sequence[Member], threshold: float
+) -> pd.DataFrame:
+    """The served answer to a request: each image's mean P(ALL) over ``members`` (one model, or an
+    ensemble), its label at ``threshold``, and the threshold. A bad request raises
+    ``MlflowException(INVALID_PARAMETER_VALUE)`` naming the row and the problem (HTTP 400)."""
+    try:
+        tta = _tta_param(params)
+        values = _image_values(model_input)
+        images = {size: decode_base64_images(values, size) for size in sorted({s.image_size for _, s in members})}
+    except InvalidInput as exc:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+    prob = np.mean([predict_proba(model, images[spec.image_size], spec, tta=tta) for model, spec in members], axis=0)
+    return pd.DataFrame(
+        {
+            "label": np.where(prob >= threshold, "all", "hem"),
+            "prob_all": prob,
+            "threshold": np.full(len(prob), threshold),
+        }
+    )
+
+
+def _tta_param(params: dict[str, Any] | None) -> bool | None:
+    """The ``tta`` inference parameter (MLflow has checked its type against the signature); None:
+    each model's own default (``ModelSpec.tta``)."""
+    value = (params or {}).get("tta")
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    raise InvalidInput(f"parameter 'tta' must be true or false, got {value!r}"[:200])
+
+
+def _image_values(model_input: Any) -> list[Any]:
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise InvalidInput(f"missing column '{IMAGE_COLUMN}' (base64-encoded image bytes)")
+        values = list(model_input[IMAGE_COLUMN])
+    elif isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        values = list(np.atleast_1d(model_input[IMAGE_COLUMN]))
+    elif isinstance(model_input, (list, np.ndarray, pd.Series)):
+        values = list(np.ravel(model_input))
+    else:
+        raise InvalidInput(f"expected a column '{IMAGE_COLUMN}' of base64-encoded images")
+    if not values:
+        raise InvalidInput("no images in the request")
+    return values
+
+
+def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool | None = None) -> np.ndarray:
+    """Probability of ALL for a uint8 (N, S, S, 3) batch on the model's device:
+    ``softmax(logits / spec.temperature)``; with ``tta`` (default: the model's own ``spec.tta``),
+    its mean over the 8 D4 views."""
+    tta = spec.tta if tta is None else tta
+    logits = predict_logits(
+        model,
+        array_batches(images, BATCH_SIZE),
+        spec.mean,
+        spec.std,
+        views=tta_views if tta else None,
+        colour=spec.colour,
+    )
+    return prob_all(logits, spec.temperature)
+
+
+def encode_file(path: Path) -> str:
+    """Base64 text of a file's bytes, as a client sends it."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+@contextmanager
+def _quiet_about_cloudpickle() -> Iterator[None]:
+    """MLflow warns, at every log, that a python_model object is pickled; ours pickles a reference to
+    an installed class of this package (its code travels in ``code_paths``), which is what we ship."""
+
+    def not_that_warning(record: logging.LogRecord) -> bool:
+        return "serialized using CloudPickle" not in record.getMessage()
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    logger.addFilter(not_that_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_that_warning)
+
+
+def log_pyfunc(
+    weights: Path,
+    spec: Path,
+    example_image: Path,
+    registered_model_name: str | None = None,
+    python_model: PythonModel | None = None,
+    artifacts: dict[str, str] | None = None,
+    tta_default: bool | None = None,
+) -> Any:
+    """Log ``weights`` (``weights.pt``) and ``spec`` (``model.json``) as the run's pyfunc model
+    ``model``, with only the code and the requirements that inference needs (:mod:`cnmc.serving.model_env`).
+
+    An ensemble (:mod:`cnmc.ensemble`) passes its own ``python_model`` and further ``artifacts``."""
+    import tempfile
+
+    from mlflow.models import infer_signature
+
+    from cnmc.serving import model_env
+
+    example = pd.DataFrame({IMAGE_COLUMN: [encode_file(example_image)]})
+    output = pd.DataFrame({"label": ["all"], "prob_all": [0.5], "threshold": [0.5]})
+    tta = ModelSpec.load(spec).tta if tta_default is None else tta_default
+    with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp, _quiet_about_cloudpickle():
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=python_model or LeukemiaClassifier(),
+            artifacts={"weights": str(weights), "spec": str(spec), **(artifacts or {})},
+            code_paths=[str(model_env.copy_code(Path(tmp)))],
+            signature=infer_signature(example, output, params={"tta": tta}),
+            input_example=example,
+            pip_requirements=model_env.requirements(),
+            registered_model_name=registered_model_name,
+        )
