@@ -40,11 +40,11 @@ lint: install
 	$(BIN)/ruff format --check src tests bench docs scripts
 	$(BIN)/python -m mypy
 
-# Serve the registered champion (params.yaml: promote) over HTTP on 127.0.0.1:$(PORT) (README: serving).
+# Serve the registered champion (params.yaml: promote) over HTTP on 127.0.0.1:$(PORT) (docs/serving.md).
 serve: install
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/cnmc serve --port $(PORT)
 
-# The MLflow UI on the project's runs: open http://127.0.0.1:$(UI_PORT) (README: comparing backbones).
+# The MLflow UI on the project's runs: open http://127.0.0.1:$(UI_PORT) (docs/pipeline.md: comparing backbones).
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 

@@ -69,8 +69,8 @@ def log_random_model(tmp: Path, backbone: str, image_size: int, example: bytes) 
     """A random-weight pyfunc of ``backbone`` in a fresh SQLite store; returns (tracking URI, model URI)."""
     import mlflow
 
+    from cnmc.inference.spec import ModelSpec
     from cnmc.models.backbones import create_backbone
-    from cnmc.models.spec import ModelSpec
     from cnmc.serving.pyfunc import log_pyfunc
 
     model_dir = tmp / "model"

@@ -68,13 +68,13 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from cnmc.core.config import AugmentConfig, TrainConfig  # noqa: E402
+from cnmc.core.config import AugmentConfig, Params, SplitConfig, TrainConfig  # noqa: E402
 from cnmc.data.augment import REQUIRED_COLUMNS, load_image_tensor, prepare_dataset  # noqa: E402
 from cnmc.data.store import ImageStore, StoreDataset, normalize_batch  # noqa: E402
 from cnmc.data.transforms import resize_transform  # noqa: E402
 from cnmc.metrics.scores import binary_metrics, tune_threshold  # noqa: E402
 from cnmc.models.backbones import create_backbone  # noqa: E402
-from cnmc.training.trainer import Trainer  # noqa: E402
+from cnmc.training.build import build_trainer  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,12 +184,11 @@ def run_variant(
     pretrained: bool,
     stores: dict[str, ImageStore],
     cfg: TrainConfig,
+    aug: AugmentConfig,
     seed: int,
     workdir: Path,
     verbose: bool,
 ) -> dict[str, float]:
-    torch.manual_seed(seed)  # the random init (and the new head) are seeded
-    net = create_backbone(BACKBONE, pretrained=pretrained)
     tag = "pretrained" if pretrained else "random"
 
     def on_epoch(row: dict[str, float]) -> None:
@@ -201,18 +200,15 @@ def run_variant(
                 flush=True,
             )
 
-    trainer = Trainer(
-        net.model,
-        net.mean,
-        net.std,
-        stores["train"],
-        stores["val"],
-        cfg,
-        seed,
-        workdir / f"{tag}.pt",
-        fingerprint=tag,
-        min_val_per_class=1,  # its 10 + 10 validation cells are this bench's design: let them choose
-        progress=False,
+    # Its 10 + 10 validation cells are this bench's design: let them choose (min_images_per_class 1).
+    params = Params(
+        seed=seed,
+        train=cfg.model_copy(update={"pretrained": pretrained}),
+        augment=aug,
+        split=SplitConfig(min_images_per_class=1),
+    )
+    trainer, net = build_trainer(
+        params, BACKBONE, stores["train"], stores["val"], workdir / f"{tag}.pt", tag, progress=False
     )
     started = time.perf_counter()
     fit = trainer.fit(on_epoch=on_epoch)
@@ -407,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "bare":
                         r = run_bare_loop(*bare, df, plan, seed + k)
                     else:
-                        r = run_variant(name == "pretrained", stores, cfgs[name], seed + k, fold_dir, args.verbose)
+                        r = run_variant(name == "pretrained", stores, cfgs[name], aug, seed + k, fold_dir, args.verbose)
                     results.append({"seed": seed, "fold": k, "variant": name, **r})
                     print(
                         f"  {name:10s} test macro-F1 {fmt(r['f1_macro'])}  ALL-F1 {fmt(r['f1_all'])}  "

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the he
 import local_server  # noqa: E402
 from chromium import patient_page  # noqa: E402
 
-from cnmc.tracking.runs import tracking_uri  # noqa: E402
+from cnmc.tracking.provenance import tracking_uri  # noqa: E402
 
 
 def main() -> None:

@@ -243,7 +243,7 @@ def tiny_runs(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pyte
 @dataclass(frozen=True)
 class Champion:
     """The tiny ``test_resnet`` run, registered and given the ``champion`` alias by ``cnmc promote``'s
-    own :func:`cnmc.tracking.model_registry.promote`, in the ``tiny_runs`` store."""
+    own :func:`cnmc.jobs.promote.promote`, in the ``tiny_runs`` store."""
 
     tracking_uri: str
     name: str
@@ -265,7 +265,7 @@ def champion(tiny_runs: TinyRuns) -> Champion:
     from mlflow.tracking import MlflowClient
 
     from cnmc.core.config import PromoteConfig
-    from cnmc.tracking.model_registry import promote
+    from cnmc.jobs.promote import promote
 
     run = tiny_runs("test_resnet")
     client = MlflowClient(tracking_uri=run.tracking_uri)

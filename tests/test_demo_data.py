@@ -107,6 +107,6 @@ def test_a_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_the_committed_data_dvc_is_the_demo_hash_the_report_and_card_recognise() -> None:
     from cnmc.data.demo import DEMO_DATA_HASH
-    from cnmc.tracking.runs import data_hash
+    from cnmc.tracking.provenance import data_hash
 
     assert data_hash(Path(__file__).resolve().parents[1]) == DEMO_DATA_HASH

@@ -192,7 +192,7 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
 
 
 def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) -> None:
-    from cnmc.models.spec import ModelSpec
+    from cnmc.inference.spec import ModelSpec
 
     document, paths = tracking.document, tracking.paths
     calibration = document["calibration"]

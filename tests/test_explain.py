@@ -14,8 +14,10 @@ from PIL import Image
 
 from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore
-from cnmc.jobs.explain import (
-    explain_images,
+from cnmc.inference.spec import ModelSpec
+from cnmc.jobs.explain import explain_images
+from cnmc.models.backbones import create_backbone
+from cnmc.plots.gradcam import (
     gradcam_grid,
     gradcam_heatmaps,
     log_gradcam_grid,
@@ -24,8 +26,6 @@ from cnmc.jobs.explain import (
     select_examples,
     target_layer,
 )
-from cnmc.models.backbones import create_backbone
-from cnmc.models.spec import ModelSpec
 from cnmc.serving.pyfunc import encode_file
 
 

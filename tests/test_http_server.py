@@ -1,6 +1,6 @@
 """What ``cnmc serve`` adds to MLflow's scoring app, against the session's real ``cnmc serve`` of
 the tiny champion (``conftest.py``): small JSON errors with the right 4xx, the body and batch limits,
-``GET /info``, a bounded load test, graceful SIGTERM (its own server), and the README's serving
+``GET /info``, a bounded load test, graceful SIGTERM (its own server), and the serving docs'
 examples run as written with a real-size cell."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from PIL import Image
 from cnmc.serving.guard import MESSAGE_LIMIT
 
 MIB = 1024 * 1024
-README = Path(__file__).resolve().parents[1] / "README.md"
+SERVING_DOC = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 REAL_CELLS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnmc-real"
 JSON = {"Content-Type": "application/json"}
 
@@ -334,11 +334,10 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(champion: Champi
     assert "Shutting down" in log.read_text()
 
 
-# -- the README's examples -----------------------------------------------------------------------------
+# -- the serving docs' examples --------------------------------------------------------------------------
 def serving_examples() -> list[tuple[str, str]]:
-    """(language, code) of the blocks marked ``<!-- serving-example -->`` in the README's serving section."""
-    section = README.read_text().split("### Serving the champion over HTTP\n", 1)[1]
-    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    """(language, code) of the blocks marked ``<!-- serving-example -->`` in the serving docs' first section."""
+    section = re.split(r"\n##+ ", SERVING_DOC.read_text(), maxsplit=1)[0]
     return re.findall(r"<!-- serving-example -->\n```(bash|python)\n(.*?)```", section, flags=re.S)
 
 
@@ -351,7 +350,7 @@ def real_size_cell(path: Path) -> None:
         path.write_bytes(cell_bmp(size=450))
 
 
-def test_readme_serving_examples_work_as_written_on_a_real_size_cell(cnmc_server: Server, tmp_path: Path) -> None:
+def test_the_serving_docs_examples_work_as_written_on_a_real_size_cell(cnmc_server: Server, tmp_path: Path) -> None:
     examples = serving_examples()
     assert len(examples) >= 3 and {lang for lang, _ in examples} == {"bash", "python"}, examples
     real_size_cell(tmp_path / "cell.bmp")

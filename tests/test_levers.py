@@ -265,7 +265,7 @@ def test_paper_profile_switches_every_lever_off() -> None:
 
 def test_the_fit_draws_t_on_the_fly_only_where_augmentation_is_online() -> None:
     from cnmc.core.config import Params, apply_overrides
-    from cnmc.jobs.train import online_transform
+    from cnmc.training.build import online_transform
 
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     transform = online_transform(apply_overrides(Params(), ["augment.online=true"]), 32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnmc.metrics.patients import MIN_CELLS, PERSON_COLUMNS, call_people, call_person, people_evaluation
+from cnmc.inference.schema import PERSON_COLUMNS
+from cnmc.metrics.patients import MIN_CELLS, call_people, call_person, people_evaluation
 
 
 def test_a_person_is_called_by_the_mean_of_their_cells() -> None:

@@ -17,9 +17,11 @@ from conftest import tiny_params
 from PIL import Image
 
 from cnmc.core.errors import CnmcError
+from cnmc.inference.schema import BATCH_COLUMNS
 from cnmc.jobs.fit_evaluate import train_and_log
 from cnmc.jobs.paths import RunPaths
-from cnmc.serving.batch import COLUMNS, find_images, predict_paths
+from cnmc.serving.batch import predict_paths
+from cnmc.serving.client import find_images
 from cnmc.serving.pyfunc import encode_file
 
 BACKBONE = "test_resnet"
@@ -83,7 +85,7 @@ def test_predict_folder_reports_bad_files_and_predicts_the_rest(model: TinyModel
     summary = predict_paths(model.model_uri, [str(tmp_path / "images")], out, batch_size=3, progress=False)
 
     table = pd.read_csv(out)
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == BATCH_COLUMNS
     assert sorted(table["path"]) == sorted(str(p) for p in files.values())  # notes.txt skipped
     assert (summary.total, summary.predicted, summary.failed) == (7, 5, 2)
     assert sum(summary.counts.values()) == 5 and summary.out_csv == out
@@ -145,10 +147,10 @@ def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
 ) -> None:
     """If the pre-check lets a file through (e.g. a model logged with older serving code that is
     stricter), the batch is retried file by file: the refused one gets the model's reason."""
-    import cnmc.serving.batch
+    import cnmc.serving.client
 
     files = write_images(tmp_path / "images")
-    monkeypatch.setattr(cnmc.serving.batch, "open_rgb", lambda data: None)  # no pre-check
+    monkeypatch.setattr(cnmc.serving.client, "open_rgb", lambda data: None)  # no pre-check
     out = tmp_path / "p.csv"
     summary = predict_paths(
         model.model_uri, [str(files["a.bmp"]), str(files["text.png"]), str(files["b.png"])], out, progress=False

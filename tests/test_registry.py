@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from cnmc.core.config import Params, PromoteConfig
 from cnmc.core.errors import CnmcError
 from cnmc.jobs.model_card import load_metrics_document
-from cnmc.tracking.model_registry import promote, write_promotion
+from cnmc.jobs.promote import promote, write_promotion
 
 # Most tests rank on test metrics: fewer to fake.
 CFG = PromoteConfig(rank_on="test", metric="f1_all", tie_breaker="roc_auc")

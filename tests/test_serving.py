@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cnmc.data.images import MAX_PIXELS
-from cnmc.models.spec import ModelSpec
+from cnmc.inference.spec import ModelSpec
 from cnmc.serving.pyfunc import InvalidInput, LeukemiaClassifier, decode_base64_images
 
 BACKBONE = "test_resnet"

@@ -52,7 +52,7 @@ def test_serving_code_is_a_dep_of_evaluate_and_not_of_train() -> None:
     train, evaluate = set(stage("train").code_deps()), set(stage("evaluate").code_deps())
     judged = {
         f"src/cnmc/{name}.py"
-        for name in ("serving/pyfunc", "inference/tta", "jobs/explain", "metrics/calibration", "serving/model_env")
+        for name in ("serving/pyfunc", "inference/tta", "plots/gradcam", "metrics/calibration", "serving/model_env")
     }
     assert not train & judged, train & judged
     assert (
@@ -76,6 +76,23 @@ def test_the_derivation_follows_the_code(tmp_path: Path, monkeypatch) -> None:  
     code.write_text("def f(cfg: SplitConfig, seed: int):\n    return cfg.val_fraction, cfg.epochs\n")
     monkeypatch.setattr(stages, "code_closure", lambda entry: ([code], set()))
     assert settings_read("probe") == {"seed", "split.val_fraction"}
+
+
+def test_only_fields_of_config_objects_count(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """``args.lr`` or ``model.patience`` are no settings; a config object is followed through
+    assignments, ``self`` and ``model_copy``."""
+    import cnmc.jobs.stages as stages
+
+    code = tmp_path / "probe.py"
+    code.write_text(
+        "class Job:\n"
+        "    def __init__(self, params: Params, args, model):\n"
+        "        self.params = params\n"
+        "        cfg, tune = params.train.model_copy(), self.params.tune\n"
+        "        print(args.lr, model.patience, cfg.epochs, tune.n_trials, self.params.seed)\n"
+    )
+    monkeypatch.setattr(stages, "code_closure", lambda entry: ([code], set()))
+    assert settings_read("probe") == {"seed", "train.epochs", "tune.n_trials"}
 
 
 def test_promote_and_report_read_their_settings_through_their_own_modules() -> None:

@@ -16,9 +16,10 @@ from PIL import Image
 
 from cnmc.data.store import normalize_batch
 from cnmc.inference.forward import predict_logits, prob_all
+from cnmc.inference.probability import predict_proba
+from cnmc.inference.spec import ModelSpec
 from cnmc.inference.tta import VIEW_NAMES, tta_views
-from cnmc.models.spec import ModelSpec
-from cnmc.serving.pyfunc import LeukemiaClassifier, encode_file, log_pyfunc, predict_proba
+from cnmc.serving.pyfunc import LeukemiaClassifier, encode_file, log_pyfunc
 
 BACKBONE = "test_resnet"
 SIZE = 32

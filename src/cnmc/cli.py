@@ -130,30 +130,23 @@ def cmd_augment(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from cnmc.core.distributed import process_group
-    from cnmc.jobs.paths import RunPaths, default_root
-    from cnmc.jobs.train import fit_and_log
-    from cnmc.training.trainer import uses_cuda
+    from cnmc.jobs.launch import train
+    from cnmc.jobs.paths import default_root
 
+    if args.data and args.run_dir:
+        raise CnmcError("--data trains in --work-dir (its prepared store and run go there): drop --run-dir")
     params = _params(args)
-    # Under torchrun: one process per rank; rank 0 prepares the data first, the others then reuse it.
-    with process_group(uses_cuda(params.train)) as world:
-        if not world.is_main:
-            world.barrier()
-        store_root = _store_root(args, params)
-        if world.is_main:
-            world.barrier()
-        root = Path(args.work_dir) if args.data else Path(args.run_dir or default_root())
-        paths = RunPaths(root, args.backbone, store_root)
-        fit = fit_and_log(
-            params,
-            args.backbone,
-            paths,
-            resume=args.resume,
-            weights_path=args.weights_path,
-            progress=not args.quiet,
-            world=world,
-        )
+    root = Path(args.work_dir) if args.data else Path(args.run_dir or default_root())
+    fit, paths = train(
+        params,
+        args.backbone,
+        root,
+        data=Path(args.data) if args.data else None,
+        test_data=Path(args.test_data) if args.test_data else None,
+        resume=args.resume,
+        weights_path=args.weights_path,
+        progress=not args.quiet,
+    )
     if fit is None:  # not rank 0: rank 0 reports and evaluates
         return
     if not args.evaluate:
@@ -164,23 +157,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
         return
     _evaluate(params, paths, args.metrics_out)
-
-
-def _store_root(args: argparse.Namespace, params: Params) -> Path:
-    """The folder whose ``images/`` store to train on: ``--data``'s work folder, the DVC outputs when
-    they match the settings, else a matching store prepared beside them."""
-    from cnmc.jobs.prepare import prepare_work_dir, store_matches
-
-    if args.data:
-        root = Path(args.work_dir)
-        test_data = Path(args.test_data) if args.test_data else None
-        prepare_work_dir(Path(args.data), root, params, test_data, progress=not args.quiet)
-        return root
-    if store_matches(Path("outputs/images"), params):
-        return Path("outputs")
-    root = Path("outputs/prepared")  # no store yet, or flags changed its settings
-    prepare_work_dir(Path(params.data_dir), root, params, progress=not args.quiet)
-    return root
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -213,7 +189,7 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from cnmc.tracking.model_registry import pipeline_may_release, promote_and_write
+    from cnmc.jobs.promote import pipeline_may_release, promote_and_write
 
     params = _params(args)
     release = pipeline_may_release(params.promote) if args.from_pipeline else True
@@ -468,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         cmd_serve,
         "Serve a model (default: the champion) over HTTP: MLflow's scoring app, with "
-        "JSON errors, request limits and GET /info (README: serving).",
+        "JSON errors, request limits and GET /info (docs/serving.md).",
     )
     add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -1,1 +1,2 @@
-"""Foundation every layer uses: the typed settings, errors, atomic writes, the process group, import closures."""
+"""Foundation every layer uses: the typed settings and the metric names they may use, errors, atomic
+writes, the process group, import closures."""

@@ -17,12 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cnmc.core.errors import CnmcError, validated
-from cnmc.metrics.catalogue import SCALAR_METRICS
+from cnmc.core.metric_catalogue import SCALAR_METRICS
 
 PARAMS_FILE = "params.yaml"
 # Marks a setting that changes how fast a stage runs, never what it produces: DVC does not rerun for it.
 RUNTIME_ONLY: dict[str, Any] = {"runtime_only": True}
 PROFILES = ("demo", "paper")
+SPLITS = ("train", "val", "test")  # the split protocol's parts, in this order everywhere
 JOURNAL_PREFIX = "journal:"  # tune.storage = journal:PATH names an Optuna journal file
 _RDB_URL = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # SQLAlchemy's dialect[+driver]://...
 

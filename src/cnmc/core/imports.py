@@ -25,7 +25,7 @@ def parsed(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-def _imports(path: Path) -> set[str]:
+def imported_modules(path: Path) -> set[str]:
     """Every module ``path`` imports by absolute name, at any depth (imports inside functions too)."""
     names: set[str] = set()
     for node in ast.walk(parsed(path)):
@@ -48,7 +48,7 @@ def code_closure(entry: str) -> tuple[list[Path], set[str]]:
         seen.add(module)
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
-        for name in _imports(module_file(module)):
+        for name in imported_modules(module_file(module)):
             if name.split(".")[0] != "cnmc":
                 external.add(name.split(".")[0])
             elif module_file(name).is_file():  # ``from cnmc.x import y`` where y is not a module

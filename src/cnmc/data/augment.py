@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from cnmc.core.atomic import plain_mode
-from cnmc.core.config import AugmentConfig
+from cnmc.core.config import SPLITS, AugmentConfig
 from cnmc.core.errors import CnmcError
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.manifest import MANIFEST_COLUMNS
@@ -46,7 +46,6 @@ from cnmc.data.transforms import paper_transform, resize_transform
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 OPTIONAL_SPLITS = ("test",)
 REQUIRED_COLUMNS = (*MANIFEST_COLUMNS, "split")
 STORE_COLUMNS = ("target", "augmented", "origin", "aug_seed")

@@ -19,12 +19,11 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from cnmc.core.atomic import atomic_write_text
-from cnmc.core.config import SplitConfig
+from cnmc.core.config import SPLITS, SplitConfig
 from cnmc.core.errors import CnmcError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 LABELS = ("all", "hem")
 TRAINING_SOURCES = ("fold_0", "fold_1", "fold_2", "folder")
 # Random subject orders tried per class when choosing held-out subjects (fewer for many subjects,

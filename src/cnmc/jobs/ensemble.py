@@ -23,13 +23,15 @@ import numpy as np
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
+from cnmc.core.metric_catalogue import SCALAR_METRICS
 from cnmc.data.store import ImageStore
+from cnmc.inference.probability import predict_proba
 from cnmc.jobs.evaluate import example_image
-from cnmc.jobs.paths import RunPaths, mkdir, open_stores, start_run
-from cnmc.metrics.catalogue import SCALAR_METRICS
+from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
 from cnmc.metrics.validation_rules import choose_threshold, subject_shortfall
-from cnmc.serving.pyfunc import EnsembleClassifier, Member, load_member, log_pyfunc, predict_proba
+from cnmc.serving.pyfunc import EnsembleClassifier, Member, load_member, log_pyfunc
+from cnmc.tracking.runs import training_run
 
 NAME = "ensemble"
 
@@ -82,7 +84,7 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
         threshold, rule = choice.threshold, choice.rule
     evaluation = evaluate_split(test.targets, test_prob, list(test.index["subject"]), threshold)
     validation = binary_metrics(val.targets, val_prob, threshold)
-    with start_run(params, NAME, None, extra_params={"members": ",".join(backbones)}) as run:
+    with training_run(params, NAME, None, extra_params={"members": ",".join(backbones)}) as run:
         mlflow.set_tag("threshold_rule", rule)
         mlflow.log_metrics(
             {

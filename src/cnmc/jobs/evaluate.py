@@ -28,9 +28,9 @@ from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.inference.forward import Views, predict_logits, prob_all
+from cnmc.inference.spec import ModelSpec
 from cnmc.inference.tta import tta_views
-from cnmc.jobs.explain import log_gradcam_grid
-from cnmc.jobs.paths import RunPaths, mkdir, open_stores, start_run
+from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.calibration import expected_calibration_error, nll
 from cnmc.metrics.document import (
     Calibration,
@@ -45,10 +45,11 @@ from cnmc.metrics.patients import people_evaluation
 from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
 from cnmc.metrics.validation_rules import ThresholdChoice, choose_temperature, choose_threshold, subject_shortfall
 from cnmc.models.backbones import create_backbone
-from cnmc.models.spec import ModelSpec
 from cnmc.plots import evaluation as plots
+from cnmc.plots.gradcam import log_gradcam_grid
 from cnmc.serving.pyfunc import log_pyfunc
-from cnmc.tracking.runs import data_hash
+from cnmc.tracking.provenance import data_hash
+from cnmc.tracking.runs import training_run
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsD
     """Evaluate ``outputs/models/<backbone>`` and log everything to the run that trained it."""
     fit, spec, model = _load_trained(paths, backbone)
     stores = open_stores(Path(fit.store) if fit.store else paths.store)
-    with start_run(params, backbone, fit.run_id):
+    with training_run(params, backbone, fit.run_id):
         document = _evaluate(model, spec, stores, params, paths, fit)
         document.save(paths.metrics)
         atomic_write_text(paths.headline, json.dumps(document.headline(), indent=2) + "\n")

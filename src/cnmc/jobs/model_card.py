@@ -21,8 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError
+from cnmc.core.metric_catalogue import label
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
-from cnmc.metrics.catalogue import label
+from cnmc.inference.schema import CELL, REQUEST_COLUMN, markdown_table
 from cnmc.metrics.document import MetricsDocument, PeopleEvaluation, load_document
 from cnmc.metrics.scores import CI_METRICS
 
@@ -166,8 +167,12 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         f'model = mlflow.pyfunc.load_model("models:/{result.name}@{result.alias}")'
         f"  # this version: models:/{result.name}/{result.version}",
         'image = base64.b64encode(open("cell.bmp", "rb").read()).decode()',
-        'model.predict(pd.DataFrame({"image": [image]}))  # columns: label, prob_all, threshold',
+        f'model.predict(pd.DataFrame({{"{REQUEST_COLUMN}": [image]}}))',
         "```",
+        "",
+        "The answer, one row a cell:",
+        "",
+        markdown_table(CELL),
         "",
     ]
     return "\n".join(lines)

@@ -1,28 +1,18 @@
-"""Where one backbone's training and evaluation read and write, and the MLflow run they share.
+"""Where one backbone's training and evaluation read and write.
 
-``cnmc train`` (the ``train@<backbone>`` stage) starts the run and fits; ``cnmc evaluate`` (the
-``evaluate@<backbone>`` stage) continues the same run, found through ``fit.json``.
+``cnmc train`` (the ``train@<backbone>`` stage) writes the model and ``fit.json`` (which names its
+MLflow run and store); ``cnmc evaluate`` (the ``evaluate@<backbone>`` stage) reads them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
-from cnmc.core.config import Params
-from cnmc.core.errors import CnmcError
+from cnmc.core.config import SPLITS
 from cnmc.data.store import ImageStore
-from cnmc.tracking.runs import data_hash, experiment_name, git_commit, run_label, tracked_run, tracking_uri
 
-SPLITS = ("train", "val", "test")
 PIPELINE_ROOT = Path("outputs")
 AD_HOC_ROOT = PIPELINE_ROOT / "runs"
 
@@ -92,74 +82,10 @@ class RunPaths:
         ]
 
 
-def flat_params(params: Params, backbone: str) -> dict[str, Any]:
-    """Every config value as ``section.key`` (MLflow params), with this run's backbone."""
-    flat: dict[str, Any] = {"seed": params.seed, "data_dir": params.data_dir, "backbone": backbone}
-    for section in ("split", "augment", "train"):
-        for key, value in getattr(params, section).model_dump().items():
-            if section == "train" and key == "backbones":
-                continue
-            flat[f"{section}.{key}"] = value
-    return flat
-
-
 def open_stores(store: Path) -> dict[str, ImageStore]:
     return {split: ImageStore(store / split) for split in SPLITS}
-
-
-def store_hash(store: Path, splits: tuple[str, ...] = SPLITS) -> str:
-    """Hash of the stores' index files: identifies the exact data of a run (tuning's trials see
-    ``train`` and ``val`` only)."""
-    digest = hashlib.sha256()
-    for split in splits:
-        digest.update((store / split / "index.csv").read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextmanager
-def start_run(
-    params: Params, backbone: str, resume_run: str | None, extra_params: dict[str, Any] | None = None
-) -> Iterator[Any]:
-    """A new MLflow run in the protocol's experiment (:func:`cnmc.tracking.runs.tracked_run`), tagged and
-    described; with ``resume_run``, that run continued."""
-    protocol, dhash = params.split.protocol, data_hash()
-    mlflow.set_tracking_uri(tracking_uri())
-    if resume_run:
-        try:
-            mlflow.tracking.MlflowClient().get_run(resume_run)
-        except MlflowException:
-            raise CnmcError(
-                f"MLflow run {resume_run} (from training) is not in {tracking_uri()}: run `cnmc train` again"
-            ) from None
-    with tracked_run(
-        experiment_name(protocol),
-        f"{backbone}-{run_label()}-{dhash[:8]}",
-        resume_run,
-        log_system_metrics=True,
-    ) as run:
-        if not resume_run:
-            mlflow.log_params(flat_params(params, backbone) | (extra_params or {}))
-            mlflow.set_tags(
-                {
-                    "backbone": backbone,
-                    "protocol": protocol,
-                    "data_hash": dhash,
-                    "git_commit": git_commit(),
-                    "mlflow.note.content": _description(backbone, protocol, dhash),
-                }
-            )
-        yield run
-
-
-def _description(backbone: str, protocol: str, dhash: str) -> str:
-    split = (
-        "subject-disjoint: test = unseen subjects"
-        if protocol == "subject"
-        else "the paper's cell-level 90/10 split: subjects shared, optimistic"
-    )
-    return f"{backbone} fine-tuned on C-NMC ({split}); data {dhash[:8]}. Headline: test_f1_all, test_roc_auc."

@@ -20,6 +20,27 @@ from cnmc.data.split import split_manifest, write_splits
 
 log = logging.getLogger(__name__)
 STAMP = "prepared.json"
+PIPELINE_STORE_ROOT = Path("outputs")  # the DVC stages' outputs: outputs/images
+PREPARED_ROOT = Path("outputs/prepared")  # where settings differ from the pipeline's store
+
+
+def store_root(
+    params: Params,
+    data: Path | None = None,
+    work_dir: Path | None = None,
+    test_data: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """The folder whose ``images/`` store a training run reads: ``data`` prepared into ``work_dir``;
+    else the DVC outputs when they match ``params``; else a matching store prepared beside them."""
+    if data is not None:
+        root = work_dir or PREPARED_ROOT
+        prepare_work_dir(data, root, params, test_data, progress=progress)
+        return root
+    if store_matches(PIPELINE_STORE_ROOT / "images", params):
+        return PIPELINE_STORE_ROOT
+    prepare_work_dir(Path(params.data_dir), PREPARED_ROOT, params, progress=progress)  # no store, or other settings
+    return PREPARED_ROOT
 
 
 def store_matches(store: Path, params: Params) -> bool:

@@ -17,8 +17,8 @@ import pandas as pd
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
+from cnmc.core.metric_catalogue import label
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
-from cnmc.metrics.catalogue import label
 from cnmc.metrics.document import MetricsDocument, load_document
 from cnmc.plots.evaluation import metric_bars_png
 
@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 # Ahmed et al. 2025, Table 2, test set, in %. The paper calls P/R/F1 "macro", but they are the
 # ALL-class (positive class) binary metrics: B3's 92.02% accuracy and 97.40% recall on 847 ALL /
-# 406 Hem cells give TP 825, FN 22, FP 78 -> precision 91.36%, F1 94.30% (see the README, "The
-# paper, and what we report differently").
+# 406 Hem cells give TP 825, FN 22, FP 78 -> precision 91.36%, F1 94.30% (see docs/paper.md).
 PAPER_METRICS = ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc")
 PAPER_TABLE2: dict[str, dict[str, float]] = {
     "resnet50": dict(zip(PAPER_METRICS, (90.58, 90.37, 96.34, 93.27, 94.38), strict=True)),

@@ -7,11 +7,10 @@ Each stage names its entry module and its data; what it must declare follows by 
   to the end (:func:`cnmc.core.imports.code_closure`). A file a stage never runs is never its dep, so
   a serving docstring retrains nothing.
 * **params**: every setting of the typed config (:class:`cnmc.core.config.Params`) that the stage's
-  code reads, found by reading the code: a section's field counts when the code names the section
-  (``params.train``, or its class ``TrainConfig``) and the field (``cfg.head_init``); a top-level
-  setting counts when the code names it (``params.seed``, an argument ``seed``). Settings marked
-  ``runtime_only`` in the config (workers, device) and the stage's own matrix list are left out;
-  ``${...}`` in the command is added.
+  code reads, found by following config objects through the code (:class:`_ConfigReads`):
+  ``cfg.head_init`` counts where ``cfg`` is a ``TrainConfig``, not where any object has an attribute
+  of that name. Settings marked ``runtime_only`` in the config (workers, device) and the stage's
+  own matrix list are left out; ``${...}`` in the command is added.
 """
 
 from __future__ import annotations
@@ -88,42 +87,89 @@ class Stage:
 def settings_read(entry: str) -> set[str]:
     """``section.key`` (or top-level ``key``) of every setting the closure of ``entry`` reads."""
     files, _ = code_closure(entry)
-    attributes: set[str] = set()  # cfg.head_init
-    names: set[str] = set()  # TrainConfig, seed (an argument)
+    read: set[str] = set()
     for path in files:
-        if path == CONFIG_FILE:
-            continue
-        tree = parsed(path)
-        modules = _module_names(tree)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute):
-                if isinstance(node.value, ast.Name) and node.value.id in modules:
-                    continue  # torch.channels_last is torch's, not the setting train.channels_last
-                attributes.add(node.attr)
-            elif isinstance(node, ast.Name | ast.arg):
-                names.add(node.id if isinstance(node, ast.Name) else node.arg)
-    read = set()
-    for name, info in Params.model_fields.items():
-        section = info.annotation
-        if isinstance(section, type) and issubclass(section, BaseModel):
-            if name in attributes or section.__name__ in names:
-                read |= {
-                    f"{name}.{key}"
-                    for key, sub in section.model_fields.items()
-                    if key in attributes and not _runtime_only(sub.json_schema_extra)
-                }
-        elif name in attributes or name in names:
-            read.add(name)
+        if path != CONFIG_FILE:
+            read |= _ConfigReads(parsed(path)).settings
     return read
 
 
-def _module_names(tree: ast.Module) -> set[str]:
-    """The names a file binds to imported modules (``torch``, ``np``): their attributes are no settings."""
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
-    return names
+class _ConfigReads:
+    """The settings one file reads, found by following the typed config through it.
+
+    A name is a config object when it is annotated with :class:`~cnmc.core.config.Params` or a
+    section's class (``cfg: TrainConfig``, also inside ``X | None``), or assigned from one
+    (``cfg = params.tune``, ``self.cfg = cfg``, ``params.train.model_copy(...)``). A setting is read
+    where such an object's field is (``cfg.lr``, ``params.train.lr``, ``params.seed``). A top-level
+    setting also counts where a function takes it as an argument of its name (``seed``): the
+    command line hands it in. ``torch.channels_last`` or ``args.lr`` are no settings.
+    """
+
+    def __init__(self, tree: ast.Module) -> None:
+        self.sections: dict[str, type[BaseModel]] = {
+            name: info.annotation
+            for name, info in Params.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        }
+        self.classes = {cls.__name__: name for name, cls in self.sections.items()} | {Params.__name__: ""}
+        self.top_level = set(Params.model_fields) - set(self.sections)
+        self.bound: dict[str, str] = {}  # a name (or self.attr) -> its section ("" for the whole Params)
+        self.settings: set[str] = set()
+        for _ in range(3):  # assignments may chain: params -> self.params -> cfg
+            for node in ast.walk(tree):
+                self._bind(node)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                self._read(node)
+            elif isinstance(node, ast.arg) and node.arg in self.top_level:
+                self.settings.add(node.arg)
+
+    def _bind(self, node: ast.AST) -> None:
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            for name in ast.walk(node.annotation):
+                if isinstance(name, ast.Name) and name.id in self.classes:
+                    self.bound[node.arg] = self.classes[name.id]
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                pairs = (
+                    zip(target.elts, node.value.elts, strict=False)
+                    if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
+                    else [(target, node.value)]
+                )
+                for one, value in pairs:
+                    section, key = self._section_of(value), _key(one)
+                    if section is not None and key is not None:
+                        self.bound[key] = section
+
+    def _section_of(self, node: ast.AST) -> str | None:
+        """The section ``node`` evaluates to ("" for Params), or None where it is no config object."""
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "model_copy":
+            return self._section_of(node.func.value)
+        key = _key(node)
+        if key is not None and key in self.bound:
+            return self.bound[key]
+        if isinstance(node, ast.Attribute) and self._section_of(node.value) == "" and node.attr in self.sections:
+            return node.attr
+        return None
+
+    def _read(self, node: ast.Attribute) -> None:
+        section = self._section_of(node.value)
+        if section == "" and node.attr in self.top_level:
+            self.settings.add(node.attr)
+        elif section and node.attr in self.sections[section].model_fields:
+            extra = self.sections[section].model_fields[node.attr].json_schema_extra
+            if not _runtime_only(extra):
+                self.settings.add(f"{section}.{node.attr}")
+
+
+def _key(node: ast.AST) -> str | None:
+    """``name`` or ``self.attr``: what an assignment can bind."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return f"self.{node.attr}"
+    return None
 
 
 def _runtime_only(extra: Any) -> bool:
@@ -205,7 +251,7 @@ PIPELINE = (
     Stage(
         "promote",
         "cnmc promote --from-pipeline --out-dir registry",
-        "cnmc.tracking.model_registry",
+        "cnmc.jobs.promote",
         data=("outputs/metrics", "outputs/report"),
         outs=(Out("registry/promotion.json", cache=False), Out("registry/model_card.md", cache=False)),
     ),

@@ -8,8 +8,6 @@ model (temperature, threshold, test metrics, the logged pyfunc) is the evaluate 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import mlflow
 import pandas as pd
 import torch
@@ -18,14 +16,13 @@ from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.core.distributed import ONE_PROCESS, World
 from cnmc.core.errors import CnmcError
-from cnmc.data.sampling import online_per_class
-from cnmc.data.transforms import paper_transform
-from cnmc.jobs.paths import RunPaths, flat_params, mkdir, open_stores, start_run, store_hash
+from cnmc.inference.spec import ModelSpec
+from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.document import FitSummary
-from cnmc.models.backbones import create_backbone, weights_in_dir
-from cnmc.models.spec import ModelSpec
 from cnmc.plots.training import training_curves_png
-from cnmc.training.trainer import Trainer, config_fingerprint
+from cnmc.tracking.runs import flat_params, store_hash, training_run
+from cnmc.training.build import build_trainer
+from cnmc.training.trainer import config_fingerprint
 
 
 def fit_and_log(
@@ -43,25 +40,15 @@ def fit_and_log(
     run (with ``world_size``) and writes the outputs, and the other ranks return None.
     """
     stores = open_stores(paths.store)
-    weights_path = weights_path or weights_in_dir(params.train.weights_dir, backbone)
-    # Seed before building: a random-init model (or the new head of a pretrained one) draws its
-    # starting weights here, so the same seed, settings and data give the same run.
-    torch.manual_seed(params.seed)
-    net = create_backbone(backbone, pretrained=params.train.pretrained, weights_path=weights_path)
     fingerprint = config_fingerprint({"params": flat_params(params, backbone), "store": store_hash(paths.store)})
-    trainer = Trainer(
-        net.model,
-        net.mean,
-        net.std,
+    trainer, net = build_trainer(
+        params,
+        backbone,
         stores["train"],
         stores["val"],
-        params.train,
-        params.seed,
         paths.checkpoint,
         fingerprint,
-        params.split.min_images_per_class,
-        train_transform=online_transform(params, stores["train"].image_size),
-        per_class=online_per_class(params.augment, stores["train"].index),
+        weights_path=weights_path,
         progress=progress,
         world=world,
     )
@@ -74,7 +61,7 @@ def fit_and_log(
 
     run_id_file = paths.checkpoint.with_name("mlflow_run_id")
     resume_run = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-    with start_run(
+    with training_run(
         params, backbone, resume_run, extra_params={"weights": net.weights, "world_size": world.size}
     ) as run:
         mkdir(paths.checkpoint.parent)
@@ -114,12 +101,6 @@ def fit_and_log(
         )
         summary.save(paths.fit_file)
     return summary
-
-
-def online_transform(params: Params, image_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The paper's T at ``augment.strength``, drawn afresh for every training image of every epoch,
-    where ``augment.online`` stores originals only (None: the store holds the augmented images)."""
-    return paper_transform(image_size, params.augment.strength) if params.augment.online else None
 
 
 def _logged_epochs(run_id: str) -> set[int]:

@@ -42,9 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params, journal_path
 from cnmc.core.errors import CnmcError
-from cnmc.data.sampling import online_per_class
 from cnmc.data.store import ImageStore
-from cnmc.data.transforms import paper_transform
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +111,7 @@ def run_study(params: Params, store_root: Path, n_trials: int | None = None, pro
     """
     import mlflow
 
-    from cnmc.tracking.runs import tracking_uri
+    from cnmc.tracking.provenance import tracking_uri
 
     started = time.perf_counter()
     cfg = params.tune
@@ -319,19 +317,12 @@ class _Objective:
 
     def _fit(self, trial: optuna.Trial, lr: float, strength: float) -> float:
         import mlflow
-        import torch
 
-        from cnmc.models.backbones import create_backbone, weights_in_dir
-        from cnmc.training.trainer import Trainer
+        from cnmc.training.build import build_trainer
 
         params, cfg = self.params, self.params.tune
         train_cfg = params.train.model_copy(update={"epochs": cfg.epochs, "lr": lr})
-        torch.manual_seed(params.seed)  # every trial starts from the same weights
-        net = create_backbone(
-            cfg.backbone,
-            pretrained=params.train.pretrained,
-            weights_path=weights_in_dir(params.train.weights_dir, cfg.backbone),
-        )
+        trial_params = params.model_copy(update={"train": train_cfg})  # every trial starts from the same weights
 
         def on_epoch(row: dict[str, float]) -> None:
             epoch, value = int(row["epoch"]), float(row[OBJECTIVE])
@@ -341,19 +332,14 @@ class _Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: {OBJECTIVE} {value:.4f}")
 
         with tempfile.TemporaryDirectory(prefix="cnmc-tune-") as tmp:  # this trial's own checkpoint
-            trainer = Trainer(
-                net.model,
-                net.mean,
-                net.std,
+            trainer, _ = build_trainer(
+                trial_params,
+                cfg.backbone,
                 self.train,
                 self.val,
-                train_cfg,
-                params.seed,
                 Path(tmp) / "checkpoint.pt",
-                fingerprint=f"tune-{trial.number}",
-                min_val_per_class=params.split.min_images_per_class,
-                train_transform=paper_transform(self.train.image_size, strength),
-                per_class=online_per_class(params.augment, self.train.index),
+                f"tune-{trial.number}",
+                strength=strength,
                 progress=self.progress,
             )
             fit = trainer.fit(on_epoch=on_epoch)
@@ -432,35 +418,30 @@ class _FirstTrialSeededTPE(BaseSampler):
 
 @contextmanager
 def _parent_run(params: Params, store_root: Path, n_trials: int) -> Iterator[Any]:
-    import mlflow
 
-    from cnmc.jobs.paths import flat_params, store_hash
-    from cnmc.tracking.runs import data_hash, git_commit, run_label, tracked_run, tuning_experiment_name
+    from cnmc.tracking.provenance import tuning_experiment_name
+    from cnmc.tracking.runs import flat_params, provenance_tags, run_label, store_hash, tracked_run
 
     cfg, protocol = params.tune, params.split.protocol
-    with tracked_run(tuning_experiment_name(protocol), f"tune-{cfg.study_name}-{cfg.backbone}-{run_label()}") as run:
-        base = flat_params(params, cfg.backbone)
-        for tuned in ("train.lr", "augment.strength", "train.epochs"):  # set per trial, not from here
-            base.pop(tuned, None)
-        tune_params = {f"tune.{k}": v for k, v in cfg.model_dump().items()}
-        tune_params["tune.storage"] = _safe_storage(cfg.storage)
-        mlflow.log_params(base | tune_params | {"n_trials": n_trials})
-        mlflow.set_tags(
-            {
-                "backbone": cfg.backbone,
-                "protocol": protocol,
-                "data_hash": data_hash(),
-                "git_commit": git_commit(),
-                "store_hash": store_hash(store_root, ("train", "val")),
-                "optuna.study": cfg.study_name,
-                "cnmc.stage": "tune",
-                "mlflow.note.content": (
-                    f"Optuna study '{cfg.study_name}': lr (log) in [{cfg.lr_min:g}, {cfg.lr_max:g}], augmentation "
-                    f"strength in [{cfg.strength_min:g}, {cfg.strength_max:g}]; {cfg.backbone}, {cfg.epochs} epoch(s) "
-                    "per trial; objective: best validation macro F1. One nested run per trial."
-                ),
-            }
-        )
+    base = flat_params(params, cfg.backbone)
+    for tuned in ("train.lr", "augment.strength", "train.epochs"):  # set per trial, not from here
+        base.pop(tuned, None)
+    tune_params = {f"tune.{k}": v for k, v in cfg.model_dump().items()}
+    tune_params["tune.storage"] = _safe_storage(cfg.storage)
+    tags = provenance_tags(cfg.backbone, protocol) | {
+        "store_hash": store_hash(store_root, ("train", "val")),
+        "optuna.study": cfg.study_name,
+        "cnmc.stage": "tune",
+        "mlflow.note.content": (
+            f"Optuna study '{cfg.study_name}': lr (log) in [{cfg.lr_min:g}, {cfg.lr_max:g}], augmentation "
+            f"strength in [{cfg.strength_min:g}, {cfg.strength_max:g}]; {cfg.backbone}, {cfg.epochs} epoch(s) "
+            "per trial; objective: best validation macro F1. One nested run per trial."
+        ),
+    }
+    name = f"tune-{cfg.study_name}-{cfg.backbone}-{run_label()}"
+    with tracked_run(
+        tuning_experiment_name(protocol), name, params=base | tune_params | {"n_trials": n_trials}, tags=tags
+    ) as run:
         yield run
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError, validated
-from cnmc.metrics.catalogue import SCALAR_METRICS, mlflow_key
+from cnmc.core.metric_catalogue import SCALAR_METRICS, mlflow_key
 
 Document = TypeVar("Document", bound="FitSummary")
 # binary_metrics at one threshold: the registry's metrics, the counts, and per-subject summaries.

@@ -20,20 +20,10 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
+from cnmc.inference.schema import ALL, HEM, PERSON_COLUMNS
+
 MIN_CELLS = 5  # fewer readable cells than this: the call is made, and flagged as a guess
 BOOTSTRAP = 2000
-PERSON_COLUMNS = [
-    "subject",
-    "cells",
-    "unreadable",
-    "mean_prob_all",
-    "ci95_low",
-    "ci95_high",
-    "share_called_all",
-    "call",
-    "threshold",
-    "note",
-]
 
 
 def call_person(probs: Sequence[float] | np.ndarray, threshold: float, unreadable: int = 0, seed: int = 0) -> dict:
@@ -63,7 +53,7 @@ def call_person(probs: Sequence[float] | np.ndarray, threshold: float, unreadabl
         "ci95_low": low,
         "ci95_high": high,
         "share_called_all": float((p >= threshold).mean()),
-        "call": "all" if mean >= threshold else "hem",
+        "call": ALL if mean >= threshold else HEM,
         "note": "; ".join(notes),
     }
 

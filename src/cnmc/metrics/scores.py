@@ -2,8 +2,8 @@
 
 Convention: ALL = 1 is the positive class, Hem = 0; ``prob_all`` is the predicted probability
 of ALL and a cell is called ALL when ``prob_all >= threshold``. The paper's "macro" P/R/F1 are
-really the ALL-class binary metrics (see the README, "The paper, and what we report
-differently"), so we report ``*_all`` and ``*_macro`` apart.
+really the ALL-class binary metrics (see ``docs/paper.md``), so we report ``*_all`` and
+``*_macro`` apart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn import metrics
 
-from cnmc.metrics.catalogue import SCALAR_METRICS, Counts, count_metrics
+from cnmc.core.metric_catalogue import SCALAR_METRICS, Counts, count_metrics
 
 BOOTSTRAP_METRICS = SCALAR_METRICS
 CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")

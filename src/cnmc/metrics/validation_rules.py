@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from cnmc.core.metric_catalogue import Counts, count_metrics
 from cnmc.metrics.calibration import cell_nll, fit_temperature
-from cnmc.metrics.catalogue import Counts, count_metrics
 from cnmc.metrics.scores import checked_arrays, confusion_cells, resample_weights, tune_threshold
 
 

@@ -16,8 +16,8 @@ from numpy.typing import ArrayLike
 from sklearn import metrics
 
 from cnmc.core.atomic import atomic_write_png, atomic_write_text
+from cnmc.core.metric_catalogue import label
 from cnmc.metrics.calibration import expected_calibration_error, reliability_bins
-from cnmc.metrics.catalogue import label
 
 CLASS_NAMES = ("hem", "all")  # index = label: Hem = 0, ALL = 1
 BAR_METRICS = {name: label(name) for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc")}

@@ -178,8 +178,8 @@ def serve(model_uri: str, host: str, port: int, max_batch: int, max_body_mb: flo
     import mlflow
     import uvicorn
 
-    from cnmc.serving.batch import load_image_model
-    from cnmc.tracking.runs import tracking_uri
+    from cnmc.serving.client import load_image_model
+    from cnmc.tracking.provenance import tracking_uri
 
     signal.signal(signal.SIGTERM, _exit_zero)  # uvicorn re-raises it once it has drained
     mlflow.set_tracking_uri(tracking_uri())

@@ -4,7 +4,7 @@ answer and the person's call (:mod:`cnmc.metrics.patients`) out.
 MLflow's scoring protocol (``/invocations``) answers cell by cell and has no place for a summary,
 so the patient request has a route of its own, beside it and unchanged: a JSON object
 ``{"images": [<base64>, ...], "names": [...], "subject": "..."}`` (names and subject optional).
-Every image is checked and scored as ``cnmc predict`` does (:func:`cnmc.serving.batch.score_images`):
+Every image is checked and scored as ``cnmc predict`` does (:func:`cnmc.serving.client.score_images`):
 a bad one becomes its row's ``error`` and does not stop the others. The server's image cap
 answers 413, a body that is not such an object 400; the body limit is the guard's.
 """
@@ -20,8 +20,9 @@ from importlib import resources
 from typing import Any
 
 from cnmc.core.errors import CnmcError
+from cnmc.inference.schema import CELL_NAME, no_answer, threshold_of
 from cnmc.metrics.patients import call_person
-from cnmc.serving.batch import score_images
+from cnmc.serving.client import score_images
 
 PAGE = "patient.html"
 
@@ -74,9 +75,9 @@ def answer_patient(model: Any, images: list[str], names: list[str], subject: str
     cells: list[dict[str, Any]] = []
     for name, data in zip(names, decoded, strict=True):
         result = next(scored) if data is not None else {"error": "not base64: the image must be base64-encoded"}
-        cells.append({"name": name, "label": None, "prob_all": None, "threshold": None, "error": None} | result)
+        cells.append({CELL_NAME.name: name} | no_answer() | result)
     probs = [float(c["prob_all"]) if c["error"] is None else math.nan for c in cells]
-    threshold = float(next((c["threshold"] for c in cells if c["threshold"] is not None), 0.5))
+    threshold = threshold_of(cells)
     unreadable = sum(c["error"] is not None for c in cells)
     person = {"subject": subject} | call_person(probs, threshold, unreadable)
     return {"patient": _json_safe(person), "cells": cells}

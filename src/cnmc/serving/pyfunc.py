@@ -42,12 +42,10 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.transforms import resize_transform
-from cnmc.inference.forward import array_batches, predict_logits, prob_all
-from cnmc.inference.tta import tta_views
-from cnmc.models.spec import ModelSpec
+from cnmc.inference.probability import predict_proba
+from cnmc.inference.schema import REQUEST_COLUMN, cell_answers
+from cnmc.inference.spec import ModelSpec
 
-IMAGE_COLUMN = "image"
-BATCH_SIZE = 32
 # Encoded bytes per image: a 450x450 BMP is 0.6 MB; 64 MiB holds an uncompressed 22 M-pixel RGB image.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 _DATA_URL = re.compile(r"data:[\w.+/-]*;base64,", re.IGNORECASE)
@@ -86,7 +84,7 @@ def value_bytes(value: Any, row: int = 0) -> bytes:
     ``data:image/...;base64,`` prefix are allowed); raw ``bytes`` are taken as they are.
     Nothing else is accepted: a string is never taken as a file path.
     """
-    where = f"row {row}: '{IMAGE_COLUMN}'"
+    where = f"row {row}: '{REQUEST_COLUMN}'"
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
     elif isinstance(value, str):
@@ -172,13 +170,7 @@ def answer(
 
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
     prob = np.mean([predict_proba(model, images[spec.image_size], spec, tta=tta) for model, spec in members], axis=0)
-    return pd.DataFrame(
-        {
-            "label": np.where(prob >= threshold, "all", "hem"),
-            "prob_all": prob,
-            "threshold": np.full(len(prob), threshold),
-        }
-    )
+    return cell_answers(prob, threshold)
 
 
 def _tta_param(params: dict[str, Any] | None) -> bool | None:
@@ -192,34 +184,18 @@ def _tta_param(params: dict[str, Any] | None) -> bool | None:
 
 def _image_values(model_input: Any) -> list[Any]:
     if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN not in model_input.columns:
-            raise InvalidInput(f"missing column '{IMAGE_COLUMN}' (base64-encoded image bytes)")
-        values = list(model_input[IMAGE_COLUMN])
-    elif isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
-        values = list(np.atleast_1d(model_input[IMAGE_COLUMN]))
+        if REQUEST_COLUMN not in model_input.columns:
+            raise InvalidInput(f"missing column '{REQUEST_COLUMN}' (base64-encoded image bytes)")
+        values = list(model_input[REQUEST_COLUMN])
+    elif isinstance(model_input, dict) and REQUEST_COLUMN in model_input:
+        values = list(np.atleast_1d(model_input[REQUEST_COLUMN]))
     elif isinstance(model_input, (list, np.ndarray, pd.Series)):
         values = list(np.ravel(model_input))
     else:
-        raise InvalidInput(f"expected a column '{IMAGE_COLUMN}' of base64-encoded images")
+        raise InvalidInput(f"expected a column '{REQUEST_COLUMN}' of base64-encoded images")
     if not values:
         raise InvalidInput("no images in the request")
     return values
-
-
-def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool | None = None) -> np.ndarray:
-    """Probability of ALL for a uint8 (N, S, S, 3) batch on the model's device:
-    ``softmax(logits / spec.temperature)``; with ``tta`` (default: the model's own ``spec.tta``),
-    its mean over the 8 D4 views."""
-    tta = spec.tta if tta is None else tta
-    logits = predict_logits(
-        model,
-        array_batches(images, BATCH_SIZE),
-        spec.mean,
-        spec.std,
-        views=tta_views if tta else None,
-        colour=spec.colour,
-    )
-    return prob_all(logits, spec.temperature)
 
 
 def encode_file(path: Path) -> str:
@@ -262,8 +238,8 @@ def log_pyfunc(
 
     from cnmc.serving import model_env
 
-    example = pd.DataFrame({IMAGE_COLUMN: [encode_file(example_image)]})
-    output = pd.DataFrame({"label": ["all"], "prob_all": [0.5], "threshold": [0.5]})
+    example = pd.DataFrame({REQUEST_COLUMN: [encode_file(example_image)]})
+    output = cell_answers(np.array([0.5]), 0.5)
     tta = ModelSpec.load(spec).tta if tta_default is None else tta_default
     with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp, _quiet_about_cloudpickle():
         return mlflow.pyfunc.log_model(

@@ -10,7 +10,7 @@ protocol's experiment ``cnmc-<protocol>``, finished, with the ranking metric and
 Runs are ranked on validation by default (``promote.rank_on``), so that the champion's test
 figures are not the largest of several test figures: test stays a report, not a selection set.
 Every version carries its metrics, protocol, data hash and run id as tags, so the champion
-can be compared without its run, and a model card as its description.
+can be compared without its run.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mlflow.entities import LoggedModel, LoggedModelStatus, Run, ViewType
@@ -35,20 +33,15 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.tracking import MlflowClient
 
-from cnmc.core.atomic import atomic_write_text
-from cnmc.core.config import Params, PromoteConfig
+from cnmc.core.config import PromoteConfig
 from cnmc.core.errors import CnmcError
-from cnmc.jobs.model_card import load_metrics_document, render_model_card
-from cnmc.metrics.catalogue import MLFLOW_PREFIX, mlflow_key
-from cnmc.tracking import runs as tracking
+from cnmc.core.metric_catalogue import MLFLOW_PREFIX, mlflow_key
 from cnmc.tracking.promotion import PromotionResult
-from cnmc.tracking.runs import experiment_name, tracking_uri
+from cnmc.tracking.provenance import experiment_name, tracking_uri
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the name the training run logs its pyfunc under
-CARD_FILE = "model_card.md"
-RESULT_FILE = "promotion.json"
 _NOT_FOUND = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
 _EXISTS = {ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)}
 
@@ -65,12 +58,12 @@ class _Candidate:
         return (self.value, self.tie, self.run.info.start_time or 0)
 
 
-def promote(
+def register_best(
     cfg: PromoteConfig, protocol: str, data_hash: str, client: MlflowClient | None = None, release: bool = True
 ) -> PromotionResult:
     """Register the best run of ``protocol`` on ``data_hash``, point ``cfg.candidate_alias`` at it,
-    and with ``release`` move ``cfg.alias`` to it if it beats the current holder on the same data;
-    attach the model card. Writes no local files (see :func:`write_promotion`)."""
+    and with ``release`` move ``cfg.alias`` to it if it beats the current holder on the same data.
+    The model card is the promote job's (:mod:`cnmc.jobs.promote`)."""
     client = client or MlflowClient(tracking_uri=tracking_uri())
     best = _best_candidate(client, cfg, protocol, data_hash)
     run = best.run
@@ -102,39 +95,12 @@ def promote(
         candidate_alias=cfg.candidate_alias,
         released=release,
     )
-    card = render_model_card(result, run, load_metrics_document(client, run))
-    client.log_text(run.info.run_id, card, CARD_FILE)
-    client.update_model_version(cfg.model_name, result.version, description=card)
     if moves:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, result.version)
     holder = _alias_holder(client, cfg.model_name, cfg.alias)
     champion_version = str(holder.version) if holder else ""
     log.info("%s", reason)
-    return replace(
-        result, promoted=champion_version == result.version, champion_version=champion_version, model_card=card
-    )
-
-
-def pipeline_may_release(cfg: PromoteConfig) -> bool:
-    """Whether the promote stage releases: where ``promote.pipeline_releases`` says so, and never in
-    a DVC experiment (an experiment is not a release)."""
-    return cfg.pipeline_releases and not os.environ.get("DVC_EXP_NAME")
-
-
-def promote_and_write(params: Params, out_dir: Path, release: bool = True) -> PromotionResult:
-    """``cnmc promote``: :func:`promote` under ``params`` on the current data, then :func:`write_promotion`."""
-    result = promote(params.promote, params.split.protocol, tracking.data_hash(), release=release)
-    write_promotion(result, out_dir)
-    return result
-
-
-def write_promotion(result: PromotionResult, out_dir: Path | str) -> Path:
-    """Write ``out_dir/promotion.json`` and ``out_dir/model_card.md``; return the JSON's path."""
-    out_dir = Path(out_dir)
-    atomic_write_text(out_dir / CARD_FILE, result.model_card)
-    path = out_dir / RESULT_FILE
-    atomic_write_text(path, json.dumps(result.to_json(), indent=2) + "\n")
-    return path
+    return replace(result, promoted=champion_version == result.version, champion_version=champion_version)
 
 
 # -- choosing the run ------------------------------------------------------------------------------

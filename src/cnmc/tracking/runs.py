@@ -1,41 +1,21 @@
-"""MLflow set-up shared by training, promotion and tuning.
-
-One tracking store per project (``sqlite:///<root>/mlflow.db``), one experiment per split
-protocol, and the tags that make a run traceable to its code and data.
+"""Starting MLflow runs: one run context (:func:`tracked_run`) for every run and parent run
+(training, evaluation, ensembles, tuning), named by who started it and tagged with its provenance.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
+from cnmc.core.config import SPLITS, Params
+from cnmc.core.errors import CnmcError
+from cnmc.tracking.provenance import data_hash, experiment_name, git_commit, tracking_uri
 
-DB_NAME = "mlflow.db"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default", where `mlflow run` puts a run nobody placed
-
-
-def project_root() -> Path:
-    """The project folder: DVC's ``DVC_ROOT`` inside a stage, else the working directory."""
-    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DB_NAME}"
-
-
-def experiment_name(protocol: str) -> str:
-    return f"cnmc-{protocol}"
-
-
-def tuning_experiment_name(protocol: str) -> str:
-    """Tuning's parent and trial runs live apart from the training runs that promotion ranks."""
-    return f"cnmc-{protocol}-tuning"
 
 
 def run_kind() -> str:
@@ -54,9 +34,16 @@ def run_label() -> str:
 
 
 @contextmanager
-def tracked_run(experiment: str, run_name: str, resume_run: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
-    """An MLflow run in ``experiment``, tagged with its kind (and DVC experiment); with
-    ``resume_run``, that run continued.
+def tracked_run(
+    experiment: str,
+    run_name: str,
+    resume_run: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    **start_kwargs: Any,
+) -> Iterator[Any]:
+    """The one way a cnmc MLflow run starts: in ``experiment``, tagged with its kind (and DVC
+    experiment), with ``params`` and ``tags`` logged; with ``resume_run``, that run continued as it was.
 
     Under ``mlflow run`` the launcher's run is used when the user placed it (``--experiment-name``);
     one it left in ``Default`` is set aside instead, tagged with a link to the run logged here, so
@@ -66,7 +53,12 @@ def tracked_run(experiment: str, run_name: str, resume_run: str | None = None, *
 
     mlflow.set_tracking_uri(tracking_uri())
     kind, launcher = run_kind(), None
-    if not resume_run:
+    if resume_run:
+        try:
+            mlflow.tracking.MlflowClient().get_run(resume_run)
+        except mlflow.exceptions.MlflowException:
+            raise CnmcError(f"MLflow run {resume_run} is not in {tracking_uri()}: run `cnmc train` again") from None
+    else:
         launcher = _unplaced_launcher()
         if not os.environ.get("MLFLOW_RUN_ID"):
             try:
@@ -76,10 +68,67 @@ def tracked_run(experiment: str, run_name: str, resume_run: str | None = None, *
     # A resumed run keeps its name (MLflow would rename it, and the kind read here may differ).
     with mlflow.start_run(run_id=resume_run, run_name=None if resume_run else run_name, **start_kwargs) as run:
         if not resume_run:
-            mlflow.set_tags({"cnmc.kind": kind} | {"dvc.experiment": os.environ.get("DVC_EXP_NAME", "")})
+            mlflow.set_tags({"cnmc.kind": kind, "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")} | (tags or {}))
+            if params:
+                mlflow.log_params(params)
         if launcher:
             mlflow.MlflowClient().set_tag(launcher, "cnmc.logged_to", f"{experiment}: run {run.info.run_id}")
         yield run
+
+
+def provenance_tags(backbone: str, protocol: str) -> dict[str, str]:
+    """What every run is tagged with to find its code and data again."""
+    return {"backbone": backbone, "protocol": protocol, "data_hash": data_hash(), "git_commit": git_commit()}
+
+
+@contextmanager
+def training_run(
+    params: Params, backbone: str, resume_run: str | None, extra_params: dict[str, Any] | None = None
+) -> Iterator[Any]:
+    """A training (or ensemble) run in the protocol's experiment, named, tagged and described; with
+    ``resume_run``, that run continued (evaluation continues the training run)."""
+    protocol = params.split.protocol
+    tags = provenance_tags(backbone, protocol)
+    dhash = tags["data_hash"]
+    tags["mlflow.note.content"] = _description(backbone, protocol, dhash)
+    with tracked_run(
+        experiment_name(protocol),
+        f"{backbone}-{run_label()}-{dhash[:8]}",
+        resume_run,
+        params=flat_params(params, backbone) | (extra_params or {}),
+        tags=tags,
+        log_system_metrics=True,
+    ) as run:
+        yield run
+
+
+def _description(backbone: str, protocol: str, dhash: str) -> str:
+    split = (
+        "subject-disjoint: test = unseen subjects"
+        if protocol == "subject"
+        else "the paper's cell-level 90/10 split: subjects shared, optimistic"
+    )
+    return f"{backbone} fine-tuned on C-NMC ({split}); data {dhash[:8]}. Headline: test_f1_all, test_roc_auc."
+
+
+def flat_params(params: Params, backbone: str) -> dict[str, Any]:
+    """Every config value as ``section.key`` (MLflow params), with this run's backbone."""
+    flat: dict[str, Any] = {"seed": params.seed, "data_dir": params.data_dir, "backbone": backbone}
+    for section in ("split", "augment", "train"):
+        for key, value in getattr(params, section).model_dump().items():
+            if section == "train" and key == "backbones":
+                continue
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def store_hash(store: Path, splits: tuple[str, ...] = SPLITS) -> str:
+    """Hash of the stores' index files: identifies the exact data of a run (tuning's trials see
+    ``train`` and ``val`` only)."""
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update((store / split / "index.csv").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _unplaced_launcher() -> str | None:
@@ -92,33 +141,3 @@ def _unplaced_launcher() -> str | None:
         return None
     del os.environ["MLFLOW_RUN_ID"]
     return launcher
-
-
-def git_commit(root: Path | None = None) -> str:
-    """The checked-out commit (with ``-dirty`` if the tree has changes), or ``unknown``."""
-    cwd = root or project_root()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}-dirty" if dirty else commit
-
-
-def data_hash(root: Path | None = None) -> str:
-    """The md5 that ``data.dvc`` records for ``data/``, or ``untracked`` without one."""
-    path = (root or project_root()) / "data.dvc"
-    try:
-        outs = yaml.safe_load(path.read_text())["outs"]
-        return str(outs[0]["md5"]).removesuffix(".dir")
-    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
-        return "untracked"

@@ -1,0 +1,29 @@
+"""P(ALL) for a batch of cells, the one way every caller computes it: evaluation, serving,
+ensembles and Grad-CAM's choice of class."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cnmc.inference.forward import array_batches, predict_logits, prob_all
+from cnmc.inference.spec import ModelSpec
+from cnmc.inference.tta import tta_views
+
+BATCH_SIZE = 32
+
+
+def predict_proba(model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, tta: bool | None = None) -> np.ndarray:
+    """Probability of ALL for a uint8 (N, S, S, 3) batch on the model's device:
+    ``softmax(logits / spec.temperature)``; with ``tta`` (default: the model's own ``spec.tta``),
+    its mean over the 8 D4 views."""
+    tta = spec.tta if tta is None else tta
+    logits = predict_logits(
+        model,
+        array_batches(images, BATCH_SIZE),
+        spec.mean,
+        spec.std,
+        views=tta_views if tta else None,
+        colour=spec.colour,
+    )
+    return prob_all(logits, spec.temperature)
