@@ -28,11 +28,14 @@ demo: data
 	$(BIN)/dvc repro
 	@cat outputs/report/comparison.md
 
+# Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
+# The loop while you work: everything but the tests marked slow (end to end, subprocesses, servers).
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 # What CI checks besides the tests: lint, formatting and types (mypy on src/, settings in pyproject.toml).
 lint: install

@@ -161,6 +161,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(tiny_store, mlflow_db, t
     assert parent.info.status == "FINISHED" and parent.data.tags["param_importances"].startswith("skipped")
 
 
+@pytest.mark.slow
 def test_two_concurrent_workers_share_one_journal(tiny_store, mlflow_db, tmp_path):
     from mlflow.tracking import MlflowClient
 
