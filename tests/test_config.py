@@ -44,6 +44,14 @@ def test_paper_profile_has_the_papers_values(tmp_path: Path, capsys: pytest.Capt
         ("- 1\n", "expected a mapping"),
         ("tune:\n  storage: optuna.db\n", "tune.storage: .*expected journal:PATH .* or an RDB URL"),
         ("tune:\n  storage: 'journal:'\n", "tune.storage: .*got 'journal:'"),
+        # settings that pass a bound check but would fail a run minutes later
+        ("train:\n  lr: .inf\n", "train.lr: Input should be a finite number"),
+        ("tune:\n  lr_max: .nan\n", "tune.lr_max: Input should be a finite number"),
+        ("seed: -1\n", "seed: Input should be greater than or equal to 0"),
+        ("seed: 4294967296\n", "seed: Input should be less than 4294967296"),
+        # YAML keeps the last of a key given twice: an edit that silently does nothing
+        ("train:\n  lr: 0.1\nsplit: {}\ntrain:\n  epochs: 2\n", "line 4: the key 'train' is given twice"),
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", "line 3: the key 'lr' is given twice"),
     ],
 )
 def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -52,6 +60,31 @@ def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str
     with pytest.raises(CnmcError, match=message) as info:
         load_params(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes("seed: 1\ndata_dir: donn\u00e9es\n".encode("latin-1"))
+    with pytest.raises(CnmcError, match=r"not UTF-8 text \(byte 22\)") as info:
+        load_params(path)
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--port", "70000"], "argument --port: a port is 1 to 65535, got 70000"),
+        (["serve", "--port", "http"], "argument --port: expected a port number, got 'http'"),
+        (["serve", "--max-body-mb", "inf"], "argument --max-body-mb: must be a finite number above 0, got inf"),
+        (["predict", "--batch-size", "0", "x.png"], "argument --batch-size: must be a finite number above 0, got 0"),
+    ],
+)
+def test_flags_out_of_range_are_refused_before_anything_runs(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

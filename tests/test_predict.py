@@ -158,7 +158,7 @@ def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
     table = pd.read_csv(out)
     assert (summary.predicted, summary.failed) == (2, 1)
     assert table["error"].isna().tolist() == [True, False, True]
-    assert table["error"][1] == "not an image (unrecognised format)"
+    assert table["error"][1] == "not an image of a format cnmc reads (BMP, PNG, JPEG, TIFF)"
 
 
 @pytest.mark.timeout(60, func_only=True)  # a FIFO opened for reading would block for good

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnmc import __version__
+from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import (
     PARAMS_FILE,
     PROFILES,
@@ -55,12 +57,23 @@ def _positive(convert: Callable[[str], float]) -> Callable[[str], float]:
 
     def parse(text: str) -> float:
         value = convert(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         return value
 
     parse.__name__ = convert.__name__
     return parse
+
+
+def _port(text: str) -> int:
+    """An argparse type for a TCP port a server can listen on."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
+    return port
 
 
 def _model_uri(args: argparse.Namespace) -> str:
@@ -73,7 +86,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     params = profile_params(args.name)
     out = Path(args.output)
-    out.write_text(render_params(params, args.name))
+    atomic_write_text(out, render_params(params, args.name))
     print(f"wrote profile '{args.name}' to {out}")
     for problem in missing_weights(params.train.backbones, params.train.pretrained, params.train.weights_dir):
         print(f"  before `dvc repro`: {problem}")
@@ -437,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--subject", metavar="NAME", help="every input is this one person's cells: one call for them")
     p.add_argument("--subjects-csv", metavar="FILE", help="with --by subject: a CSV of path,subject for other names")
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive(int), default=32, help="images per model call (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = add(
@@ -448,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=5001, help="TCP port, 1-65535 (default: %(default)s)")
     p.add_argument(
         "--max-batch",
         type=_positive(int),

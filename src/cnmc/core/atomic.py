@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -17,14 +18,12 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-def atomic_write_png(fig: Figure, path: Path | str) -> Path:
-    """Write the PNG to a temporary sibling first, so a crash never leaves a truncated image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+def atomic_write_png(fig: Figure, path: Path | str, text: dict[str, str] | None = None, tight: bool = True) -> Path:
+    """Write the figure as a PNG (with PNG text chunks ``text``) through a temporary sibling, so a
+    crash never leaves a truncated image; the errors of :func:`atomic_write_text`."""
+    with _replacing(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata=text, bbox_inches="tight" if tight else None)
+    return Path(path)
 
 
 def plain_mode(path: Path | str) -> None:
@@ -39,19 +38,65 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a unique temporary sibling, then rename it over ``path``.
 
     A reader (or DVC) sees the old file or the new one, never half of one. The file gets the mode a
-    plain ``open`` would give (0644 under umask 022), not the temporary file's private 0600.
+    plain ``open`` would give (0644 under umask 022), not the temporary file's private 0600. A path
+    that is a folder, lies under a regular file, or cannot be written (no permission, disk full) is a
+    one-line :class:`CnmcError` naming it, with no temporary file left; a symbolic link is written
+    through (the file it points to is replaced, the link stays).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8", newline=""
-    ) as tmp:
-        tmp.write(text)
+    with _replacing(Path(path)) as tmp, open(tmp, "w", encoding="utf-8", newline="") as file:
+        file.write(text)
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path``'s target to write, renamed over the target when the block ends."""
+    target = _writable_target(path)
     try:
-        plain_mode(tmp.name)
-        os.replace(tmp.name, path)
-    except OSError:
-        os.unlink(tmp.name)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        plain_mode(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _writable_target(path: Path) -> Path:
+    """The file to replace for ``path`` (a link's target), its folder made; CnmcError where it can't be."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.is_dir():
+        raise CnmcError(f"{path}: is a folder; give a file name")
+    output_folder(target.parent, named=path)
+    return target
+
+
+def output_folder(folder: Path | str, named: Path | str | None = None) -> Path:
+    """``folder``, made where missing; a one-line CnmcError naming ``named`` (default: the folder)
+    where a file stands in the way or it cannot be made."""
+    folder, named = Path(folder), Path(named or folder)
+    for step in (folder, *folder.parents):
+        if step.exists() or step.is_symlink():
+            if not step.is_dir():
+                where = "is a file" if step == named else f"{step} is a file"
+                raise CnmcError(f"{named}: {where}, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(named, exc) from None
+    return folder
+
+
+def _cannot_write(path: Path, exc: OSError) -> CnmcError:
+    return CnmcError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})")
 
 
 def fill_new_folder(out_dir: Path, fill: Callable[[Path], _T]) -> _T:

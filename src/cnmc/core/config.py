@@ -29,9 +29,10 @@ _RDB_URL = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # SQLAlchemy's dialect[+d
 
 
 class _Section(BaseModel):
-    """A params section: unknown keys are errors, so a typo never passes silently."""
+    """A params section: unknown keys are errors, so a typo never passes silently; a number is
+    finite (``.inf`` or ``.nan`` would pass a bound check and fail a run minutes later)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitConfig(_Section):
@@ -167,6 +168,12 @@ class TuneConfig(_Section):
         description="study storage: journal:PATH (workers on one machine or shared disk) or an RDB URL (many machines)",
     )
     study_name: str = Field("cnmc-tune", description="study to create or resume")
+    heartbeat_s: int = Field(
+        60,
+        ge=1,
+        description="RDB storage: a worker's heartbeat; its trial is marked failed after 2 missed",
+        json_schema_extra=RUNTIME_ONLY,
+    )
 
     @field_validator("storage")
     @classmethod
@@ -188,7 +195,7 @@ class TuneConfig(_Section):
 class Params(_Section):
     """Everything ``params.yaml`` holds."""
 
-    seed: int = Field(42, description="one seed for every random choice of the pipeline")
+    seed: int = Field(42, ge=0, lt=2**32, description="one seed for every random choice of the pipeline (0 to 2^32-1)")
     data_dir: str = Field("data", description="raw data folder (tracked by data.dvc)")
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -210,13 +217,38 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 
 def _read_yaml(path: Path, missing: str) -> object:
-    """The YAML content of ``path``; a missing or unparsable file is a one-line error naming it."""
+    """The YAML content of ``path``; a missing, unreadable, non-UTF-8 or unparsable file, or one
+    with a key twice in a mapping (YAML would keep the last silently), is a one-line error naming it."""
     if not path.is_file():
         raise CnmcError(f"{path}: {missing}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CnmcError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CnmcError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise CnmcError(f"{path}: not valid YAML{where}: {exc.problem or exc.__class__.__name__}") from None
     except yaml.YAMLError as exc:
-        raise CnmcError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        raise CnmcError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_params(raw: Any, source: str) -> Params:

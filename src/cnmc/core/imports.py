@@ -26,15 +26,35 @@ def parsed(path: Path) -> ast.Module:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports by absolute name, at any depth (imports inside functions too)."""
+    """Every module ``path`` imports by absolute name, at any depth (imports inside functions too),
+    but those under ``if TYPE_CHECKING:``, which never run."""
     names: set[str] = set()
-    for node in ast.walk(parsed(path)):
+    for node in _runtime_nodes(parsed(path)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """``ast.walk`` of ``tree`` without the bodies of ``if TYPE_CHECKING:`` blocks."""
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def code_closure(entry: str) -> tuple[list[Path], set[str]]:

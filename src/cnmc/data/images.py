@@ -20,6 +20,11 @@ from PIL import Image, UnidentifiedImageError
 
 # Far above a 450x450 cell, far below a decompression bomb.
 MAX_PIXELS = 40_000_000
+MIN_SIDE = 8  # pixels: below this an image holds no cell, and upsampling it only invents one
+# The formats every stage reads (manifest, augment, predict, the server), each with its file extensions.
+FORMATS = {"BMP": (".bmp",), "PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "TIFF": (".tif", ".tiff")}
+IMAGE_EXTENSIONS = tuple(extension for extensions in FORMATS.values() for extension in extensions)
+FORMAT_NAMES = ", ".join(FORMATS)
 
 
 # What a path that is not a regular file is, for the reason; the first test that holds names it.
@@ -95,23 +100,32 @@ def open_rgb(source: Path | str | bytes) -> tuple[Image.Image, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=list(FORMATS))  # no other decoder is even tried
+            size = f"{image.width}x{image.height}"
             if image.width * image.height > MAX_PIXELS:
-                size = f"{image.width}x{image.height}"
                 raise ImageProblem(f"too large ({size} pixels, limit {MAX_PIXELS:,})")
+            if min(image.width, image.height) < MIN_SIDE:
+                raise ImageProblem(f"too small ({size} pixels; at least {MIN_SIDE} a side)")
+            if (frames := getattr(image, "n_frames", 1)) > 1:
+                raise ImageProblem(f"{frames} frames in one file; send one image a file")
             image.load()
-            if image.width == 0 or image.height == 0:
-                raise ImageProblem("image has no pixels")
             return _to_rgb(image), image.mode
     except ImageProblem:
         raise
     except UnidentifiedImageError:
-        raise ImageProblem("not an image (unrecognised format)") from None
+        raise ImageProblem(f"not an image of a format cnmc reads ({FORMAT_NAMES})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(f"too large (limit {MAX_PIXELS:,} pixels)") from None
     except Exception as exc:  # Pillow's format plugins raise almost any type on malformed bytes
         reason = str(exc) or exc.__class__.__name__
         raise ImageProblem(f"corrupt or truncated image ({reason})") from None
+
+
+def image_like(path: Path) -> bool:
+    """Named like an image: one of :data:`FORMATS`, or another format Pillow knows (GIF, WebP, ...),
+    which a folder's listing shows with the reason it is refused rather than skipping it unsaid."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in Image.registered_extensions()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

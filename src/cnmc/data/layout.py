@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnmc.core.errors import CnmcError
+from cnmc.data.images import IMAGE_EXTENSIONS
 
 CLASSES = ("all", "hem")
 FOLDS = ("fold_0", "fold_1", "fold_2")
@@ -31,7 +32,6 @@ LABELS_CSV = "C-NMC_test_prelim_phase_data_labels.csv"
 # How many folder levels below DATA_DIR a layout's root may sit.
 SEARCH_DEPTH = 3
 
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NAME_PATTERN = "UID_<subject>_<image>_<cell>_<all|hem>"
 
 _CELL_NAME = re.compile(r"UID_(H?)(\d+)_(\d+)_(\d+)_(all|hem)", re.IGNORECASE)

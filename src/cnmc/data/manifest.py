@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError
+from cnmc.core.names import name_problem, shown
 from cnmc.data.images import ImageProblem, open_rgb, read_image_file
 from cnmc.data.layout import (
     CLASSES,
@@ -314,11 +315,13 @@ def _files(root: Path) -> tuple[list[Path], list[Exclusion]]:
     """All files below ``root`` in path order, and the folders not searched (hidden and
     ``__MACOSX`` folders, links to folders) as exclusions."""
     files, unsearched = walk_files(root, skip_hidden=True)
-    return files, [Exclusion(f"{folder.as_posix()}/", reason) for folder, reason in unsearched]
+    return files, [Exclusion(f"{shown(folder.as_posix())}/", reason) for folder, reason in unsearched]
 
 
 def _plan_file(path: Path, group: Group | None, root: Path, labels: dict[str, PrelimLabel]) -> Candidate | Exclusion:
     name = path.name
+    if problem := name_problem(path):  # it could not be written to the manifest and read back
+        return Exclusion(shown(path.as_posix()), f"{problem}: rename it")
     if is_hidden(name) or name.lower() in SYSTEM_FILES:
         return Exclusion(path.as_posix(), "hidden or system file")
     if path.suffix.lower() not in IMAGE_EXTENSIONS:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cnmc.core.atomic import atomic_write_text
 from cnmc.inference.forward import Colour
 
 
@@ -24,7 +25,7 @@ class ModelSpec:
     tta: bool = False  # the 8-view test-time augmentation is this model's default answer (train.test_time_augmentation)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> ModelSpec:

@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from cnmc.core.atomic import atomic_write_text
+from cnmc.core.atomic import atomic_write_text, output_folder
 from cnmc.core.errors import CnmcError
+from cnmc.core.names import shown
 from cnmc.inference.probability import predict_proba
 from cnmc.inference.spec import ModelSpec
 from cnmc.plots.gradcam import gradcam_heatmaps, single_png
@@ -34,13 +35,13 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
     classifier = _classifier(load_image_model(model_uri), model_uri)
     model, spec = classifier.model, classifier.spec
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     written: list[Path] = []
     rows: list[dict[str, Any]] = []
     names: set[str] = set()
     for path in files:
         row: dict[str, Any] = {
-            "path": str(path),
+            "path": shown(path),
             "label": None,
             "prob_all": None,
             "threshold": spec.threshold,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from cnmc.core.atomic import atomic_write_text
+from cnmc.core.atomic import atomic_write_text, output_folder
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
 from cnmc.core.metric_catalogue import label
@@ -243,7 +243,7 @@ def build_report(metrics_files: list[Path], out_dir: Path) -> Report:
     tables_text = "\n\n".join(sections + [f"**Warning:** {message}" for message in warnings])
     markdown = f"{NOTES}\n{tables_text}\n"
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv"}
     atomic_write_text(paths["md"], markdown)
     atomic_write_text(paths["csv"], table.to_csv(index=False))

@@ -51,7 +51,6 @@ OBJECTIVE = "val_f1_macro"
 # trainer), CUDA out-of-memory and other runtime errors (torch raises RuntimeError subclasses).
 TRIAL_ERRORS: tuple[type[BaseException], ...] = (FloatingPointError, RuntimeError, MemoryError)
 SQLITE_TIMEOUT_S = 30  # wait this long for another writer's lock instead of failing
-HEARTBEAT_S = 60  # RDB only: a trial whose worker died is marked FAIL after 2 missed heartbeats
 OPEN_ATTEMPTS = 5
 
 
@@ -151,7 +150,7 @@ def open_study(params: Params) -> optuna.Study:
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
             study = optuna.create_study(
-                storage=make_storage(cfg.storage),
+                storage=make_storage(cfg.storage, cfg.heartbeat_s),
                 study_name=cfg.study_name,
                 direction="maximize",
                 load_if_exists=True,
@@ -194,7 +193,7 @@ def open_study(params: Params) -> optuna.Study:
     return study
 
 
-def make_storage(setting: str) -> optuna.storages.BaseStorage:
+def make_storage(setting: str, heartbeat_s: int = 60) -> optuna.storages.BaseStorage:
     """The Optuna storage a ``tune.storage`` setting names (the one place that reads it).
 
     ``journal:PATH``: a journal file that parallel workers on one machine or a shared disk append
@@ -204,7 +203,8 @@ def make_storage(setting: str) -> optuna.storages.BaseStorage:
     Journals have no heartbeat: the trial of a killed worker stays ``running``.
 
     Anything else is an RDB URL: PostgreSQL (or MySQL) for workers on many machines, SQLite for
-    one worker at a time. The heartbeat lets a dead worker's trial be marked failed.
+    one worker at a time. The heartbeat (every ``heartbeat_s``, ``tune.heartbeat_s``) lets a dead
+    worker's trial be marked failed once two beats are missed, when the next trial of any worker starts.
     """
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
@@ -221,7 +221,7 @@ def make_storage(setting: str) -> optuna.storages.BaseStorage:
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
-        return optuna.storages.RDBStorage(setting, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S)
+        return optuna.storages.RDBStorage(setting, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s)
 
 
 def build_pruner(params: Params) -> optuna.pruners.BasePruner:

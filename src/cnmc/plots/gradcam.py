@@ -20,7 +20,6 @@ Figures use ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state), like :mo
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from cnmc.core.atomic import atomic_write_png
 from cnmc.core.errors import CnmcError
 from cnmc.inference.probability import BATCH_SIZE, predict_proba
 from cnmc.inference.spec import ModelSpec
@@ -185,7 +185,7 @@ def gradcam_grid(
         fig.text(0.5, 0.5, "no test cells to show", ha="center", va="center")
     fig.tight_layout()
     _colour_bar(fig)
-    return save_png(fig, path, {"panels": str(n), "Title": title})
+    return atomic_write_png(fig, path, {"panels": str(n), "Title": title}, tight=False)
 
 
 def _colour_bar(fig: Figure) -> None:
@@ -300,7 +300,9 @@ def single_png(image: np.ndarray, heatmap: np.ndarray, path: Path, name: str, pr
     )
     fig.tight_layout()
     _colour_bar(fig)
-    return save_png(fig, path, {"prob_all": f"{prob:.6f}", "label": predicted.lower(), "Title": name})
+    return atomic_write_png(
+        fig, path, {"prob_all": f"{prob:.6f}", "label": predicted.lower(), "Title": name}, tight=False
+    )
 
 
 def _target(value: Any) -> int:
@@ -310,13 +312,3 @@ def _target(value: Any) -> int:
     if text in ("hem", "0"):
         return 0
     raise ValueError(f"unknown label {value!r}: expected all/hem or 1/0")
-
-
-def save_png(fig: Figure, path: Path | str, text: dict[str, str]) -> Path:
-    """Write through a temporary sibling (never a truncated PNG), with PNG text chunks ``text``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, metadata=text)
-    os.replace(tmp, path)
-    return path

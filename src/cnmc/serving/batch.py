@@ -25,6 +25,7 @@ import pandas as pd
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError
+from cnmc.core.names import shown
 from cnmc.data.layout import NAME_PATTERN, parse_cell_name
 from cnmc.inference.schema import BATCH_COLUMNS, CELL_FILE, no_answer, threshold_of
 from cnmc.metrics.patients import call_people
@@ -164,7 +165,7 @@ def _predict_chunk(model: Any, files: list[Path]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     good: list[tuple[int, bytes]] = []
     for path in files:
-        rows.append({CELL_FILE.name: str(path)} | no_answer())
+        rows.append({CELL_FILE.name: shown(path)} | no_answer())  # a CSV cell, whatever the name
         try:
             data = read_file_bytes(path)
         except CnmcError as exc:

@@ -15,14 +15,13 @@ from typing import Any
 import pandas as pd
 
 from cnmc.core.errors import CnmcError
-from cnmc.data.images import ImageProblem, open_rgb, read_image_file
+from cnmc.data.images import IMAGE_EXTENSIONS, ImageProblem, image_like, open_rgb, read_image_file
 from cnmc.data.layout import walk_files
 from cnmc.inference.schema import REQUEST_COLUMN, cell_record
 from cnmc.serving.pyfunc import MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -110,7 +109,7 @@ def _images_under(folder: Path) -> list[Path]:
     files, unsearched = walk_files(folder, skip_hidden=False)
     for path, reason in unsearched:
         log.warning("%s: %s", path, reason)
-    return [path for path in files if path.suffix.lower() in IMAGE_EXTENSIONS]
+    return [path for path in files if image_like(path)]
 
 
 def score_images(model: Any, images: list[bytes]) -> list[dict[str, Any]]:
