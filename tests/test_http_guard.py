@@ -88,6 +88,8 @@ def test_messages_lose_mlflows_echoes_and_stay_short() -> None:
     data = "A" * 100_000
     echo = f"Failed to predict data '{{'image': array(['{data}'])}}'. \nError: row 0: bad"
     assert client_message(echo) == "row 0: bad"
+    schema = f"Failed to enforce schema of data '   image\n0  {data}' with schema '['image': string]'. Error: no str"
+    assert client_message(schema) == "no str"  # MLflow's schema enforcement quotes the whole request
     assert client_message(f"Ensure that input is a valid JSON formatted string.\nInput: \n{data}\n") == (
         "Ensure that input is a valid JSON formatted string."
     )

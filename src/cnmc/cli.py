@@ -234,9 +234,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from cnmc.serving.http_app import serve
+    from cnmc.serving.http_app import MIB, ServerLimits, serve
 
-    serve(_model_uri(args), args.host, args.port, max_batch=args.max_batch, max_body_mb=args.max_body_mb)
+    limits = ServerLimits(
+        max_batch=args.max_batch,
+        max_body_bytes=int(args.max_body_mb * MIB),
+        max_connections=args.max_connections,
+        max_in_flight=args.max_in_flight,
+        timeout_s=args.timeout,
+    )
+    serve(_model_uri(args), args.host, args.port, limits)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -472,7 +479,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-mb",
         type=_positive(float),
         default=64.0,
-        help="request body limit in MiB; larger is refused with 413 (default: %(default)s)",
+        help="request body limit in MiB, sent and decoded; larger is refused with 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=64,
+        help="connections open at once; more are answered 503 with Retry-After (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=_positive(int),
+        default=8,
+        help="requests answered at once (each holds its body); more get 503 with Retry-After (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=30.0,
+        help="seconds for a request's headers to arrive, and again for its body: 408 after (default: %(default)s)",
     )
 
     p = add("tune", cmd_tune, "Tune learning rate and augmentation strength with Optuna (validation macro F1).")

@@ -20,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 # Far above a 450x450 cell, far below a decompression bomb.
 MAX_PIXELS = 40_000_000
+# Decoded bytes an image may take: a 22-megapixel RGB, or a 16-megapixel float TIFF (4 bytes a pixel),
+# so that a small file of a costly mode cannot cost a second and a gigabyte to decode.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
 MIN_SIDE = 8  # pixels: below this an image holds no cell, and upsampling it only invents one
 # The formats every stage reads (manifest, augment, predict, the server), each with its file extensions.
 FORMATS = {"BMP": (".bmp",), "PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "TIFF": (".tif", ".tiff")}
@@ -104,6 +107,10 @@ def open_rgb(source: Path | str | bytes) -> tuple[Image.Image, str]:
             size = f"{image.width}x{image.height}"
             if image.width * image.height > MAX_PIXELS:
                 raise ImageProblem(f"too large ({size} pixels, limit {MAX_PIXELS:,})")
+            if (decoded := _decoded_bytes(image)) > MAX_DECODED_BYTES:
+                raise ImageProblem(
+                    f"too costly to decode ({size} {image.mode}: {decoded:,} bytes, limit {MAX_DECODED_BYTES:,})"
+                )
             if min(image.width, image.height) < MIN_SIDE:
                 raise ImageProblem(f"too small ({size} pixels; at least {MIN_SIDE} a side)")
             if (frames := getattr(image, "n_frames", 1)) > 1:
@@ -121,6 +128,12 @@ def open_rgb(source: Path | str | bytes) -> tuple[Image.Image, str]:
         raise ImageProblem(f"corrupt or truncated image ({reason})") from None
 
 
+def _decoded_bytes(image: Image.Image) -> int:
+    """What ``image`` takes in memory once decoded: its pixels times its mode's bytes a pixel."""
+    per_band = 4 if image.mode in ("F", "I", "I;32") else 2 if image.mode.startswith("I;16") else 1
+    return image.width * image.height * len(image.getbands()) * per_band
+
+
 def image_like(path: Path) -> bool:
     """Named like an image: one of :data:`FORMATS`, or another format Pillow knows (GIF, WebP, ...),
     which a folder's listing shows with the reason it is refused rather than skipping it unsaid."""
@@ -133,7 +146,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)
         hi = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
         gray = np.clip(np.rint(array / hi * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB")

@@ -11,6 +11,13 @@ trace and the whole request echoed back (5 MB in, 5 MB out). :class:`HttpGuard`:
 - reads the body itself, up to ``max_body_bytes``: beyond it, 413 while reading (the declared
   ``Content-Length`` is refused up front, and chunked bodies are counted as they arrive), so a
   body is never held, let alone decoded, past the limit;
+- answers ``503`` with ``Retry-After`` when ``max_in_flight`` requests are being answered already,
+  so memory stays bounded by that many bodies whatever the number of clients;
+- gives the body ``body_timeout_s`` to arrive (``408`` after it, for a body sent a byte at a time or
+  never finished), the headers' deadline being the protocol's (:mod:`cnmc.serving.connections`);
+- checks what MLflow would decode before it does: JSON nested past a sane depth or holding a number
+  too long to convert is ``400``, a Parquet body whose columns decompress past ``max_body_bytes``
+  is ``413`` (the limit counts decoded bytes, not only the bytes sent);
 - rewrites every 4xx/5xx answer, whatever produced it (MLflow, FastAPI, an exception), into
   ``{"error_code": ..., "message": ...}``: one line, at most :data:`MESSAGE_LIMIT` characters,
   MLflow's echoes of the request and its tracebacks removed. Good answers pass byte for byte.
@@ -18,6 +25,8 @@ trace and the whole request echoed back (5 MB in, 5 MB out). :class:`HttpGuard`:
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import re
@@ -25,7 +34,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
 
-from mlflow.pyfunc.scoring_server import CONTENT_TYPES, SCORING_PROTOCOL_CHANGE_INFO
+from mlflow.pyfunc.scoring_server import (
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPE_PARQUET,
+    CONTENT_TYPES,
+    SCORING_PROTOCOL_CHANGE_INFO,
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -33,6 +47,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 INVOCATIONS = "/invocations"
+JSON_ROUTES = (INVOCATIONS, "/patient")
+MAX_JSON_DEPTH = 32  # a request is a list of base64 strings in one or two wrappers
 MESSAGE_LIMIT = 256  # characters of an error message; longer ones keep their start and their end
 _HEAD = 100
 _ELLIPSIS = " ... "
@@ -40,6 +56,7 @@ _ELLIPSIS = " ... "
 # body after a JSON error, and tracebacks (besides a paragraph about its 2.0 protocol change).
 _ECHOES = (
     re.compile(r"\AFailed to predict data '.*?'\.\s*Error:\s*", re.S),
+    re.compile(r"\AFailed to enforce schema of data '.*' with schema '.*?'\.\s*Error:\s*", re.S),
     re.compile(r"\s*Input:\s.*\Z", re.S),
     re.compile(r"\s*Traceback \(most recent call last\).*\Z", re.S),
 )
@@ -104,16 +121,74 @@ def content_type_problem(header: str | None) -> str | None:
     return None
 
 
-class TooLarge(Exception):
-    """The request body passed the limit (or said it would)."""
+class Refused(Exception):
+    """A request answered with ``status`` and this message, before the app sees it."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def too_many_images(count: int, limit: int) -> str:
+    return f"{count} images in one request; this server takes at most {limit} a request (send them in several requests)"
+
+
+def body_problem(content_type: str | None, body: bytes, max_decoded_bytes: int, max_rows: int) -> Refused | None:
+    """What MLflow would choke on when decoding ``body``: deep or unconvertible JSON, a Parquet
+    body of more rows than a request may hold or whose pages decompress past the limit (so that
+    decoding it holds at most ``max_rows`` values of at most that size), or an unreadable one.
+    None for anything else."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type == CONTENT_TYPE_JSON and body:
+        try:
+            _check_depth(json.loads(body))
+        except RecursionError:
+            return Refused(HTTPStatus.BAD_REQUEST, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+        except ValueError as exc:  # not JSON, or an integer of more digits than Python converts
+            return Refused(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({str(exc).split(':')[0]})")
+    elif media_type == CONTENT_TYPE_PARQUET:
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.ParquetFile(io.BytesIO(body)).metadata
+        except Exception:  # pyarrow raises several types for bytes that are not Parquet
+            return Refused(HTTPStatus.BAD_REQUEST, "the body is not a readable Parquet file")
+        if metadata.num_rows > max_rows:
+            return Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_many_images(metadata.num_rows, max_rows))
+        decoded = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        if decoded > max_decoded_bytes:
+            return Refused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the Parquet body decompresses to {decoded:,} bytes, over the server's limit of {max_decoded_bytes:,}",
+            )
+    return None
+
+
+def _check_depth(document: object, depth: int = 0) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise RecursionError
+    children = document.values() if isinstance(document, dict) else document if isinstance(document, list) else ()
+    for child in children:
+        _check_depth(child, depth + 1)
 
 
 class HttpGuard:
     """Wraps an ASGI app: see the module's docstring."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        max_in_flight: int = 8,
+        body_timeout_s: float = 30.0,
+        max_rows: int = 64,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_rows = max_rows
+        self.max_in_flight = max_in_flight
+        self.body_timeout_s = body_timeout_s
+        self.in_flight = 0
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan events pass through
@@ -124,10 +199,26 @@ class HttpGuard:
             if problem:
                 await send_error(send, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, problem)
                 return
+        if self.in_flight >= self.max_in_flight:
+            message = f"the server is answering {self.max_in_flight} requests already; retry in a second"
+            await send_error(send, HTTPStatus.SERVICE_UNAVAILABLE, message, retry_after=1)
+            return
+        self.in_flight += 1
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        content_type = _header(scope, b"content-type")
         try:
             body = await self._read_body(_header(scope, b"content-length"), receive)
-        except TooLarge as exc:
-            await send_error(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc))
+            checked = body is not None and scope["method"] == "POST" and scope["path"] in JSON_ROUTES
+            problem = checked and body_problem(content_type, body or b"", self.max_body_bytes, self.max_rows)
+            if problem:
+                raise problem
+        except Refused as exc:
+            await send_error(send, exc.status, str(exc))
             return
         if body is None:  # the client went away
             return
@@ -140,20 +231,27 @@ class HttpGuard:
                 await send_error(send, HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
 
     async def _read_body(self, declared: str | None, receive: Receive) -> bytes | None:
-        """The whole body, or :class:`TooLarge` as soon as it passes the limit; None on disconnect."""
+        """The whole body within the body's deadline, or :class:`Refused` as soon as it passes the
+        limit or the deadline; None on disconnect."""
         limit = f"the server's limit of {self.max_body_bytes:,} bytes"
+        too_large = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise TooLarge(f"Content-Length {int(declared):,} bytes is over {limit}")
+            raise Refused(too_large, f"Content-Length {int(declared):,} bytes is over {limit}")
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                late = f"the request body did not arrive within {self.body_timeout_s:g} s"
+                raise Refused(HTTPStatus.REQUEST_TIMEOUT, late) from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise TooLarge(f"request body over {limit}")
+                raise Refused(too_large, f"request body over {limit}")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -197,14 +295,15 @@ class _ErrorsAsJson:
             await self._send(message)
 
 
-async def send_error(send: Send, status: int, message: str) -> None:
-    """Answer with our own JSON error."""
-    await _send_json(
-        send, status, json.dumps({"error_code": status_name(status), "message": client_message(message)}).encode()
-    )
+async def send_error(send: Send, status: int, message: str, retry_after: int | None = None) -> None:
+    """Answer with our own JSON error (and ``Retry-After`` seconds where given)."""
+    body = json.dumps({"error_code": status_name(status), "message": client_message(message)}).encode()
+    await _send_json(send, status, body, retry_after)
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
+async def _send_json(send: Send, status: int, body: bytes, retry_after: int | None = None) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

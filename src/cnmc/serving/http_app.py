@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -21,7 +22,8 @@ from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.tracking import MlflowClient
 
 from cnmc.core.errors import CnmcError
-from cnmc.serving.guard import HttpGuard, status_name
+from cnmc.serving.connections import limited_protocol
+from cnmc.serving.guard import HttpGuard, status_name, too_many_images
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,7 @@ class TooManyImages(MlflowException):
     """More images in one request than the server takes: 413, before MLflow's schema check."""
 
     def __init__(self, count: int, limit: int) -> None:
-        super().__init__(
-            f"{count} images in one request; this server takes at most {limit} a request "
-            "(send them in several requests)",
-            error_code=BAD_REQUEST,
-        )
+        super().__init__(too_many_images(count, limit), error_code=BAD_REQUEST)
         self.error_code = status_name(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
     def get_http_status_code(self) -> int:
@@ -123,7 +121,19 @@ ROUTES = {
 }
 
 
-def build_app(model: Any, facts: dict[str, Any], max_batch: int, max_body_bytes: int) -> HttpGuard:
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one ``cnmc serve`` process takes at most (``cnmc serve --help``)."""
+
+    max_batch: int = 64  # images a request
+    max_body_bytes: int = 64 * MIB  # sent, and decoded (Parquet)
+    max_connections: int = 64  # open at once; beyond: 503 with Retry-After
+    max_in_flight: int = 8  # requests being answered at once; beyond: 503 with Retry-After
+    timeout_s: float = 30.0  # for a request's headers, and again for its body
+    keep_alive_s: int = 5  # seconds an idle connection is kept between requests
+
+
+def build_app(model: Any, facts: dict[str, Any], limits: ServerLimits) -> HttpGuard:
     """MLflow's scoring app for ``model`` (``/invocations``, ``/ping``, ``/health``, ``/version``)
     with ``/info``, ``/patient`` and the page at ``/`` added, wrapped in the guard."""
     from mlflow.pyfunc import scoring_server
@@ -134,11 +144,11 @@ def build_app(model: Any, facts: dict[str, Any], max_batch: int, max_body_bytes:
     from cnmc.metrics.patients import MIN_CELLS
     from cnmc.serving.patient import PatientRequestError, answer_patient, page_html, parse_request
 
+    max_batch = limits.max_batch
     app = scoring_server.init(BatchLimited(model, max_batch))  # type: ignore[arg-type]  # a PyFuncModel proxy
     info = {
         **facts,
-        "max_batch": max_batch,
-        "max_body_bytes": max_body_bytes,
+        **asdict(limits),
         "patient_min_cells": MIN_CELLS,
         "routes": ROUTES,
     }
@@ -163,7 +173,7 @@ def build_app(model: Any, facts: dict[str, Any], max_batch: int, max_body_bytes:
     app.add_route("/info", get_info, methods=["GET"])
     app.add_route("/", get_page, methods=["GET"])
     app.add_route("/patient", post_patient, methods=["POST"])
-    return HttpGuard(app, max_body_bytes)
+    return HttpGuard(app, limits.max_body_bytes, limits.max_in_flight, limits.timeout_s, limits.max_batch)
 
 
 def _error(status: HTTPStatus, message: str) -> Any:
@@ -172,9 +182,13 @@ def _error(status: HTTPStatus, message: str) -> Any:
     return JSONResponse({"error_code": status_name(status), "message": message}, status_code=status)
 
 
-def serve(model_uri: str, host: str, port: int, max_batch: int, max_body_mb: float) -> None:
+def serve(model_uri: str, host: str, port: int, limits: ServerLimits) -> None:
     """Load the model and serve it until SIGTERM or Ctrl+C. SIGTERM is graceful: uvicorn stops
-    accepting, lets the requests in flight finish, and the process then exits 0."""
+    accepting, lets the requests in flight finish, and the process then exits 0.
+
+    One process: the model's forward pass runs in threads that share its weights, and a second
+    process would hold a second copy for no gain on a CPU that one process's threads already fill;
+    run more instances behind the load balancer to scale out."""
     import mlflow
     import uvicorn
 
@@ -191,8 +205,9 @@ def serve(model_uri: str, host: str, port: int, max_batch: int, max_body_mb: flo
     model = load_image_model(pinned)
     facts = model_facts(model, model_uri, name, version, client)
     log.info("serving %s (%s) on http://%s:%d", model_uri, pinned, host, port)
-    app = build_app(model, facts, max_batch, int(max_body_mb * MIB))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = build_app(model, facts, limits)
+    protocol = limited_protocol(limits.max_connections, limits.timeout_s)
+    uvicorn.run(app, host=host, port=port, log_level="info", http=protocol, timeout_keep_alive=limits.keep_alive_s)
 
 
 def _exit_zero(signum: int, frame: Any) -> None:

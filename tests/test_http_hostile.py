@@ -1,0 +1,188 @@
+"""`cnmc serve` against clients an attacker would write, on loopback, every wait bounded: idle and
+trickling connections are cut at the deadline, a half-sent body gets 408, connections and requests
+past their caps get 503 with Retry-After, bombs under the byte limit are refused by what they
+decode to, and an honest client is served all along with the server's memory bounded.
+
+The server serves the small model logged before the layout move, with small limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import local_server
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+MODEL = Path(__file__).parent / "fixtures" / "pyfunc_before_layout_move"
+TIMEOUT_S, MAX_CONNECTIONS, MAX_IN_FLIGHT = 2, 8, 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """(port, pid) of a ``cnmc serve`` with a 2 s deadline, 8 connections, 2 requests in flight, 1 MiB bodies."""
+    work, port = tmp_path_factory.mktemp("hostile"), local_server.free_port()
+    flags = ("--timeout", str(TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS))
+    flags += ("--max-in-flight", str(MAX_IN_FLIGHT), "--max-body-mb", "1")
+    command = local_server.cnmc_serve(str(MODEL), port, *flags)
+    proc = local_server.start(command, work, local_server.serving_env(None), work / "server.log")
+    try:
+        local_server.wait_until_up(f"http://127.0.0.1:{port}/ping", proc, work / "server.log")
+        yield port, proc.pid
+    finally:
+        local_server.stop(proc)
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the one answer on ``sock`` (the server closes or says how long it is)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0, {}, data  # closed without an answer
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", len(body))):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def request(port: int, body: bytes, content_type: str = "application/json", path: str = "/invocations") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def honest_body() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return json.dumps({"inputs": [base64.b64encode(buffer.getvalue()).decode()]}).encode()
+
+
+def honest(port: int) -> int:
+    with connect(port) as sock:
+        sock.sendall(request(port, honest_body()))
+        return answer(sock)[0]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_idle_and_trickling_clients_are_cut_at_the_deadline(server: tuple[int, int]) -> None:
+    port, _ = server
+    idle, trickle = connect(port), connect(port)
+    began = time.monotonic()
+    for byte in b"POST /invocations HTTP/1.1\r\nHost: x\r\n":  # a byte every 0.1 s, never the end
+        try:
+            trickle.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.1)
+    for sock in (idle, trickle):
+        status, _, body = answer(sock)
+        assert status == 408 and b"did not arrive within 2 s" in body
+        sock.close()
+    assert time.monotonic() - began < TIMEOUT_S + 3
+
+
+def test_a_half_sent_body_gets_408(server: tuple[int, int]) -> None:
+    port, _ = server
+    with connect(port) as sock:
+        sock.sendall(request(port, b'{"inputs": ["' + b"A" * 100)[:-50])  # Content-Length says 50 more
+        status, _, body = answer(sock)
+    assert status == 408 and json.loads(body)["error_code"] == "REQUEST_TIMEOUT"
+
+
+def test_connections_and_requests_past_their_caps_get_503_with_retry_after(server: tuple[int, int]) -> None:
+    port, _ = server
+    held = [connect(port) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)
+        with connect(port) as extra:
+            status, headers, body = answer(extra)
+        assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error_code"]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    slow = [connect(port) for _ in range(MAX_IN_FLIGHT)]  # two requests in flight, their bodies unfinished
+    try:
+        for sock in slow:
+            sock.sendall(request(port, honest_body())[:-10])
+        time.sleep(0.3)
+        with connect(port) as third:
+            third.sendall(request(port, honest_body()))
+            status, headers, body = answer(third)
+        assert status == 503 and headers["retry-after"] == "1" and b"requests already" in body
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "status", "words"),
+    [
+        ("deep JSON", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested deeper"),
+        ("huge integer", b'{"inputs": [' + b"9" * 200_000 + b"]}", "application/json", 400, "not valid JSON"),
+    ],
+)
+def test_bodies_that_would_crash_the_decoder_are_400(
+    server: tuple[int, int], name: str, body: bytes, content_type: str, status: int, words: str
+) -> None:
+    port, _ = server
+    with connect(port) as sock:
+        sock.sendall(request(port, body, content_type))
+        got, _, reply = answer(sock)
+    assert got == status and words in json.loads(reply)["message"] and b"9999" not in reply, name
+
+
+def parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def test_parquet_bombs_are_refused_by_what_they_decode_to_and_memory_stays_bounded(server: tuple[int, int]) -> None:
+    port, pid = server
+    many_rows = parquet(pd.DataFrame({"image": ["A" * 1000] * 20_000}))  # 20 MB of rows once decoded
+    huge_value = parquet(pd.DataFrame({"image": ["A" * 5_000_000] * 3}))  # 15 MB
+    assert max(len(many_rows), len(huge_value)) < 100_000  # both far under the 1 MiB body limit
+    before = rss_mib(pid)
+    for bomb, words in ((many_rows, b"20000 images in one request"), (huge_value, b"decompresses to")) * 3:
+        with connect(port) as sock:
+            sock.sendall(request(port, bomb, "application/vnd.apache.parquet"))
+            status, _, reply = answer(sock)
+        assert status == 413 and words in reply
+    assert rss_mib(pid) < before + 100
+    assert honest(port) == 200
+
+
+def test_an_honest_client_is_served_beside_slow_ones(server: tuple[int, int]) -> None:
+    port, _ = server
+    slow = [connect(port) for _ in range(MAX_CONNECTIONS - 2)]
+    try:
+        for sock in slow:
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        assert [honest(port) for _ in range(3)] == [200, 200, 200]
+    finally:
+        for sock in slow:
+            sock.close()
