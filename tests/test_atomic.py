@@ -1,5 +1,6 @@
 """Every output file goes through one writer: a bad output path is one line naming it, a link is
-written through, and a failed write leaves the old file and no temporary file behind."""
+written through, and a failed write leaves the old file and no temporary file behind; a tracking
+database locked by another process is one line too."""
 
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def test_the_cli_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["profile", "demo", "-o", str(tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("params.yaml: is a folder; give a file name") and "\n" not in err
+
+
+@pytest.mark.slow  # MLflow retries a locked store for seconds before it gives up
+def test_a_locked_tracking_database_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    store = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    holder = sqlite3.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process's long write
+    try:
+        assert main(["promote", "--out-dir", str(tmp_path / "registry")]) == 2
+    finally:
+        holder.close()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnmc promote: error: database is locked: another process holds it") and "\n" not in err
+    assert str(store) in err and not (tmp_path / "registry").exists()

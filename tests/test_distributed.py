@@ -94,3 +94,43 @@ def test_torchrun_with_two_processes_trains_one_model_into_one_run(tiny_store: P
         outputs / "models" / "test_resnet" / "fit.json"
     ).is_file()
     assert proc.stdout.count("test F1 (ALL)") == 1  # rank 0 alone reports and evaluates
+
+
+@pytest.mark.slow
+def test_torchrun_across_two_nodes_in_two_checkouts(tiny_store: Path, tmp_path: Path) -> None:
+    """Two "machines" on loopback: two checkouts, each with its own copy of the store (as `dvc pull`
+    gives one), one c10d rendezvous; one model, one MLflow run of world size 2, written by rank 0's node."""
+    from local_server import free_port
+
+    db, port = tmp_path / "mlflow.db", free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    nodes = [tmp_path / f"node{k}" for k in range(2)]
+    for node in nodes:
+        shutil.copytree(tiny_store, node / "outputs")
+        (node / "params.yaml").write_text(render_params(tiny_params(epochs=1, batch_size=16), "test"))
+    rendezvous = [
+        "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=two-checkouts", "--local-addr=127.0.0.1",
+    ]  # fmt: skip
+    command = [str(BIN / "torchrun"), *rendezvous, "-m", "cnmc", "train", "--backbone", "test_resnet", "--quiet"]
+    procs = [
+        subprocess.Popen(command, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in nodes
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    written = [node for node in nodes if (node / "outputs" / "runs" / "metrics" / "test_resnet.json").is_file()]
+    assert len(written) == 1  # rank 0's machine alone writes the model and evaluates
+    assert sum(out.count("test F1 (ALL)") for out, _ in outputs) == 1

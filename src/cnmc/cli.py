@@ -526,6 +526,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def store_problem(exc: BaseException) -> CnmcError | None:
+    """A tracking or study database another process holds locked (SQLite), or one that cannot be
+    reached, as one line naming it; None for any other error (a bug keeps its traceback)."""
+    from sqlalchemy.exc import OperationalError
+
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OperationalError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    from cnmc.tracking.provenance import tracking_uri
+
+    reason = (str(cause.orig).splitlines() or ["unusable"])[0][:200]
+    hint = ": another process holds it, try again when it finishes" if "locked" in reason else ""
+    return CnmcError(f"{reason}{hint} (tracking store {tracking_uri()})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -533,7 +550,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except Exception as exc:
+            raise store_problem(exc) or exc
     except CnmcError as exc:
         print(f"cnmc {args.command}: error: {exc}", file=sys.stderr)
         return 2
