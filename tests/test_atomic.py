@@ -14,6 +14,8 @@ from cnmc.cli import main
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError
 
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
@@ -69,19 +71,28 @@ def test_the_cli_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.slow  # MLflow retries a locked store for seconds before it gives up
-def test_a_locked_tracking_database_is_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.timeout(300)
+def test_a_locked_tracking_database_is_one_line(tmp_path: Path) -> None:
+    """Another process holds the SQLite store in a long write while `cnmc promote` runs."""
     import sqlite3
+    import subprocess
+    import sys
 
     store = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     holder = sqlite3.connect(store, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # another process's long write
+    holder.execute("BEGIN EXCLUSIVE")
     try:
-        assert main(["promote", "--out-dir", str(tmp_path / "registry")]) == 2
+        proc = subprocess.run(
+            [sys.executable, "-m", "cnmc", "promote", "--params", str(PARAMS), "--out-dir", str(tmp_path / "registry")],
+            cwd=tmp_path,
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         holder.close()
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("cnmc promote: error: database is locked: another process holds it") and "\n" not in err
-    assert str(store) in err and not (tmp_path / "registry").exists()
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("cnmc promote: error: database is locked: another process holds it")
+    assert str(store) in err[0] and not (tmp_path / "registry").exists()

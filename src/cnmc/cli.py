@@ -553,7 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args.func(args)
         except Exception as exc:
-            raise store_problem(exc) or exc
+            problem = store_problem(exc)
+            if problem is None:
+                raise
+            raise problem from exc
     except CnmcError as exc:
         print(f"cnmc {args.command}: error: {exc}", file=sys.stderr)
         return 2
