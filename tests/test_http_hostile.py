@@ -1,7 +1,7 @@
 """`cnmc serve` against clients an attacker would write, on loopback, every wait bounded: idle and
 trickling connections are cut at the deadline, a half-sent body gets 408, connections and requests
-past their caps get 503 with Retry-After, bombs under the byte limit are refused by what they
-decode to, and an honest client is served all along with the server's memory bounded.
+past their caps get 503 with Retry-After, malformed HTTP gets the same JSON 400, bombs under the
+byte limit are refused by what they decode to, and an honest client is served all along with the server's memory bounded.
 
 The server serves the small model logged before the layout move, with small limits."""
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -153,6 +154,35 @@ def test_bodies_that_would_crash_the_decoder_are_400(
         sock.sendall(request(port, body, content_type))
         got, _, reply = answer(sock)
     assert got == status and words in json.loads(reply)["message"] and b"9999" not in reply, name
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: eleventy\r\n\r\n{}",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+        b"\x16\x03\x01\x00\xa5 not http at all\r\n\r\n",
+    ],
+    ids=["words for a length", "negative length", "TLS to a plain port"],
+)
+def test_malformed_http_gets_the_same_json_error(server: tuple[int, int], raw: bytes) -> None:
+    port, _ = server
+    with connect(port) as sock:
+        sock.sendall(raw)
+        status, headers, body = answer(sock)
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(body)["error_code"] == "BAD_REQUEST" and b"eleventy" not in body
+
+
+def test_a_body_longer_than_its_content_length_is_one_answer_then_400(server: tuple[int, int]) -> None:
+    port, _ = server
+    with connect(port) as sock:
+        sock.sendall(request(port, honest_body()) + b"trailing bytes that are not a request\r\n\r\n")
+        replies = b""
+        while chunk := sock.recv(65536):  # the server answers twice, then closes
+            replies += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", replies) == [b"200", b"400"]
+    assert json.loads(replies.rpartition(b"\r\n\r\n")[2])["error_code"] == "BAD_REQUEST"
 
 
 def parquet(frame: pd.DataFrame) -> bytes:

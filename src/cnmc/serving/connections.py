@@ -1,7 +1,9 @@
 """Connection limits uvicorn lacks, in its own HTTP/1.1 protocol class: a request's headers must
 arrive within a deadline (a client that trickles them a byte at a time, or sends nothing, is cut
-off), and a connection beyond the cap is answered ``503`` with ``Retry-After`` at once, so that
-slow or idle clients cannot hold every socket the process may open.
+off), a connection beyond the cap is answered ``503`` with ``Retry-After`` at once, so that
+slow or idle clients cannot hold every socket the process may open, and a request that is not
+HTTP/1.1 (a malformed ``Content-Length``, a body longer than it says) gets the JSON error every
+other answer uses.
 
 Idle keep-alive connections are uvicorn's ``timeout_keep_alive``; the body's deadline and the cap
 on requests in flight are the guard's (:mod:`cnmc.serving.guard`), which sees the request.
@@ -33,6 +35,9 @@ def limited_protocol(max_connections: int, header_timeout_s: float) -> type[H11P
     """uvicorn's h11 protocol with a connection cap and a deadline for each request's headers."""
     busy = raw_error(503, "Service Unavailable", f"the server holds {max_connections} connections", retry_after=1)
     slow = raw_error(408, "Request Timeout", f"the request's headers did not arrive within {header_timeout_s:g} s")
+    malformed = raw_error(
+        400, "Bad Request", "the request is not valid HTTP/1.1 (request line, headers or Content-Length)"
+    )
 
     class LimitedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -56,6 +61,11 @@ def limited_protocol(max_connections: int, header_timeout_s: float) -> type[H11P
             idle = self.cycle is None or self.cycle.response_complete  # no pipelined request under way
             if idle and not self.transport.is_closing():
                 self._wait_for_headers()  # of the next request on this connection
+
+        def send_400_response(self, msg: str) -> None:
+            """The same JSON error as every other answer, not uvicorn's plain text."""
+            self.transport.write(malformed)
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
