@@ -1,7 +1,8 @@
 """`cnmc serve` against clients an attacker would write, on loopback, every wait bounded: idle and
 trickling connections are cut at the deadline, a half-sent body gets 408, connections and requests
 past their caps get 503 with Retry-After, malformed HTTP gets the same JSON 400, bombs under the
-byte limit are refused by what they decode to, and an honest client is served all along with the server's memory bounded.
+byte limit are refused by what they decode to, and an honest client is served all along with the
+server's memory bounded.
 
 The server serves the small model logged before the layout move, with small limits."""
 
