@@ -1,12 +1,17 @@
 """cnmc.serving.guard in process, on toy ASGI apps (fast): good answers pass byte for byte, error
-answers and exceptions become small JSON, MLflow's echoes are cut out of messages."""
+answers and exceptions become small JSON, MLflow's echoes are cut out of messages, work the app
+gave up on stops."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
+import pytest
+
+from cnmc.serving.abandoned import RequestAbandoned, request_scope, stop_if_abandoned
 from cnmc.serving.guard import MESSAGE_LIMIT, HttpGuard, client_message, content_type_problem
 
 
@@ -114,3 +119,59 @@ def test_content_types_follow_mlflows_rules() -> None:
         "application/json; format=pandas-split",
     ):
         assert content_type_problem(refused), refused
+
+
+def test_work_the_app_gave_up_on_stops_though_the_client_waits() -> None:
+    """MLflow's request timeout answers 504 but leaves its worker thread running: the guard marks
+    the request abandoned, and the thread stops at its next check."""
+    outcome: list[str] = []
+
+    def work() -> None:
+        try:
+            for step in range(500):
+                stop_if_abandoned(f"after {step} steps")
+                time.sleep(0.01)
+            outcome.append("finished")
+        except RequestAbandoned as exc:
+            outcome.append(str(exc))
+
+    async def timing_out(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        worker = asyncio.ensure_future(asyncio.to_thread(work))
+        await asyncio.wait([worker], timeout=0.2)  # as MLflow's middleware gives up on call_next
+        await send({"type": "http.response.start", "status": 504, "headers": []})
+        await send({"type": "http.response.body", "body": b"Request processing time exceeded limit"})
+
+    async def client() -> None:
+        events = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        still_there = asyncio.Event()  # never set: the client waits all along
+
+        async def receive() -> dict:
+            if events:
+                return events.pop()
+            await still_there.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            pass
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/invocations",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        await HttpGuard(timing_out, max_body_bytes=1000)(scope, receive, send)
+
+    began = time.monotonic()
+    asyncio.run(client())  # asyncio.run waits for the worker thread as it shuts down
+    assert outcome and outcome[0].startswith("abandoned after") and time.monotonic() - began < 2
+
+
+def test_outside_a_server_nothing_is_abandoned() -> None:
+    stop_if_abandoned("after 0 images")  # no request scope: batch prediction and mlflow's own server
+    with request_scope() as abandoned:
+        stop_if_abandoned("after 0 images")
+        abandoned.set()
+        with pytest.raises(RequestAbandoned, match="abandoned after 1 images"):
+            stop_if_abandoned("after 1 images")

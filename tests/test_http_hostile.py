@@ -1,8 +1,8 @@
 """`cnmc serve` against clients an attacker would write, on loopback, every wait bounded: idle and
 trickling connections are cut at the deadline, a half-sent body gets 408, connections and requests
 past their caps get 503 with Retry-After, malformed HTTP gets the same JSON 400, bombs under the
-byte limit are refused by what they decode to, and an honest client is served all along with the
-server's memory bounded.
+byte limit are refused by what they decode to, work for clients that hung up stops, and an honest
+client is served all along with the server's memory bounded.
 
 The server serves the small model logged before the layout move, with small limits."""
 
@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import local_server
 import numpy as np
@@ -28,9 +29,15 @@ MODEL = Path(__file__).parent / "fixtures" / "pyfunc_before_layout_move"
 TIMEOUT_S, MAX_CONNECTIONS, MAX_IN_FLIGHT = 2, 8, 2
 
 
+class Server(NamedTuple):
+    port: int
+    pid: int
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
-    """(port, pid) of a ``cnmc serve`` with a 2 s deadline, 8 connections, 2 requests in flight, 1 MiB bodies."""
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A ``cnmc serve`` with a 2 s deadline, 8 connections, 2 requests in flight, 1 MiB bodies."""
     work, port = tmp_path_factory.mktemp("hostile"), local_server.free_port()
     flags = ("--timeout", str(TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS))
     flags += ("--max-in-flight", str(MAX_IN_FLIGHT), "--max-body-mb", "1")
@@ -38,7 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]
     proc = local_server.start(command, work, local_server.serving_env(None), work / "server.log")
     try:
         local_server.wait_until_up(f"http://127.0.0.1:{port}/ping", proc, work / "server.log")
-        yield port, proc.pid
+        yield Server(port, proc.pid, work / "server.log")
     finally:
         local_server.stop(proc)
 
@@ -89,8 +96,8 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def test_idle_and_trickling_clients_are_cut_at_the_deadline(server: tuple[int, int]) -> None:
-    port, _ = server
+def test_idle_and_trickling_clients_are_cut_at_the_deadline(server: Server) -> None:
+    port = server.port
     idle, trickle = connect(port), connect(port)
     began = time.monotonic()
     for byte in b"POST /invocations HTTP/1.1\r\nHost: x\r\n":  # a byte every 0.1 s, never the end
@@ -106,16 +113,16 @@ def test_idle_and_trickling_clients_are_cut_at_the_deadline(server: tuple[int, i
     assert time.monotonic() - began < TIMEOUT_S + 3
 
 
-def test_a_half_sent_body_gets_408(server: tuple[int, int]) -> None:
-    port, _ = server
+def test_a_half_sent_body_gets_408(server: Server) -> None:
+    port = server.port
     with connect(port) as sock:
         sock.sendall(request(port, b'{"inputs": ["' + b"A" * 100)[:-50])  # Content-Length says 50 more
         status, _, body = answer(sock)
     assert status == 408 and json.loads(body)["error_code"] == "REQUEST_TIMEOUT"
 
 
-def test_connections_and_requests_past_their_caps_get_503_with_retry_after(server: tuple[int, int]) -> None:
-    port, _ = server
+def test_connections_and_requests_past_their_caps_get_503_with_retry_after(server: Server) -> None:
+    port = server.port
     held = [connect(port) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)
@@ -148,9 +155,9 @@ def test_connections_and_requests_past_their_caps_get_503_with_retry_after(serve
     ],
 )
 def test_bodies_that_would_crash_the_decoder_are_400(
-    server: tuple[int, int], name: str, body: bytes, content_type: str, status: int, words: str
+    server: Server, name: str, body: bytes, content_type: str, status: int, words: str
 ) -> None:
-    port, _ = server
+    port = server.port
     with connect(port) as sock:
         sock.sendall(request(port, body, content_type))
         got, _, reply = answer(sock)
@@ -166,8 +173,8 @@ def test_bodies_that_would_crash_the_decoder_are_400(
     ],
     ids=["words for a length", "negative length", "TLS to a plain port"],
 )
-def test_malformed_http_gets_the_same_json_error(server: tuple[int, int], raw: bytes) -> None:
-    port, _ = server
+def test_malformed_http_gets_the_same_json_error(server: Server, raw: bytes) -> None:
+    port = server.port
     with connect(port) as sock:
         sock.sendall(raw)
         status, headers, body = answer(sock)
@@ -175,8 +182,8 @@ def test_malformed_http_gets_the_same_json_error(server: tuple[int, int], raw: b
     assert json.loads(body)["error_code"] == "BAD_REQUEST" and b"eleventy" not in body
 
 
-def test_a_body_longer_than_its_content_length_is_one_answer_then_400(server: tuple[int, int]) -> None:
-    port, _ = server
+def test_a_body_longer_than_its_content_length_is_one_answer_then_400(server: Server) -> None:
+    port = server.port
     with connect(port) as sock:
         sock.sendall(request(port, honest_body()) + b"trailing bytes that are not a request\r\n\r\n")
         replies = b""
@@ -192,8 +199,8 @@ def parquet(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def test_parquet_bombs_are_refused_by_what_they_decode_to_and_memory_stays_bounded(server: tuple[int, int]) -> None:
-    port, pid = server
+def test_parquet_bombs_are_refused_by_what_they_decode_to_and_memory_stays_bounded(server: Server) -> None:
+    port, pid = server.port, server.pid
     many_rows = parquet(pd.DataFrame({"image": ["A" * 1000] * 20_000}))  # 20 MB of rows once decoded
     huge_value = parquet(pd.DataFrame({"image": ["A" * 5_000_000] * 3}))  # 15 MB
     assert max(len(many_rows), len(huge_value)) < 100_000  # both far under the 1 MiB body limit
@@ -207,8 +214,27 @@ def test_parquet_bombs_are_refused_by_what_they_decode_to_and_memory_stays_bound
     assert honest(port) == 200
 
 
-def test_an_honest_client_is_served_beside_slow_ones(server: tuple[int, int]) -> None:
-    port, _ = server
+def test_work_for_a_client_that_went_away_stops(server: Server) -> None:
+    """Two requests of 12 costly images (each 48 MB once decoded, ~0.5 s) fill both places in flight;
+    their clients hang up, the decoding stops at the next image, and an honest request is served."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000)).save(buffer, "PNG", optimize=True)
+    costly = json.dumps({"inputs": [base64.b64encode(buffer.getvalue()).decode()] * 12}).encode()
+    for _ in range(MAX_IN_FLIGHT):
+        with connect(server.port) as sock:
+            sock.sendall(request(server.port, costly))
+            time.sleep(0.3)  # the server is decoding
+    began = time.monotonic()
+    pattern = re.compile(r"stopped answering a request after decoding (\d+) of 12 images")
+    while len(stopped := pattern.findall(server.log.read_text())) < MAX_IN_FLIGHT and time.monotonic() - began < 20:
+        time.sleep(0.1)
+    assert len(stopped) == MAX_IN_FLIGHT and all(int(n) < 12 for n in stopped)
+    assert time.monotonic() - began < 3  # not the ~6 s that decoding all 12 images takes
+    assert honest(server.port) == 200
+
+
+def test_an_honest_client_is_served_beside_slow_ones(server: Server) -> None:
+    port = server.port
     slow = [connect(port) for _ in range(MAX_CONNECTIONS - 2)]
     try:
         for sock in slow:

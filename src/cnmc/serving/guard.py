@@ -18,6 +18,8 @@ trace and the whole request echoed back (5 MB in, 5 MB out). :class:`HttpGuard`:
 - checks what MLflow would decode before it does: JSON nested past a sane depth or holding a number
   too long to convert is ``400``, a Parquet body whose columns decompress past ``max_body_bytes``
   is ``413`` (the limit counts decoded bytes, not only the bytes sent);
+- marks a request abandoned (:mod:`cnmc.serving.abandoned`) when its client goes away or the app
+  stops waiting for it, so that the model stops decoding and predicting for nobody;
 - rewrites every 4xx/5xx answer, whatever produced it (MLflow, FastAPI, an exception), into
   ``{"error_code": ..., "message": ...}``: one line, at most :data:`MESSAGE_LIMIT` characters,
   MLflow's echoes of the request and its tracebacks removed. Good answers pass byte for byte.
@@ -40,6 +42,8 @@ from mlflow.pyfunc.scoring_server import (
     CONTENT_TYPES,
     SCORING_PROTOCOL_CHANGE_INFO,
 )
+
+from cnmc.serving.abandoned import request_scope
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -223,12 +227,18 @@ class HttpGuard:
         if body is None:  # the client went away
             return
         answer = _ErrorsAsJson(send)
-        try:
-            await self.app(scope, _replay(body, receive), answer.send)
-        except Exception:
-            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
-            if not answer.forwarded:
-                await send_error(send, HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
+        with request_scope() as abandoned:
+            gone = asyncio.create_task(_disconnect(receive))
+            gone.add_done_callback(lambda _: abandoned.set())
+            try:
+                await self.app(scope, _replay(body, gone), answer.send)
+            except Exception:
+                log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
+                if not answer.forwarded:
+                    await send_error(send, HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
+            finally:
+                abandoned.set()  # answered, or given up on (a timeout): work still running is for nobody
+                gone.cancel()
 
     async def _read_body(self, declared: str | None, receive: Receive) -> bytes | None:
         """The whole body within the body's deadline, or :class:`Refused` as soon as it passes the
@@ -262,12 +272,22 @@ def _header(scope: MutableMapping[str, Any], name: bytes) -> str | None:
     return next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == name), None)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands the app the body already read, then the client's own events."""
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client goes away (uvicorn also says so once the answer is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _replay(body: bytes, gone: asyncio.Task[None]) -> Receive:
+    """A ``receive`` that hands the app the body already read, then waits for the client to go:
+    the guard's own watcher is the only reader of the client's events."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:
-        return pending.pop() if pending else await receive()
+        if pending:
+            return pending.pop()
+        await asyncio.shield(gone)
+        return {"type": "http.disconnect"}
 
     return replay
 

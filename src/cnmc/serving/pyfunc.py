@@ -45,6 +45,7 @@ from cnmc.data.transforms import resize_transform
 from cnmc.inference.probability import predict_proba
 from cnmc.inference.schema import REQUEST_COLUMN, cell_answers
 from cnmc.inference.spec import ModelSpec
+from cnmc.serving.abandoned import stop_if_abandoned
 
 # Encoded bytes per image: a 450x450 BMP is 0.6 MB; 64 MiB holds an uncompressed 22 M-pixel RGB image.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -66,6 +67,7 @@ def decode_base64_images(values: Sequence[Any], image_size: int) -> np.ndarray:
     """Base64 strings (or raw bytes) -> a (N, S, S, 3) uint8 batch; raises :class:`InvalidInput`."""
     out = np.empty((len(values), image_size, image_size, 3), dtype=np.uint8)
     for row, value in enumerate(values):
+        stop_if_abandoned(f"after decoding {row} of {len(values)} images")
         data = value_bytes(value, row)
         try:
             out[row] = decode_image(data, image_size)
@@ -169,8 +171,11 @@ def answer(
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-    prob = np.mean([predict_proba(model, images[spec.image_size], spec, tta=tta) for model, spec in members], axis=0)
-    return cell_answers(prob, threshold)
+    probs = []
+    for done, (model, spec) in enumerate(members):
+        stop_if_abandoned(f"after {done} of {len(members)} models' forward passes")
+        probs.append(predict_proba(model, images[spec.image_size], spec, tta=tta))
+    return cell_answers(np.mean(probs, axis=0), threshold)
 
 
 def _tta_param(params: dict[str, Any] | None) -> bool | None:
