@@ -148,7 +148,7 @@ def test_tuning_workers_share_one_study_and_a_killed_workers_trial_fails(
 
     # A worker killed in the middle of a trial (a study of longer trials, so that it is caught in one):
     # the next trial of any worker fails it, by the heartbeat.
-    longer = tiny_params(tmp_path / "longer.yaml", heartbeat_s=1, epochs=10, study_name="team-heartbeat")
+    longer = tiny_params(tmp_path / "longer.yaml", heartbeat_s=1, epochs=4, study_name="team-heartbeat")
     doomed = tune_worker(longer, store, storage, 1, tmp_path, tracking_server)
     deadline = time.monotonic() + 120
     while TrialState.RUNNING not in states_of("team-heartbeat", storage).values():
