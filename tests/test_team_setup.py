@@ -131,6 +131,22 @@ def states_of(study: str, storage: str) -> dict[int, TrialState]:
     return {t.number: t.state for t in optuna.load_study(study_name=study, storage=storage).trials}
 
 
+def running_with_heartbeat(study: str, storage: str) -> int:
+    """The study's running trials that have recorded a heartbeat (Optuna's own tables)."""
+    import sqlalchemy
+
+    query = sqlalchemy.text(
+        "SELECT count(*) FROM trial_heartbeats h JOIN trials t ON t.trial_id = h.trial_id "
+        "JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :study AND t.state = 'RUNNING'"
+    )
+    engine = sqlalchemy.create_engine(storage)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(query, {"study": study}).scalar_one()
+    finally:
+        engine.dispose()
+
+
 def test_tuning_workers_share_one_study_and_a_killed_workers_trial_fails(
     cluster: postgres.Cluster, tracking_server: str, tiny_store: Path, tmp_path: Path
 ) -> None:
@@ -148,10 +164,10 @@ def test_tuning_workers_share_one_study_and_a_killed_workers_trial_fails(
 
     # A worker killed in the middle of a trial (a study of longer trials, so that it is caught in one):
     # the next trial of any worker fails it, by the heartbeat.
-    longer = tiny_params(tmp_path / "longer.yaml", heartbeat_s=1, epochs=4, study_name="team-heartbeat")
+    longer = tiny_params(tmp_path / "longer.yaml", heartbeat_s=1, epochs=10, study_name="team-heartbeat")
     doomed = tune_worker(longer, store, storage, 1, tmp_path, tracking_server)
     deadline = time.monotonic() + 120
-    while TrialState.RUNNING not in states_of("team-heartbeat", storage).values():
+    while not running_with_heartbeat("team-heartbeat", storage):  # one with no heartbeat is never failed by it
         if doomed.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"the worker never started a trial: {doomed.communicate()[1][-3000:]}")
         time.sleep(0.5)
