@@ -94,9 +94,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def _check_weights(params: Params) -> None:
     """Stop before any data work when a backbone of the pipeline cannot get its pretrained weights."""
+    train = params.train
+    if not train.pretrained:
+        return  # nothing to look for (and no reason to import timm)
     from cnmc.models.backbones import missing_weights
 
-    train = params.train
     if problems := missing_weights(train.backbones, train.pretrained, train.weights_dir):
         raise CnmcError(f"{len(problems)} backbone(s) of train.backbones lack weights; " + "; ".join(problems))
 

@@ -32,9 +32,8 @@ def copy_code(destination: Path, entry: str = ENTRY) -> Path:
 def requirements(entry: str = ENTRY) -> list[str]:
     """The project's pinned requirements of the distributions that the closure imports."""
     _, external = code_closure(entry)
-    dists = {
-        d.lower() for name in external - set(sys.stdlib_module_names) for d in packages_distributions().get(name, [])
-    }
+    distributions_of = packages_distributions()  # scans every installed package: once, not per import
+    dists = {d.lower() for name in external - set(sys.stdlib_module_names) for d in distributions_of.get(name, [])}
     declared = [r for r in (requires("cnmc") or []) if "extra ==" not in r]
     return [r for r in declared if _name(r) in dists]
 
