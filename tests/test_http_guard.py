@@ -20,13 +20,19 @@ def run(
     body: bytes = b"{}",
     path: str = "/invocations",
     headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),),
+    client_waits: bool = False,
 ) -> list[dict]:
-    """The messages ``HttpGuard(app)`` sends for one POST of ``body``."""
+    """The messages ``HttpGuard(app)`` sends for one POST of ``body``; the client hangs up once it
+    has sent it, or (``client_waits``) stays for as long as the guard runs."""
     sent: list[dict] = []
     events = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict:
-        return events.pop(0) if events else {"type": "http.disconnect"}
+        if events:
+            return events.pop(0)
+        if client_waits:
+            await asyncio.Event().wait()  # never set
+        return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -142,29 +148,8 @@ def test_work_the_app_gave_up_on_stops_though_the_client_waits() -> None:
         await send({"type": "http.response.start", "status": 504, "headers": []})
         await send({"type": "http.response.body", "body": b"Request processing time exceeded limit"})
 
-    async def client() -> None:
-        events = [{"type": "http.request", "body": b"{}", "more_body": False}]
-        still_there = asyncio.Event()  # never set: the client waits all along
-
-        async def receive() -> dict:
-            if events:
-                return events.pop()
-            await still_there.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            pass
-
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/invocations",
-            "headers": [(b"content-type", b"application/json")],
-        }
-        await HttpGuard(timing_out, max_body_bytes=1000)(scope, receive, send)
-
     began = time.monotonic()
-    asyncio.run(client())  # asyncio.run waits for the worker thread as it shuts down
+    run(timing_out, client_waits=True)  # asyncio.run waits for the worker thread as it shuts down
     assert outcome and outcome[0].startswith("abandoned after") and time.monotonic() - began < 2
 
 

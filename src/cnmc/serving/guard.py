@@ -229,6 +229,8 @@ class HttpGuard:
         answer = _ErrorsAsJson(send)
         with request_scope() as abandoned:
             gone = asyncio.create_task(_disconnect(receive))
+            # The watcher ends when the client goes, or is cancelled when the app has answered or
+            # given up (a timeout): either way, work still running is for nobody.
             gone.add_done_callback(lambda _: abandoned.set())
             try:
                 await self.app(scope, _replay(body, gone), answer.send)
@@ -237,7 +239,6 @@ class HttpGuard:
                 if not answer.forwarded:
                     await send_error(send, HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
             finally:
-                abandoned.set()  # answered, or given up on (a timeout): work still running is for nobody
                 gone.cancel()
 
     async def _read_body(self, declared: str | None, receive: Receive) -> bytes | None:
