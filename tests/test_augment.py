@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from cnmc.core.config import AugmentConfig
+from cnmc.core.config import AugmentConfig, Framing
 from cnmc.core.errors import CnmcError
 from cnmc.data import transforms as T
 from cnmc.data.augment import REQUIRED_COLUMNS, PrepareSummary, derive_seed, prepare_dataset
@@ -352,3 +352,48 @@ def test_missing_image_and_bad_csvs_are_clear_errors(tmp_path):
     train.assign(label="ALL?").to_csv(splits / "train.csv", index=False)
     with pytest.raises(CnmcError, match=r"line 2: label 'ALL\?'"):
         build(splits, tmp_path / "s", seed=1)
+
+
+def _cell_on_black(size: int = 120, centre: tuple[int, int] = (40, 70), radius: int = 20) -> torch.Tensor:
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) <= radius**2
+    pixels = np.where(disc[..., None], np.array([150, 90, 200]), 0).astype(np.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def test_the_crop_finds_the_cell_on_its_black_background_and_centres_it_with_the_margin():
+    image = _cell_on_black()
+    image[:, 110, 5] = 255  # a stray bright pixel: not part of the cell's box
+    top, left, side = T.cell_box(image, margin=0.1)
+    assert abs(side - 41 * 1.2) <= 3 and abs(top + side / 2 - 40.5) <= 1 and abs(left + side / 2 - 70.5) <= 1
+    cropped = T.crop_to_cell(image, margin=0.1)
+    foreground = (cropped.amax(dim=0) > T.FOREGROUND_LEVEL).nonzero()
+    assert foreground.min() >= 2 and foreground.max() <= side - 3  # the margin stays black all round
+    framed = T.frame(image, Framing(32, "cell", 0.1))
+    assert framed.shape == (3, 32, 32) and framed.dtype == torch.uint8
+    assert (framed.amax(dim=0) > T.FOREGROUND_LEVEL).float().mean() > 0.4  # the cell fills the input
+
+
+def test_a_cell_touching_the_border_keeps_every_pixel_and_its_place():
+    image = _cell_on_black(centre=(10, 110), radius=15)  # cut by the top and right edges
+    cropped = T.crop_to_cell(image, margin=0.1)
+    assert cropped.sum() == image.sum()  # nothing of the cell lost; the square is padded with black
+    assert cropped.shape[1] == cropped.shape[2]
+
+
+def test_a_frame_without_a_cell_or_with_crop_frame_is_the_whole_frame_resized():
+    black = torch.zeros((3, 50, 70), dtype=torch.uint8)
+    assert T.cell_box(black, margin=0.0) == (-10, 0, 70)
+    image = _cell_on_black()
+    assert torch.equal(T.frame(image, Framing(32)), T.resize_transform(32)(image))
+
+
+def test_a_store_cut_to_the_cell_holds_each_image_as_the_served_model_frames_it(tmp_path):
+    from cnmc.serving.pyfunc import decode_image
+
+    splits = make_splits(tmp_path, COUNTS)
+    build(splits, tmp_path / "store", crop="cell", crop_margin=0.2)
+    store = ImageStore(tmp_path / "store" / "test")
+    assert store.framing == Framing(SIZE, "cell", 0.2)
+    for row, path in enumerate(store.index["path"]):
+        np.testing.assert_array_equal(store.images[row], decode_image(Path(path).read_bytes(), store.framing))

@@ -18,6 +18,7 @@ to replay the augment stage's balancing with fresh draws of T, see :mod:`cnmc.jo
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,10 +36,12 @@ from torch.utils.data import (
     get_worker_info,
 )
 
+from cnmc.core.config import Framing
 from cnmc.core.errors import CnmcError
 
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
+REPORT_FILE = "augment_report.json"  # at the store's root: what made it (cnmc.data.augment)
 LABELS = ("all", "hem")
 TARGETS = {"all": 1, "hem": 0}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -219,6 +222,16 @@ class ImageStore:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[1])
+
+    @property
+    def framing(self) -> Framing:
+        """How the augment stage framed this store's images (its ``augment_report.json``); stores made
+        before cropping existed, or without a report, hold whole frames."""
+        try:
+            config = json.loads((self.split_dir.parent / REPORT_FILE).read_text()).get("config", {})
+        except (OSError, ValueError):
+            config = {}
+        return Framing(self.image_size, config.get("crop", "frame"), float(config.get("crop_margin", 0.1)))
 
     def __len__(self) -> int:
         return len(self.index)

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torchvision.transforms import v2
+
+from cnmc.core.config import Framing
+
+FOREGROUND_LEVEL = 10  # a pixel belongs to the cell when a channel exceeds this (uint8); C-NMC's background is black
+# A row or column of the frame belongs to the cell's box when at least this share of it is foreground, so a
+# few stray bright pixels (noise, a speck of another cell) do not stretch the box to the frame.
+BOX_MIN_SHARE = 0.01
 
 # The paper's T (Ahmed et al. 2025, section 3.2), in its order, at strength 1.
 PAPER_IMAGE_SIZE = 224
@@ -98,3 +106,45 @@ def resize_transform(image_size: int) -> v2.Resize:
     Non-square inputs are stretched to the square (the C-NMC cells are 450x450 already).
     """
     return v2.Resize((int(image_size), int(image_size)), antialias=True)
+
+
+def cell_box(chw: torch.Tensor, margin: float) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the square around the cell in a uint8 (3, H, W) image: the bounding box
+    of its foreground (pixels brighter than :data:`FOREGROUND_LEVEL` in any channel), squared about its
+    centre and widened by ``margin`` of its side on every edge. An image with no foreground gives the
+    square about the whole frame. The square may reach past the frame (a cell touching the border)."""
+    height, width = chw.shape[-2:]
+    foreground = chw.amax(dim=0) > FOREGROUND_LEVEL
+    rows = (foreground.sum(dim=1) >= max(1, BOX_MIN_SHARE * width)).nonzero().flatten()
+    cols = (foreground.sum(dim=0) >= max(1, BOX_MIN_SHARE * height)).nonzero().flatten()
+    if len(rows) == 0 or len(cols) == 0:
+        top, bottom, left, right = 0, height - 1, 0, width - 1
+    else:
+        top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    side = max(bottom - top + 1, right - left + 1)
+    side = max(1, round(side * (1 + 2 * margin)))
+    centre_y, centre_x = (top + bottom + 1) / 2, (left + right + 1) / 2
+    return round(centre_y - side / 2), round(centre_x - side / 2), side
+
+
+def crop_to_cell(chw: torch.Tensor, margin: float) -> torch.Tensor:
+    """The square around the cell (:func:`cell_box`) cut from a uint8 (3, H, W) image; where the square
+    passes the frame's edge it is filled with black, the cells' own background, so a cell touching the
+    border keeps all of its pixels and its place in the square."""
+    top, left, side = cell_box(chw, margin)
+    height, width = chw.shape[-2:]
+    out = torch.zeros((chw.shape[0], side, side), dtype=chw.dtype)
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom, src_right = min(top + side, height), min(left + side, width)
+    out[:, src_top - top : src_bottom - top, src_left - left : src_right - left] = chw[
+        :, src_top:src_bottom, src_left:src_right
+    ]
+    return out
+
+
+def frame(chw: torch.Tensor, framing: Framing) -> torch.Tensor:
+    """A uint8 (3, H, W) image as a model of ``framing`` sees it: uint8 (3, S, S), cut to the cell's
+    square first where ``framing.crop`` is ``cell`` (:class:`cnmc.core.config.Framing`)."""
+    if framing.crop == "cell":
+        chw = crop_to_cell(chw, framing.margin)
+    return resize_transform(framing.image_size)(chw)

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
+from cnmc.data.transforms import FOREGROUND_LEVEL
+
 # An optional map from a normalised batch to its views (e.g. cnmc.inference.tta.tta_views); view 0 is the batch.
 Views = Callable[[torch.Tensor], list[torch.Tensor]]
 # How a model sees colour (train.colour, recorded in ModelSpec.colour): as is, each cell's mean
 # colour removed, or grey. Training, evaluation and serving all apply it here.
 Colour = Literal["rgb", "centred", "grey"]
-FOREGROUND_LEVEL = 10  # a pixel belongs to the cell when a channel exceeds this (uint8); C-NMC's background is black
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 
 

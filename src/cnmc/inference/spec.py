@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnmc.core.atomic import atomic_write_text
+from cnmc.core.config import Crop, Framing
 from cnmc.inference.forward import Colour
 
 
@@ -23,6 +24,13 @@ class ModelSpec:
     temperature: float = 1.0
     colour: Colour = "rgb"  # how the model sees colour (cnmc.inference.forward.recolour); models saved before it: rgb
     tta: bool = False  # the 8-view test-time augmentation is this model's default answer (train.test_time_augmentation)
+    crop: Crop = "frame"  # what the model sees of an image (augment.crop); models saved before it: the frame
+    crop_margin: float = 0.1  # with crop cell: the margin around the cell (augment.crop_margin)
+
+    @property
+    def framing(self) -> Framing:
+        """How an image sent to this model is framed and sized, as its training images were."""
+        return Framing(self.image_size, self.crop, self.crop_margin)
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")

@@ -50,7 +50,7 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
         }
         rows.append(row)
         try:
-            image = decode_image(read_image(path), spec.image_size)[None]
+            image = decode_image(read_image(path), spec.framing)[None]
         except CnmcError as exc:
             row["error"] = str(exc)
             log.warning("%s: skipped (%s)", path, exc)
