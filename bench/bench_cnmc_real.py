@@ -53,10 +53,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split  # noqa: E402
 
-from cnmc.core.config import Params, apply_overrides, load_params  # noqa: E402
+from cnmc.core.config import (  # noqa: E402
+    Framing,  # noqa: E402
+    Params,
+    apply_overrides,
+    load_params,
+)
 from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
-from cnmc.data.split import Splits, split_manifest, write_splits  # noqa: E402
+from cnmc.data.split import FOLD_COLUMN, Splits, cross_fitted, split_manifest, write_splits  # noqa: E402
 from cnmc.jobs.fit_evaluate import train_and_log
 from cnmc.jobs.paths import RunPaths  # noqa: E402
 from cnmc.metrics.scores import binary_metrics, bootstrap_ci  # noqa: E402
@@ -88,6 +93,7 @@ LEVERS = {
     "subject": ("train.sampling=subject",),
     "layerlr": ("train.lr_stem_factor=0.01", "train.lr_head_factor=100"),
     "lpft": ("train.head_init=linear_probe", "train.freeze_bn=true"),
+    "cell": ("augment.crop=cell",),
 }
 VARIANTS = {
     "lite0": Variant("tf_efficientnet_lite0"),
@@ -96,7 +102,11 @@ VARIANTS = {
     "lite2": Variant("tf_efficientnet_lite2"),
     "lite0-random": Variant("tf_efficientnet_lite0", pretrained=False),
     "lite0-paper": Variant("tf_efficientnet_lite0", protocol="paper"),
-    "lite0-probe": Variant("tf_efficientnet_lite0", probe=True),
+    **{
+        f"{short}-probe{suffix}": Variant(f"tf_efficientnet_{short}", probe=True, overrides=sets)
+        for short in ("lite0", "lite1", "lite2")
+        for suffix, sets in (("", ()), ("+cell", ("augment.crop=cell",)), ("+frame", ("augment.crop=frame",)))
+    },
     "lite0-probe+centred": Variant("tf_efficientnet_lite0", probe=True, overrides=("train.colour=centred",)),
     "lite0-probe+grey": Variant("tf_efficientnet_lite0", probe=True, overrides=("train.colour=grey",)),
 }
@@ -171,24 +181,25 @@ def run_fold(
     return record
 
 
-def probe_features(labelled: pd.DataFrame, image_size: int, colour: str = "rgb") -> np.ndarray:
-    """Pooled frozen lite0 ImageNet features of every cell, preprocessed as the pipeline does
-    (``colour``: the model input's colour mode, ``train.colour``)."""
+def probe_features(labelled: pd.DataFrame, backbone: str, framing: Framing, colour: str = "rgb") -> np.ndarray:
+    """Pooled frozen ImageNet features of ``backbone`` for every cell, framed and coloured as the
+    pipeline does (``framing``: ``augment.crop`` and size; ``colour``: ``train.colour``)."""
     import torch
 
     from cnmc.data.images import open_rgb
-    from cnmc.data.transforms import resize_transform
+    from cnmc.data.transforms import frame
     from cnmc.inference.forward import model_input
     from cnmc.models.backbones import create_backbone
     from cnmc.training.head_init import pooled_features
 
-    net = create_backbone(VARIANTS["lite0-probe"].backbone, pretrained=True)
-    resize = resize_transform(image_size)
+    net = create_backbone(backbone, pretrained=True)
 
     def batches():
         for start in range(0, len(labelled), 64):
             rows = labelled.iloc[start : start + 64]
-            pixels = [resize(torch.from_numpy(np.asarray(open_rgb(p)[0])).permute(2, 0, 1)) for p in rows["path"]]
+            pixels = [
+                frame(torch.from_numpy(np.asarray(open_rgb(p)[0])).permute(2, 0, 1), framing) for p in rows["path"]
+            ]
             batch = torch.stack(pixels).permute(0, 2, 3, 1).contiguous()
             cpu = torch.device("cpu")
             yield model_input(batch, net.mean, net.std, cpu, colour=colour), torch.zeros(len(rows), dtype=torch.long)
@@ -201,6 +212,7 @@ def run_probe(
 ) -> dict:
     """The frozen-feature floor on one fold: same split as the fine-tuned variants, no training of the backbone."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import PredefinedSplit, cross_val_predict
 
     from cnmc.metrics.scores import judging_shortfall, tune_threshold
     from cnmc.training.head_init import PROBE_C
@@ -210,8 +222,16 @@ def run_probe(
     rows = {split: labelled.index[labelled["path"].isin(table["path"])] for split, table in splits.tables.items()}
     target = (labelled["label"] == "all").astype(int).to_numpy()
     probe = LogisticRegression(C=PROBE_C, max_iter=5000, random_state=params.seed)
+    train = splits.tables["train"]
+    if cross_fitted(train):  # every training person judges once: the threshold from out-of-fold answers
+        folds = train.set_index("path").loc[labelled.loc[rows["train"], "path"], FOLD_COLUMN].to_numpy()
+        val_y = target[rows["train"]]
+        val_p = cross_val_predict(
+            probe, features[rows["train"]], val_y, cv=PredefinedSplit(folds), method="predict_proba"
+        )[:, 1]
     probe.fit(features[rows["train"]], target[rows["train"]])
-    val_y, val_p = target[rows["val"]], probe.predict_proba(features[rows["val"]])[:, 1]
+    if not cross_fitted(train):
+        val_y, val_p = target[rows["val"]], probe.predict_proba(features[rows["val"]])[:, 1]
     shortfall = judging_shortfall(val_y, params.split.min_images_per_class)
     threshold = 0.5 if shortfall else tune_threshold(val_y, val_p)
     test = labelled.loc[rows["test"]]
@@ -412,10 +432,12 @@ def main(argv: list[str] | None = None) -> int:
                 if (args.only_fold is not None and fold != args.only_fold) or (path.is_file() and not args.rerun):
                     continue
                 if variant.probe:
-                    colour = apply_overrides(params, list(variant.overrides)).train.colour
-                    if colour not in features:
-                        features[colour] = probe_features(labelled, args.image_size, colour)
-                    record = run_probe(labelled, features[colour], name, fold, test_rows, params)
+                    own = apply_overrides(params, list(variant.overrides))
+                    framing = Framing(own.augment.image_size, own.augment.crop, own.augment.crop_margin)
+                    key = f"{variant.backbone}/{own.train.colour}/{framing}"
+                    if key not in features:
+                        features[key] = probe_features(labelled, variant.backbone, framing, own.train.colour)
+                    record = run_probe(labelled, features[key], name, fold, test_rows, params)
                 else:
                     record = run_fold(labelled, name, variant, fold, test_rows, params, args.out)
                 results.mkdir(parents=True, exist_ok=True)

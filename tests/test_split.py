@@ -9,8 +9,9 @@ import pytest
 
 from cnmc.core.config import SplitConfig
 from cnmc.core.errors import CnmcError
-from cnmc.data.split import split_manifest, write_splits
+from cnmc.data.split import FOLD_COLUMN, split_manifest, write_splits
 
+HOLDOUT = SplitConfig(validation="holdout")  # the holdout rules: whole subjects by image share
 COLUMNS = ["path", "label", "subject", "source", "sha256", "width", "height", "original_mode", "original_name"]
 
 
@@ -41,7 +42,7 @@ def subjects(splits, name: str) -> set[str]:
 
 
 def test_subject_protocol_is_subject_disjoint_and_tests_on_prelim() -> None:
-    splits = split_manifest(cnmc_like(), SplitConfig(), seed=1)
+    splits = split_manifest(cnmc_like(), HOLDOUT, seed=1)
     assert not subjects(splits, "train") & subjects(splits, "val")
     assert not (subjects(splits, "train") | subjects(splits, "val")) & subjects(splits, "test")
     assert set(splits.tables["test"]["source"]) == {"prelim"}
@@ -55,7 +56,7 @@ def test_subject_protocol_is_subject_disjoint_and_tests_on_prelim() -> None:
 
 def test_subject_protocol_without_prelim_holds_out_subjects_for_test() -> None:
     manifest = cnmc_like(prelim=False)
-    splits = split_manifest(manifest, SplitConfig(test_fraction=0.2), seed=3)
+    splits = split_manifest(manifest, SplitConfig(validation="holdout", test_fraction=0.2), seed=3)
     names = ("train", "val", "test")
     for a in names:
         for b in names:
@@ -79,16 +80,16 @@ def test_subject_in_folds_and_prelim_is_kept_out_of_training() -> None:
             ("prelim", "hem", "H9", 2),
         ]
     )
-    splits = split_manifest(manifest, SplitConfig(), seed=0)
+    splits = split_manifest(manifest, HOLDOUT, seed=0)
     assert "1" not in subjects(splits, "train") | subjects(splits, "val")
     assert splits.report["subject_disjoint"] is True
 
 
 def test_split_is_deterministic_and_seed_dependent() -> None:
     manifest = cnmc_like(all_subjects=20, hem_subjects=20)
-    a = split_manifest(manifest, SplitConfig(), seed=7)
-    b = split_manifest(manifest.sample(frac=1, random_state=5), SplitConfig(), seed=7)
-    c = split_manifest(manifest, SplitConfig(), seed=8)
+    a = split_manifest(manifest, HOLDOUT, seed=7)
+    b = split_manifest(manifest.sample(frac=1, random_state=5), HOLDOUT, seed=7)
+    c = split_manifest(manifest, HOLDOUT, seed=8)
     for name in ("train", "val", "test"):
         pd.testing.assert_frame_equal(a.tables[name], b.tables[name])
     assert subjects(a, "val") != subjects(c, "val")
@@ -126,7 +127,7 @@ def test_paper_protocol_reproduces_the_papers_counts() -> None:
 
 
 def test_write_splits(tmp_path) -> None:
-    splits = split_manifest(cnmc_like(), SplitConfig(), seed=1)
+    splits = split_manifest(cnmc_like(), HOLDOUT, seed=1)
     write_splits(splits, tmp_path / "splits", tmp_path / "report.json")
     for name in ("train", "val", "test"):
         table = pd.read_csv(tmp_path / "splits" / f"{name}.csv", dtype=str, keep_default_na=False)
@@ -140,15 +141,15 @@ def test_write_splits(tmp_path) -> None:
 def test_too_little_data_is_a_clear_error() -> None:
     manifest = make_manifest([("fold_0", "all", "1", 3), ("fold_0", "hem", "H1", 3)])
     with pytest.raises(CnmcError, match="split 'val' would be empty"):
-        split_manifest(manifest, SplitConfig(), seed=0)
+        split_manifest(manifest, HOLDOUT, seed=0)
     with pytest.raises(CnmcError, match="no labelled images"):
-        split_manifest(make_manifest([("final", "", "", 3)]), SplitConfig(), seed=0)
+        split_manifest(make_manifest([("final", "", "", 3)]), HOLDOUT, seed=0)
 
 
 def test_a_separate_test_manifest_is_the_test_set() -> None:
     own = cnmc_like(prelim=False)
     extra = make_manifest([("folder", "all", "img:a", 1), ("folder", "hem", "img:b", 1), ("folder", "", "", 1)])
-    splits = split_manifest(own, SplitConfig(), seed=0, test_manifest=extra)
+    splits = split_manifest(own, HOLDOUT, seed=0, test_manifest=extra)
     assert set(splits.tables["test"]["subject"]) == {"img:a", "img:b"}
     assert len(splits.tables["train"]) + len(splits.tables["val"]) == (own["label"] != "").sum()
     assert splits.report["unlabelled_images_left_out"] == 3 + 1
@@ -167,7 +168,7 @@ def unequal_subjects(prelim: bool = False) -> pd.DataFrame:
 
 @pytest.mark.parametrize("seed", [0, 1, 42])
 def test_held_out_splits_get_their_share_of_images_not_of_subjects(seed) -> None:
-    splits = split_manifest(unequal_subjects(), SplitConfig(), seed=seed)
+    splits = split_manifest(unequal_subjects(), HOLDOUT, seed=seed)
     shares = {name: splits.report["splits"][name]["share_of_class"] for name in ("val", "test")}
     assert 0.15 <= shares["val"]["all"] <= 0.25 and 0.05 <= shares["test"]["all"] <= 0.15
     assert 0.05 <= shares["test"]["hem"] <= 0.15  # the small Hem donors
@@ -178,13 +179,13 @@ def test_held_out_splits_get_their_share_of_images_not_of_subjects(seed) -> None
         assert not subjects(splits, a) & subjects(splits, b)
     for name in ("val", "test"):
         assert min(splits.report["splits"][name]["images_per_class"].values()) >= 30
-    again = split_manifest(unequal_subjects().sample(frac=1, random_state=3), SplitConfig(), seed=seed)
+    again = split_manifest(unequal_subjects().sample(frac=1, random_state=3), HOLDOUT, seed=seed)
     for name in ("train", "val", "test"):
         pd.testing.assert_frame_equal(splits.tables[name], again.tables[name])
 
 
 def test_validation_share_is_of_images_around_a_fixed_test_set() -> None:
-    splits = split_manifest(unequal_subjects(prelim=True), SplitConfig(val_fraction=0.25), seed=5)
+    splits = split_manifest(unequal_subjects(prelim=True), SplitConfig(validation="holdout", val_fraction=0.25), seed=5)
     assert set(splits.tables["test"]["source"]) == {"prelim"}
     share = splits.report["splits"]["val"]["share_of_class"]
     pool_all = 1677  # the ALL training cells
@@ -206,7 +207,7 @@ def test_a_class_that_cannot_reach_the_minimum_is_named_with_its_counts(caplog) 
         ]
     )
     with caplog.at_level("WARNING"):
-        splits = split_manifest(manifest, SplitConfig(val_fraction=0.34), seed=0)
+        splits = split_manifest(manifest, SplitConfig(validation="holdout", val_fraction=0.34), seed=0)
     message = (
         "split 'val': class 'hem' gets 4 images, below split.min_images_per_class = 30 "
         "(the pool holds 12 in 3 subjects)"
@@ -222,5 +223,28 @@ def test_a_class_that_cannot_reach_the_minimum_is_named_with_its_counts(caplog) 
             ("prelim", "hem", "H9", 30),
         ]
     )
-    notes = split_manifest(one, SplitConfig(), seed=0).report["notes"]
+    notes = split_manifest(one, HOLDOUT, seed=0).report["notes"]
     assert any("'hem' gets 0 images" in note and "only one subject has that class" in note for note in notes)
+
+
+def test_cross_fitting_puts_every_training_person_in_exactly_one_fold_and_no_test_person_in_any() -> None:
+    manifest = cnmc_like(all_subjects=24, hem_subjects=15)
+    splits = split_manifest(manifest, SplitConfig(validation="crossfit", folds=5), seed=3)
+    train, val, test = (splits.tables[name] for name in ("train", "val", "test"))
+    assert set(train["path"]) == set(val["path"])  # every training person also judges
+    folds_of = val.groupby("subject")[FOLD_COLUMN].nunique()
+    assert (folds_of == 1).all() and len(folds_of) == 24 + 15  # each person in exactly one fold
+    assert sorted(val[FOLD_COLUMN].unique()) == [0, 1, 2, 3, 4]
+    assert not subjects(splits, "test") & subjects(splits, "train")
+    for fold in splits.report["folds"]:  # stratified by class: both classes judge in every fold
+        assert fold["people_per_class"]["all"] >= 1 and fold["people_per_class"]["hem"] >= 1
+    assert sum(f["people_per_class"]["hem"] for f in splits.report["folds"]) == 15
+    assert splits.report["validation"] == "crossfit" and splits.report["subject_disjoint"]
+    assert "5 folds" in splits.summary_line()
+
+
+def test_cross_fitting_needs_k_people_of_each_class_else_the_holdout_split_stands() -> None:
+    splits = split_manifest(cnmc_like(all_subjects=10, hem_subjects=4), SplitConfig(folds=5), seed=0)
+    assert splits.report["validation"] == "holdout" and FOLD_COLUMN not in splits.tables["train"]
+    assert any("4 'hem'" in note and "holdout" in note for note in splits.report["notes"])
+    assert not subjects(splits, "train") & subjects(splits, "val")

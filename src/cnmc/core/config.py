@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,22 @@ PROFILES = ("demo", "paper")
 SPLITS = ("train", "val", "test")  # the split protocol's parts, in this order everywhere
 JOURNAL_PREFIX = "journal:"  # tune.storage = journal:PATH names an Optuna journal file
 _RDB_URL = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # SQLAlchemy's dialect[+driver]://...
+
+
+Crop = Literal["frame", "cell"]  # what a model sees: the whole frame, or the cell's square box
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a decoded image becomes a model's square input: the whole frame, or the cell's square box
+    (``crop = "cell"``, ``margin`` of the box's side around it), resized to ``image_size``
+    (:func:`cnmc.data.transforms.frame`). The augment stage stores every image this way and the
+    served model (``ModelSpec.framing``) frames what it is sent the same way, so a cell is seen
+    alike in training, evaluation, prediction, serving and Grad-CAM."""
+
+    image_size: int
+    crop: Crop = "frame"
+    margin: float = 0.1
 
 
 class _Section(BaseModel):
@@ -53,12 +70,22 @@ class SplitConfig(_Section):
     min_subjects_per_class: int = Field(
         3, ge=1, description="people of each class validation needs before a threshold or temperature is fitted"
     )
+    validation: Literal["crossfit", "holdout"] = Field(
+        "crossfit",
+        description="crossfit: K subject-grouped folds, every training person judges once (holdout where a "
+        "class has fewer than K people); holdout: whole subjects by val_fraction",
+    )
+    folds: int = Field(5, ge=2, le=20, description="K, the cross-fitting folds (split.validation crossfit)")
 
 
 class AugmentConfig(_Section):
     """Resizing and the paper's class-balancing augmentation T."""
 
     image_size: int = Field(96, ge=16, description="side of the stored square images (paper: 224)")
+    crop: Crop = Field(
+        "frame", description="what every image is cut to before resizing: the whole frame (paper), or the cell's square"
+    )
+    crop_margin: float = Field(0.1, ge=0, le=1, description="with crop cell: margin around the cell, share of its side")
     per_class: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="M: training images per class after balancing, drawn afresh each epoch when online "

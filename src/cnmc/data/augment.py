@@ -3,8 +3,8 @@
 Input: a splits folder (``train.csv``, ``val.csv``, optional ``test.csv``). Output: the image
 store (see :mod:`cnmc.data.store`) plus ``augment_report.json`` and a preview grid PNG.
 
-- Every image (all splits) is read with :func:`cnmc.data.images.open_rgb` and resized to
-  ``image_size`` squared (:func:`cnmc.data.transforms.resize_transform`).
+- Every image (all splits) is read with :func:`cnmc.data.images.open_rgb`, cut to the cell's square
+  where ``augment.crop`` is ``cell``, and resized to ``image_size`` squared (:func:`cnmc.data.transforms.frame`).
 - Training, per class with n originals: all originals are kept when n <= M (else a seeded
   random M of them, with a warning), and M - n augmented images are added, each T(original)
   with sources taken round-robin over a seeded permutation of the class's originals. With
@@ -36,20 +36,19 @@ import torch
 from tqdm import tqdm
 
 from cnmc.core.atomic import plain_mode
-from cnmc.core.config import SPLITS, AugmentConfig
+from cnmc.core.config import SPLITS, AugmentConfig, Framing
 from cnmc.core.errors import CnmcError
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.data.manifest import MANIFEST_COLUMNS
 from cnmc.data.sampling import resolve_per_class
-from cnmc.data.store import IMAGES_FILE, INDEX_FILE, LABELS, TARGETS
-from cnmc.data.transforms import paper_transform, resize_transform
+from cnmc.data.store import IMAGES_FILE, INDEX_FILE, LABELS, REPORT_FILE, TARGETS
+from cnmc.data.transforms import frame, paper_transform
 
 log = logging.getLogger(__name__)
 
 OPTIONAL_SPLITS = ("test",)
 REQUIRED_COLUMNS = (*MANIFEST_COLUMNS, "split")
 STORE_COLUMNS = ("target", "augmented", "origin", "aug_seed")
-REPORT_FILE = "augment_report.json"
 PREVIEW_AUGMENTATIONS = 5
 
 # Tags that keep the seeded random streams of the stage apart.
@@ -238,15 +237,14 @@ def _worker_init() -> None:
 
 def _run_chunk(task: tuple[Any, ...]) -> int:
     """Do one chunk of work, writing straight into the split's ``images.npy`` (opened r+)."""
-    kind, npy, size, strength, items = task
+    kind, npy, size, strength, items = task  # size: the Framing of every stored image
     images = np.lib.format.open_memmap(npy, mode="r+")
     try:
         if kind == "resize":
-            resize = resize_transform(size)
             for row, path, where in items:
-                images[row] = resize(load_image_tensor(path, where)).permute(1, 2, 0).numpy()
+                images[row] = frame(load_image_tensor(path, where), size).permute(1, 2, 0).numpy()
         else:
-            transform = paper_transform(size, strength)
+            transform = paper_transform(size.image_size, strength)
             for row, origin, seed in items:
                 source = torch.from_numpy(np.array(images[origin])).permute(2, 0, 1)
                 torch.manual_seed(seed)
@@ -302,6 +300,7 @@ def prepare_dataset(
     if out_dir.exists() and not out_dir.is_dir():
         raise CnmcError(f"{out_dir}: exists and is not a folder")
     size, strength = cfg.image_size, cfg.strength
+    framing = Framing(size, cfg.crop, cfg.crop_margin)
 
     plans: list[_SplitPlan] = []
     for split in SPLITS:
@@ -334,8 +333,8 @@ def prepare_dataset(
             npy = str(split_dir / IMAGES_FILE)
             images = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(plan.index), size, size, 3))
             del images
-            resize_tasks += [("resize", npy, size, strength, list(c)) for c in _chunks(plan.sources, chunk)]
-            augment_tasks += [("augment", npy, size, strength, list(c)) for c in _chunks(plan.augment, chunk)]
+            resize_tasks += [("resize", npy, framing, strength, list(c)) for c in _chunks(plan.sources, chunk)]
+            augment_tasks += [("augment", npy, framing, strength, list(c)) for c in _chunks(plan.augment, chunk)]
         with tqdm(total=total, desc="augment", unit="img", disable=not progress) as bar:
             _run_tasks([t for t in (resize_tasks, augment_tasks) if t], workers, bar)
         for plan in plans:

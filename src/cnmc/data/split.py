@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import SPLITS, SplitConfig
@@ -25,6 +25,7 @@ from cnmc.core.errors import CnmcError
 log = logging.getLogger(__name__)
 
 LABELS = ("all", "hem")
+FOLD_COLUMN = "fold"  # under cross-fitting, the fold whose model each training person judges
 TRAINING_SOURCES = ("fold_0", "fold_1", "fold_2", "folder")
 # Random subject orders tried per class when choosing held-out subjects (fewer for many subjects,
 # so that the search stays within a few million prefix sums).
@@ -46,6 +47,9 @@ class Splits:
     def summary_line(self) -> str:
         parts = []
         for name in SPLITS:
+            if name == "val" and cross_fitted(self.tables["val"]):
+                parts.append(f"val = the same people out of fold ({self.tables['val'][FOLD_COLUMN].nunique()} folds)")
+                continue
             table = self.tables[name]
             counts = table["label"].value_counts()
             parts.append(
@@ -77,6 +81,8 @@ def split_manifest(
         tables, notes = _paper_split(labelled, cfg, seed)
     else:
         tables, notes = _subject_split(labelled, cfg, seed)
+    if cfg.protocol == "subject" and cfg.validation == "crossfit":
+        tables, notes = _cross_fit(tables, cfg, seed, notes)
     for name in SPLITS:
         if tables[name].empty:
             raise CnmcError(
@@ -159,6 +165,42 @@ def _fixed_test_split(pool: pd.DataFrame, test: pd.DataFrame, cfg: SplitConfig, 
     return _train_val(pool, val_subjects) | {"test": test}, notes + val_notes
 
 
+def _cross_fit(
+    tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes: list[str]
+) -> tuple[dict, list[str]]:
+    """Every training person in one of ``split.folds`` subject-grouped folds, stratified by class
+    (sklearn's ``StratifiedGroupKFold``): ``train`` and ``val`` then both list all of them, with
+    the column ``fold``; fold k's model trains on the other folds' people and judges fold k's, so
+    every person teaches K-1 models and judges one. Where a class has fewer than K people, the
+    holdout split stands and a note says why."""
+    pool = pd.concat([tables["train"], tables["val"]]).sort_values("path").reset_index(drop=True)
+    people = {label: pool.loc[pool["label"] == label, "subject"].nunique() for label in LABELS}
+    short = {label: n for label, n in people.items() if n < cfg.folds}
+    if short:
+        return tables, [
+            *notes,
+            f"cross-fitting needs split.folds = {cfg.folds} people of each class, the training data has "
+            + ", ".join(f"{n} '{label}'" for label, n in short.items())
+            + ": holdout validation instead",
+        ]
+    folds = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed % 2**32)
+    pool[FOLD_COLUMN] = -1
+    for k, (_, rows) in enumerate(folds.split(pool, pool["label"], groups=pool["subject"])):
+        pool.loc[rows, FOLD_COLUMN] = k
+    kept = [n for n in notes if not n.startswith("validation = ") and not n.startswith("split 'val'")]
+    note = (
+        f"validation = cross-fitting: the {len(pool):,} training cells' {pool['subject'].nunique()} people in "
+        f"{cfg.folds} subject-grouped folds stratified by class; each fold's model judges its people, so every "
+        "choice (epoch, threshold, temperature, TTA) is made on out-of-fold predictions of all of them"
+    )
+    return {"train": pool, "val": pool.copy(), "test": tables["test"]}, [*kept, note]
+
+
+def cross_fitted(table: pd.DataFrame) -> bool:
+    """Whether a split table (or a store's index) carries cross-fitting folds."""
+    return FOLD_COLUMN in table.columns
+
+
 def _train_val(pool: pd.DataFrame, val_subjects: set[str]) -> dict[str, pd.DataFrame]:
     return {"train": pool[~pool["subject"].isin(val_subjects)], "val": pool[pool["subject"].isin(val_subjects)]}
 
@@ -238,12 +280,13 @@ def _paper_split(labelled: pd.DataFrame, cfg: SplitConfig, seed: int) -> tuple[d
 def _report(
     tables: dict[str, pd.DataFrame], cfg: SplitConfig, seed: int, notes: list[str], unlabelled: int
 ) -> dict[str, Any]:
+    crossfit = cross_fitted(tables["train"])
+    # Cross-fitted, train and val list the same people by design: what must stay apart are the folds and test.
+    pairs = (("train", "test"), ("val", "test")) if crossfit else (("train", "val"), ("train", "test"), ("val", "test"))
     subjects = {name: set(t["subject"]) for name, t in tables.items()}
-    overlap = sorted(
-        set.union(*(subjects[a] & subjects[b] for a, b in (("train", "val"), ("train", "test"), ("val", "test"))))
-    )
+    overlap = sorted(set.union(*(subjects[a] & subjects[b] for a, b in pairs)))
     hashes = {name: set(t["sha256"]) for name, t in tables.items()}
-    dup_across = sorted((hashes["train"] & hashes["test"]) | (hashes["train"] & hashes["val"]))
+    dup_across = sorted(set.union(*(hashes[a] & hashes[b] for a, b in pairs)))
     if dup_across:
         log.warning("%d identical images (same sha256) are in train and val/test", len(dup_across))
     class_totals = {lab: sum(int((t["label"] == lab).sum()) for t in tables.values()) for lab in LABELS}
@@ -264,6 +307,8 @@ def _report(
             }
             for name, t in tables.items()
         },
+        "validation": "crossfit" if crossfit else "holdout",
+        "folds": _fold_report(tables["train"]) if crossfit else [],
         "subject_disjoint": not overlap,
         "subject_overlap": overlap if cfg.protocol == "subject" else [],
         "subjects_shared_between_splits": len(overlap),
@@ -281,3 +326,15 @@ def _report(
             "test": report["splits"]["test"]["images_per_class"],
         }
     return report
+
+
+def _fold_report(train: pd.DataFrame) -> list[dict[str, Any]]:
+    """People and cells of each class in each cross-fitting fold."""
+    return [
+        {
+            "fold": int(k),
+            "people_per_class": {lab: int(t.loc[t["label"] == lab, "subject"].nunique()) for lab in LABELS},
+            "images_per_class": {lab: int((t["label"] == lab).sum()) for lab in LABELS},
+        }
+        for k, t in train.groupby(FOLD_COLUMN)
+    ]

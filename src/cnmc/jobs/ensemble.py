@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from cnmc.jobs.evaluate import example_image
 from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
 from cnmc.metrics.validation_rules import choose_threshold, subject_shortfall
-from cnmc.serving.pyfunc import EnsembleClassifier, Member, load_member, log_pyfunc
+from cnmc.serving.pyfunc import Member, load_member, log_ensemble
 from cnmc.tracking.runs import training_run
 
 NAME = "ensemble"
@@ -61,6 +60,12 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
         raise CnmcError(f"an ensemble needs at least two backbones, got {list(backbones)}")
     paths = [RunPaths(root, backbone) for backbone in backbones]
     files = [(p.model_dir / "weights.pt", p.evaluation_dir / "model.json") for p in paths]
+    for backbone, path in zip(backbones, paths, strict=True):
+        if path.fold_weights(0).is_file():
+            raise CnmcError(
+                f"{path.model_dir}: {backbone} is cross-fitted, and its served model is already the mean of its "
+                "folds' models; `cnmc ensemble` combines backbones trained with split.validation=holdout"
+            )
     for backbone, (weights_file, spec_file) in zip(backbones, files, strict=True):
         if not (weights_file.is_file() and spec_file.is_file()):
             raise CnmcError(
@@ -107,7 +112,7 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
             + "\n",
         )
         mlflow.log_artifact(str(summary_file))
-        _log_model(files, threshold, example_image(test))
+        log_ensemble(files, threshold, example_image(test), tta_default=False)
     return EnsembleSummary(list(backbones), threshold, rule, evaluation["at_tuned"], run.info.run_id)
 
 
@@ -115,21 +120,3 @@ def mean_prob(members: Sequence[Member], store: ImageStore) -> np.ndarray:
     """The members' mean P(ALL) for every image of a store split, each member as it answers when served."""
     images = np.array(store.images)  # a writable copy: torch refuses read-only memory
     return np.mean([predict_proba(model, images, spec) for model, spec in members], axis=0)
-
-
-def _log_model(files: list[tuple[Path, Path]], threshold: float, example: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="cnmc-ensemble-") as tmp:
-        decision = Path(tmp) / "ensemble.json"
-        decision.write_text(json.dumps({"threshold": threshold}) + "\n")
-        extra = {
-            f"{kind}_{i}": str(path)
-            for i, pair in enumerate(files[1:], 1)
-            for kind, path in zip(("weights", "spec"), pair, strict=True)
-        }
-        log_pyfunc(
-            *files[0],
-            example,
-            python_model=EnsembleClassifier(),
-            artifacts=extra | {"ensemble": str(decision)},
-            tta_default=False,
-        )

@@ -22,6 +22,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import log_loss
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
@@ -47,19 +48,20 @@ from cnmc.metrics.validation_rules import ThresholdChoice, choose_temperature, c
 from cnmc.models.backbones import create_backbone
 from cnmc.plots import evaluation as plots
 from cnmc.plots.gradcam import log_gradcam_grid
-from cnmc.serving.pyfunc import log_pyfunc
+from cnmc.serving.pyfunc import log_served_model
 from cnmc.tracking.provenance import data_hash
 from cnmc.tracking.runs import training_run
+from cnmc.training.crossfit import fold_rows
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsDocument:
     """Evaluate ``outputs/models/<backbone>`` and log everything to the run that trained it."""
-    fit, spec, model = _load_trained(paths, backbone)
+    fit, spec, models = _load_trained(paths, backbone)
     stores = open_stores(Path(fit.store) if fit.store else paths.store)
     with training_run(params, backbone, fit.run_id):
-        document = _evaluate(model, spec, stores, params, paths, fit)
+        document = _evaluate(models, spec, stores, params, paths, fit)
         document.save(paths.metrics)
         atomic_write_text(paths.headline, json.dumps(document.headline(), indent=2) + "\n")
         mlflow.log_metrics(document.mlflow_metrics())
@@ -73,15 +75,27 @@ def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsD
     return document
 
 
-def _load_trained(paths: RunPaths, backbone: str) -> tuple[FitSummary, ModelSpec, torch.nn.Module]:
-    files = (paths.fit_file, paths.model_dir / "model.json", paths.model_dir / "weights.pt")
-    if not all(f.is_file() for f in files):
-        raise CnmcError(f"{paths.model_dir}: no trained model (run `cnmc train --backbone {backbone}` first)")
+def _load_trained(paths: RunPaths, backbone: str) -> tuple[FitSummary, ModelSpec, list[torch.nn.Module]]:
+    """The fit, the spec and the trained models: one, or one per cross-fitting fold."""
+    missing = f"{paths.model_dir}: no trained model (run `cnmc train --backbone {backbone}` first)"
+    if not (paths.fit_file.is_file() and (paths.model_dir / "model.json").is_file()):
+        raise CnmcError(missing)
     fit: FitSummary = load_document(paths.fit_file, FitSummary)
-    spec = ModelSpec.load(files[1])
-    model = create_backbone(spec.backbone, pretrained=False).model
-    model.load_state_dict(torch.load(files[2], map_location="cpu", weights_only=True))
-    return fit, spec, model
+    spec = ModelSpec.load(paths.model_dir / "model.json")
+    files = member_weights(paths, fit)
+    if not all(f.is_file() for f in files):
+        raise CnmcError(missing)
+    models = []
+    for file in files:
+        model = create_backbone(spec.backbone, pretrained=False).model
+        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        models.append(model)
+    return fit, spec, models
+
+
+def member_weights(paths: RunPaths, fit: FitSummary) -> list[Path]:
+    """The weights files of a trained backbone: ``weights.pt``, or one per cross-fitting fold."""
+    return [paths.fold_weights(k) for k in range(fit.folds)] if fit.folds else [paths.model_dir / "weights.pt"]
 
 
 def _logits(
@@ -91,8 +105,22 @@ def _logits(
     return predict_logits(model, (images for images, _ in loader), spec.mean, spec.std, views=views, colour=spec.colour)
 
 
+def _out_of_fold_views(
+    models: list[torch.nn.Module], store: ImageStore, spec: ModelSpec, batch_size: int
+) -> np.ndarray:
+    """Every view's logits of ``store``'s images, each by the model that never saw its person: the
+    fold's own model under cross-fitting, the one model otherwise."""
+    if len(models) == 1:
+        return _logits(models[0], store, spec, batch_size, views=tta_views)
+    out = np.empty((len(store), len(tta_views(torch.zeros(1, 3, 2, 2))), 2), dtype=np.float32)
+    for fold, model in enumerate(models):
+        rows = fold_rows(store, fold)
+        out[rows] = _logits(model, store.subset(rows), spec, batch_size, views=tta_views)
+    return out
+
+
 def _evaluate(
-    model: torch.nn.Module,
+    models: list[torch.nn.Module],
     spec: ModelSpec,
     stores: dict[str, ImageStore],
     params: Params,
@@ -103,10 +131,11 @@ def _evaluate(
 
     The temperature is fitted on the raw validation logits, the threshold on the calibrated
     validation probabilities; every test number is at calibrated probabilities, TTA at the same
-    temperature and threshold.
+    temperature and threshold. Cross-fitted (several ``models``), validation is every training
+    person judged by its fold's model, and the test answer is the folds' mean P(ALL), as served.
     """
     val, test, batch = stores["val"], stores["test"], params.train.batch_size * 2
-    val_views = _logits(model, val, spec, batch, views=tta_views)
+    val_views = _out_of_fold_views(models, val, spec, batch)
     val_subjects = val.index["subject"].to_numpy()
     val_logits = val_views[:, 0]
     shortfall = judging_shortfall(val.targets, params.split.min_images_per_class) or subject_shortfall(
@@ -144,25 +173,24 @@ def _evaluate(
     )
     spec = replace(spec, threshold=threshold, temperature=temperature, tta=tta)
     # One pass over the test set gives the logits of every view; view 0 is the plain image.
-    test_views = _logits(model, test, spec, batch, views=tta_views)
-    test_logits = test_views[:, 0]
+    test_views = [_logits(model, test, spec, batch, views=tta_views) for model in models]
     test_prob, tta_prob, raw_prob = (
-        prob_all(test_logits, temperature),
-        prob_all(test_views, temperature),
-        prob_all(test_logits),
+        np.mean([prob_all(views[:, 0], temperature) for views in test_views], axis=0),
+        np.mean([prob_all(views, temperature) for views in test_views], axis=0),
+        np.mean([prob_all(views[:, 0]) for views in test_views], axis=0),
     )
     subjects = list(test.index["subject"])
     calibration = Calibration(
         temperature=temperature,
         test_ece_before=expected_calibration_error(test.targets, raw_prob),
         test_ece_after=expected_calibration_error(test.targets, test_prob),
-        test_nll_before=nll(test_logits, test.targets),
-        test_nll_after=nll(test_logits, test.targets, temperature),
+        test_nll_before=float(log_loss(test.targets, raw_prob, labels=[0, 1])),
+        test_nll_after=float(log_loss(test.targets, test_prob, labels=[0, 1])),
         test_tta_ece=expected_calibration_error(test.targets, tta_prob),
         val_nll_before=nll(val_logits, val.targets),
         val_nll_after=nll(val_logits, val.targets, temperature),
     )
-    _write_artifacts(model, spec, test, test_prob, tta_prob, raw_prob, paths)
+    _write_artifacts(models, spec, test, test_prob, tta_prob, raw_prob, paths, member_weights(paths, fit))
     return MetricsDocument(
         **fit.model_dump(),
         protocol=params.split.protocol,
@@ -194,15 +222,17 @@ def _choose_tta(params: Params, targets: np.ndarray, views: np.ndarray, shortfal
 
 
 def _write_artifacts(
-    model: torch.nn.Module,
+    models: list[torch.nn.Module],
     spec: ModelSpec,
     test: ImageStore,
     test_prob: np.ndarray,
     tta_prob: np.ndarray,
     raw_prob: np.ndarray,
     paths: RunPaths,
+    weights: list[Path],
 ) -> None:
-    """The test plots, the Grad-CAM grid, ``predictions.csv``, the calibrated ``model.json`` and the pyfunc."""
+    """The test plots, the Grad-CAM grid (of the first model), ``predictions.csv``, the calibrated
+    ``model.json`` and the pyfunc: one model, or the cross-fitted folds' ensemble."""
     threshold, name = spec.threshold, spec.backbone
     reported = tta_prob if spec.tta else test_prob  # the model's own answer (ModelSpec.tta)
     y_pred = (reported >= threshold).astype(int)
@@ -220,7 +250,7 @@ def _write_artifacts(
         plots_dir / "reliability.png",
         f"{name}: test, temperature {spec.temperature:.3g}",
     )
-    log_gradcam_grid(model, spec, test, reported, threshold, plots_dir / "gradcam.png")
+    log_gradcam_grid(models[0], spec, test, reported, threshold, plots_dir / "gradcam.png")
     pd.DataFrame(
         {
             "path": test.index["path"],
@@ -237,7 +267,7 @@ def _write_artifacts(
     for report in paths.data_reports:
         if report.is_file():
             mlflow.log_artifact(str(report), artifact_path="data")
-    log_pyfunc(paths.model_dir / "weights.pt", out_dir / "model.json", example_image(test))
+    log_served_model(weights, out_dir / "model.json", threshold, example_image(test))
 
 
 def example_image(store: ImageStore) -> Path:

@@ -41,6 +41,12 @@ class RunPaths:
     def model_dir(self) -> Path:  # the train stage's output: weights.pt, model.json, fit.json
         return self.root / "models" / self.backbone
 
+    def fold_weights(self, fold: int) -> Path:  # a cross-fitted model's fold ``fold`` (the train stage's)
+        return self.model_dir / f"weights_fold{fold}.pt"
+
+    def fold_work(self, fold: int) -> Path:  # a fold's checkpoint and per-epoch weights, beside the checkpoint
+        return self.checkpoint.parent / f"fold_{fold}"
+
     @property
     def fit_file(self) -> Path:
         return self.model_dir / "fit.json"

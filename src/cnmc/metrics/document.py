@@ -104,6 +104,7 @@ class FitSummary(_Document):
     train_seconds: float
     best_val_f1_macro: float
     store: str = ""  # the image store trained on, for evaluation to judge on the same one
+    folds: int = 0  # cross-fitting folds, each a model of the served ensemble (0: one model, holdout validation)
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=2, by_alias=True) + "\n")

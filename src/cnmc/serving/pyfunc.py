@@ -2,7 +2,7 @@
 
 A client sends encoded image bytes (base64 in a column ``image``) and gets back ``label``,
 ``prob_all`` and the decision ``threshold``. Preprocessing is the exact path the training
-images took (:func:`cnmc.data.images.open_rgb`, then the stage's resize and normalisation),
+images took (:func:`cnmc.data.images.open_rgb`, then the stage's framing and normalisation),
 so served and evaluated predictions agree.
 
 Serving (``cnmc serve``, :mod:`cnmc.serving.http_app`; or ``mlflow models serve -m <uri> --env-manager
@@ -40,8 +40,9 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from cnmc.core.config import Framing
 from cnmc.data.images import ImageProblem, open_rgb
-from cnmc.data.transforms import resize_transform
+from cnmc.data.transforms import frame
 from cnmc.inference.probability import predict_proba
 from cnmc.inference.schema import REQUEST_COLUMN, cell_answers
 from cnmc.inference.spec import ModelSpec
@@ -56,21 +57,24 @@ class InvalidInput(ValueError):
     """A request the model can't use; the message names the row and the problem."""
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded image bytes -> resized uint8 (S, S, 3), exactly as the augment stage stores it."""
+def decode_image(data: bytes, framing: Framing | int) -> np.ndarray:
+    """Encoded image bytes -> framed uint8 (S, S, 3), exactly as the augment stage stores it
+    (``framing``: the model's :class:`~cnmc.core.config.Framing`, or a side for the whole frame)."""
+    framing = framing if isinstance(framing, Framing) else Framing(framing)
     image, _ = open_rgb(data)
     chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return resize_transform(image_size)(chw).permute(1, 2, 0).numpy()
+    return frame(chw, framing).permute(1, 2, 0).numpy()
 
 
-def decode_base64_images(values: Sequence[Any], image_size: int) -> np.ndarray:
+def decode_base64_images(values: Sequence[Any], framing: Framing | int) -> np.ndarray:
     """Base64 strings (or raw bytes) -> a (N, S, S, 3) uint8 batch; raises :class:`InvalidInput`."""
-    out = np.empty((len(values), image_size, image_size, 3), dtype=np.uint8)
+    size = framing.image_size if isinstance(framing, Framing) else framing
+    out = np.empty((len(values), size, size, 3), dtype=np.uint8)
     for row, value in enumerate(values):
         stop_if_abandoned(f"after decoding {row} of {len(values)} images")
         data = value_bytes(value, row)
         try:
-            out[row] = decode_image(data, image_size)
+            out[row] = decode_image(data, framing)
         except ImageProblem as exc:
             raise InvalidInput(f"row {row}: {exc}") from None
         except Exception as exc:  # nothing a client sends may end in a stack trace
@@ -165,7 +169,7 @@ def answer(
     try:
         tta = _tta_param(params)
         values = _image_values(model_input)
-        images = {size: decode_base64_images(values, size) for size in sorted({s.image_size for _, s in members})}
+        images = {framing: decode_base64_images(values, framing) for framing in {s.framing for _, s in members}}
     except InvalidInput as exc:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -174,7 +178,7 @@ def answer(
     probs = []
     for done, (model, spec) in enumerate(members):
         stop_if_abandoned(f"after {done} of {len(members)} models' forward passes")
-        probs.append(predict_proba(model, images[spec.image_size], spec, tta=tta))
+        probs.append(predict_proba(model, images[spec.framing], spec, tta=tta))
     return cell_answers(np.mean(probs, axis=0), threshold)
 
 
@@ -257,3 +261,35 @@ def log_pyfunc(
             pip_requirements=model_env.requirements(),
             registered_model_name=registered_model_name,
         )
+
+
+def log_ensemble(members: Sequence[tuple[Path, Path]], threshold: float, example_image: Path, tta_default: bool) -> Any:
+    """Log models ``members`` (``(weights, spec)`` files) as one :class:`EnsembleClassifier` that
+    answers with their mean P(ALL) at ``threshold``: ``cnmc ensemble``'s backbones, or the folds of
+    a cross-fitted backbone (which share one spec)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cnmc-ensemble-") as tmp:
+        decision = Path(tmp) / "ensemble.json"
+        decision.write_text(json.dumps({"threshold": threshold}) + "\n")
+        extra = {
+            f"{kind}_{i}": str(path)
+            for i, pair in enumerate(members[1:], 1)
+            for kind, path in zip(("weights", "spec"), pair, strict=True)
+        }
+        return log_pyfunc(
+            *members[0],
+            example_image,
+            python_model=EnsembleClassifier(),
+            artifacts=extra | {"ensemble": str(decision)},
+            tta_default=tta_default,
+        )
+
+
+def log_served_model(weights: Sequence[Path], spec: Path, threshold: float, example_image: Path) -> Any:
+    """Log an evaluated backbone as the run's model: one set of weights, or the ensemble of its
+    cross-fitting folds (one spec, its threshold and TTA default)."""
+    if len(weights) == 1:
+        return log_pyfunc(weights[0], spec, example_image)
+    return log_ensemble([(w, spec) for w in weights], threshold, example_image, ModelSpec.load(spec).tta)

@@ -56,6 +56,7 @@ class FitResult:
     stopped_early: bool = False
     seconds: float = 0.0
     selection: str = "best validation macro F1"  # how best_epoch was chosen
+    val_probs: list[list[float]] = field(default_factory=list)  # P(ALL) of every validation image, each epoch
 
 
 def improves(best: FitResult, val_f1_macro: float, val_loss: float) -> bool:
@@ -313,6 +314,7 @@ class Trainer:
                     "val_roc_auc": val["roc_auc"],
                 }
                 result.history.append(row)
+                result.val_probs.append(val_prob.tolist())
                 if self.val_shortfall or improves(result, val["f1_macro"], val_loss):
                     result.best_val_f1_macro, result.best_val_loss = val["f1_macro"], val_loss
                     result.best_epoch = epoch + 1
@@ -345,6 +347,7 @@ class Trainer:
             "best_val_f1_macro": result.best_val_f1_macro,
             "best_val_loss": result.best_val_loss,
             "history": result.history,
+            "val_probs": result.val_probs,
             "seconds": result.seconds,
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +378,7 @@ class Trainer:
             payload["best_val_loss"],
             list(payload["history"]),
             seconds=payload["seconds"],
+            val_probs=list(payload.get("val_probs", [])),
         )
         log.info("resuming %s from epoch %d", path, payload["next_epoch"] + 1)
         return result, payload["next_epoch"], payload["bad_epochs"]
