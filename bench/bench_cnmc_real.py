@@ -261,7 +261,16 @@ def run_probe(
 
 def scores(y: np.ndarray, p: np.ndarray, subjects: list[str], threshold: float) -> dict[str, float]:
     m = binary_metrics(y, p, threshold, subjects)
-    return {k: m[k] for k in REPORTED}
+    return {k: m[k] for k in REPORTED} | people_scores(y, p >= threshold, subjects)
+
+
+def people_scores(y: np.ndarray, called: np.ndarray, subjects: list[str]) -> dict[str, float]:
+    """The worst person's accuracy, and the share of people called right (each person is one class:
+    the call is the majority of the person's cells)."""
+    table = pd.DataFrame({"subject": subjects, "y": y, "right": called.astype(int) == y, "all": called})
+    people = table.groupby("subject").agg(y=("y", "first"), accuracy=("right", "mean"), share=("all", "mean"))
+    right = ((people["share"] >= 0.5).astype(int) == people["y"]).mean()
+    return {"worst_subject_accuracy": float(people["accuracy"].min()), "people_called_right": float(right)}
 
 
 def summarise(records: list[dict]) -> pd.DataFrame:
@@ -348,6 +357,8 @@ def print_summary(table: pd.DataFrame) -> None:
         "subjects",
         "threshold",
         *REPORTED,
+        "worst_subject_accuracy",
+        "people_called_right",
         *(f"{k}@0.5" for k in REPORTED[:4]),
         "roc_auc_ci95",
         "balanced_accuracy_ci95",

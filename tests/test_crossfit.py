@@ -128,6 +128,7 @@ def test_every_training_person_is_judged_once_by_the_fold_model_that_never_saw_t
     # The threshold was chosen on exactly these answers: none from a model that trained on the person.
     np.testing.assert_allclose(cross_fitted.oof_seen_by_threshold, out_of_fold, atol=1e-5)
     assert "pooled out-of-fold" in document.epoch_selection
+    assert f"in {FOLDS} folds (fold 0: 2 ALL, 2 Hem;" in document.validation_scheme  # the card and report say it
 
 
 @pytest.mark.slow
@@ -213,3 +214,11 @@ def test_an_interrupted_cross_fit_resumes_in_the_fold_it_stopped_in(
     history = pd.read_csv(paths.history)
     assert list(history["epoch"]) == [1, 2]
     assert json.loads(paths.fit_file.read_text())["best_epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_cnmc_ensemble_says_a_cross_fitted_backbone_is_already_an_ensemble(cross_fitted) -> None:
+    from cnmc.jobs.ensemble import build_ensemble
+
+    with pytest.raises(CnmcError, match="test_resnet is cross-fitted"):
+        build_ensemble(crossfit_params(), [BACKBONE, "test_efficientnet"], cross_fitted.root)

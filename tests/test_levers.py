@@ -261,6 +261,7 @@ def test_paper_profile_switches_every_lever_off() -> None:
     )
     assert (t.lr_stem_factor, t.lr_head_factor, t.head_init, t.freeze_bn) == (1.0, 1.0, "random", False)
     assert paper.augment.online is False and paper.split.min_subjects_per_class >= 1
+    assert (paper.augment.crop, paper.split.validation) == ("frame", "holdout")  # the paper's frame and split
 
 
 def test_the_fit_draws_t_on_the_fly_only_where_augmentation_is_online() -> None:

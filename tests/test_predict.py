@@ -228,3 +228,25 @@ def test_predict_by_subject_writes_a_call_per_person_beside_the_cells(model: Tin
     mapping.write_text("path,subject\ncell.png,P9\n")
     predict_paths(model.model_uri, [str(other)], tmp_path / "y.csv", progress=False, people=People(csv=mapping))
     assert list(pd.read_csv(tmp_path / "y.csv")["subject"]) == ["P9"]
+
+
+def test_the_preliminary_cells_are_grouped_by_the_labels_csv_beside_them_before_any_model_loads(
+    tmp_path: Path,
+) -> None:
+    """The renamed preliminary-phase cells (1.png ...) name no person: the Kaggle labels CSV beside
+    their folder does (its Patient_ID is the original name), found by itself or given."""
+    from cnmc.data.demo import demo_cells
+    from cnmc.data.layout import LABELS_CSV
+    from cnmc.serving.batch import People
+
+    prelim = demo_cells() / "C-NMC_Leukemia" / "validation_data" / "C-NMC_test_prelim_phase_data"
+    files = find_images([str(prelim)])
+    found = People().subjects(files)
+    assert len(set(found)) == 12 and len(found) == len(files)
+    assert People(csv=prelim.parent / LABELS_CSV).subjects(files) == found
+    # A folder without the CSV is refused at once, naming the file and the ways out.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(files[0], lone / files[0].name)
+    with pytest.raises(CnmcError, match=rf"{files[0].name}: not a C-NMC name .*{LABELS_CSV}.*--subjects-csv"):
+        People().subjects(find_images([str(lone)]))

@@ -150,7 +150,7 @@ def test_a_run_whose_validation_could_not_judge_is_labelled_so(tmp_path: Path) -
     (tmp_path / "lite0.json").write_text(json.dumps(payload))
     md = build_report([tmp_path / "lite0.json"], tmp_path / "out").markdown
     assert "ours, t=0.50 (not tuned: validation too small)" in md and "val-tuned" not in md
-    assert f"**tf_efficientnet_lite0: nothing fitted on validation** ({reason})" in md
+    assert f"**Nothing fitted** ({reason})" in md and "holdout validation" in md
 
 
 def test_the_demo_data_is_named_as_a_small_subset(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from cnmc.core.metric_catalogue import SCALAR_METRICS
 PARAMS_FILE = "params.yaml"
 # Marks a setting that changes how fast a stage runs, never what it produces: DVC does not rerun for it.
 RUNTIME_ONLY: dict[str, Any] = {"runtime_only": True}
-PROFILES = ("demo", "paper")
+PROFILES = ("demo", "real", "paper")
 SPLITS = ("train", "val", "test")  # the split protocol's parts, in this order everywhere
 JOURNAL_PREFIX = "journal:"  # tune.storage = journal:PATH names an Optuna journal file
 _RDB_URL = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # SQLAlchemy's dialect[+driver]://...
@@ -330,7 +330,7 @@ def render_params(params: Params, profile: str) -> str:
     """YAML text of ``params`` with each key's description as a comment."""
     lines = [
         f"# Pipeline settings: profile '{profile}'. DVC tracks this file.",
-        "# Switch profiles with `cnmc profile demo` or `cnmc profile paper` (rewrites this file).",
+        "# Switch profiles with `cnmc profile demo`, `cnmc profile real` or `cnmc profile paper` (rewrites this file).",
     ]
     lines += _render_model(params, indent="")
     return "\n".join(lines) + "\n"

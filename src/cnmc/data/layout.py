@@ -182,10 +182,10 @@ def _cnmc_layout(root: Path, spec: _Spec) -> Layout:
         groups.append(Group(prelim, "prelim", ""))
     if final:
         groups.append(Group(final, "final", ""))
-    return Layout(spec.kind, root, tuple(groups), _labels_csv(prelim) if prelim else None)
+    return Layout(spec.kind, root, tuple(groups), labels_csv_for(prelim) if prelim else None)
 
 
-def _labels_csv(prelim: Path) -> Path | None:
+def labels_csv_for(prelim: Path) -> Path | None:
     """The labels CSV: inside the prelim folder (TCIA) or beside it (Kaggle), wherever it is."""
     places = [prelim]
     while places[-1].parent.name.lower() == prelim.name.lower():

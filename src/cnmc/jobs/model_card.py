@@ -39,8 +39,9 @@ _SPLIT_NAMES = {"val": "validation", "test": "test"}
 PROTOCOLS = {
     "subject": (
         "**subject-disjoint** (`subject`): no person's cells are on both sides of a split. Validation "
-        "holds out whole subjects of the training folds; the test set is the labelled preliminary-phase "
-        "set (unseen subjects), as in the ISBI 2019 challenge, or held-out subjects without one. The "
+        "is by whole people of the training folds (cross-fitted, or held out); the test set is the "
+        "labelled preliminary-phase set (unseen subjects), as in the ISBI 2019 challenge, or held-out "
+        "subjects without one. The "
         "test numbers estimate performance on cells of new people."
     ),
     "paper": (
@@ -222,12 +223,13 @@ def _people_section(people: PeopleEvaluation) -> str:
 
 def _threshold_note(doc: MetricsDocument) -> str:
     """Whether validation could fit threshold and temperature."""
+    scheme = f"Validation: {doc.validation_scheme}."
     if doc.validation.can_judge:
         return (
-            "Chosen on the validation split (never on test), each only where it earns its place over "
+            f"{scheme} Chosen on validation (never on test), each only where it earns its place over "
             f"whole people: {doc.validation.reason}."
         )
-    return f"**Nothing was fitted on validation** ({doc.validation.reason}): threshold 0.5 and temperature 1."
+    return f"{scheme} **Nothing was fitted on validation** ({doc.validation.reason}): threshold 0.5 and temperature 1."
 
 
 def _fmt(value: Any) -> str:

@@ -125,12 +125,17 @@ def _threshold_how(run: MetricsDocument) -> str:
 
 
 def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:
-    """One line per run whose validation set was too small to fit threshold, temperature or epoch."""
+    """One line per run: who judged its choices (cross-fitted folds or held-out people), and whether
+    validation was too small to fit threshold, temperature or epoch."""
     return "\n".join(
-        f"- **{run.backbone}: nothing fitted on validation** ({run.validation.reason}): "
-        f"threshold 0.5, temperature 1; epoch: {run.epoch_selection}."
+        f"- **{run.backbone}**: {run.validation_scheme}."
+        + (
+            ""
+            if run.validation.can_judge
+            else f" **Nothing fitted** ({run.validation.reason}): threshold 0.5, temperature 1; "
+            f"epoch: {run.epoch_selection}."
+        )
         for _, run in runs
-        if not run.validation.can_judge
     )
 
 

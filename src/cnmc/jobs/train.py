@@ -35,7 +35,7 @@ from cnmc.metrics.document import FitSummary
 from cnmc.plots.training import training_curves_png
 from cnmc.tracking.runs import flat_params, store_hash, training_run
 from cnmc.training.build import build_trainer
-from cnmc.training.crossfit import choose_epoch, fold_count, fold_stores
+from cnmc.training.crossfit import choose_epoch, fold_count, fold_people, fold_stores
 from cnmc.training.trainer import FitResult, config_fingerprint
 
 
@@ -106,6 +106,7 @@ def fit_and_log(
             best_val_f1_macro=fit.best_val_f1_macro,
             store=str(paths.store),
             folds=folds,
+            fold_people=fold_people(stores["val"]),
         )
         summary.save(paths.fit_file)
     return summary
@@ -168,7 +169,13 @@ def _fit_folds(
     the epoch is chosen afterwards on all folds' pooled answers), each a child run of ``run_id``.
     A finished fold is kept on disk (``fold.json`` and its per-epoch weights), so ``--resume``
     after an interruption starts in the fold it stopped in, from that fold's last checkpoint."""
-    every_epoch = params.model_copy(update={"train": params.train.model_copy(update={"patience": params.train.epochs})})
+    # A fold's own people choose nothing (no early stopping, no "too small to judge" fallback): the pooled answers do.
+    every_epoch = params.model_copy(
+        update={
+            "train": params.train.model_copy(update={"patience": params.train.epochs}),
+            "split": params.split.model_copy(update={"min_images_per_class": 1}),
+        }
+    )
     val, folds = stores["val"], fold_count(stores["val"])
     if not resume and world.is_main:
         shutil.rmtree(paths.checkpoint.parent, ignore_errors=True)
@@ -220,6 +227,9 @@ def _fit_folds(
         for fold in range(folds):
             chosen = paths.fold_work(fold) / f"epoch_{choice.epoch}.pt"
             shutil.copyfile(chosen, mkdir(paths.model_dir) / paths.fold_weights(fold).name)
+            for other in paths.fold_work(fold).glob("epoch_*.pt"):  # the choice is made: free the disk
+                if other != chosen:
+                    other.unlink()
     best = choice.pooled[choice.epoch - 1]
     result = FitResult({}, choice.epoch, best["val_f1_macro"], best["val_loss"], history, seconds=seconds)
     result.selection = choice.selection

@@ -43,6 +43,7 @@ from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params, journal_path
 from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore
+from cnmc.training.crossfit import fold_count, fold_stores
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,10 @@ def run_study(params: Params, store_root: Path, n_trials: int | None = None, pro
     _check_ranges(params, n_trials)
     store_root = Path(store_root)
     # Online augmentation stores originals only: every row gets T; offline, the stored balancing is replayed.
-    stored = ImageStore(store_root / "train")
+    stored, val = ImageStore(store_root / "train"), ImageStore(store_root / "val")
     train = stored if params.augment.online else live_augmentation_view(stored)
-    val = ImageStore(store_root / "val")
+    if fold_count(val):  # cross-fitted: a trial trains on the other folds' people and is judged on fold 0's
+        train, val = fold_stores(train, val, 0)
     study = open_study(params)
 
     mlflow.set_tracking_uri(tracking_uri())

@@ -105,6 +105,7 @@ class FitSummary(_Document):
     best_val_f1_macro: float
     store: str = ""  # the image store trained on, for evaluation to judge on the same one
     folds: int = 0  # cross-fitting folds, each a model of the served ensemble (0: one model, holdout validation)
+    fold_people: list[dict[str, int]] = []  # per cross-fitting fold: its people of each class ("all", "hem")
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=2, by_alias=True) + "\n")
@@ -122,6 +123,20 @@ class MetricsDocument(FitSummary):
     calibration: Calibration
     tta: bool = False  # the 8-view TTA answer is the reported (and served) one: validation showed it helps
     people: PeopleEvaluation | None = None  # documents written before the per-person call lack it
+
+    @property
+    def validation_scheme(self) -> str:
+        """Who judged the model's choices: cross-fitted folds of all training people, or held-out people."""
+        v = self.validation
+        people = f"{v.n_subjects_all} ALL and {v.n_subjects_hem} Hem people"
+        if not self.folds:
+            return f"holdout validation: {people} held out of training"
+        per_fold = "; ".join(f"fold {k}: {f['all']} ALL, {f['hem']} Hem" for k, f in enumerate(self.fold_people))
+        return (
+            f"cross-fitting: all {people} of training in {self.folds} folds ({per_fold}), each judged by the "
+            f"fold model that never saw them, every choice made on those out-of-fold answers; the served "
+            f"model is the mean of the {self.folds} fold models"
+        )
 
     @property
     def reported(self) -> SplitEvaluation:

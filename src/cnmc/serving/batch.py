@@ -26,7 +26,8 @@ import pandas as pd
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError
 from cnmc.core.names import shown
-from cnmc.data.layout import NAME_PATTERN, parse_cell_name
+from cnmc.data.layout import LABELS_CSV, NAME_PATTERN, labels_csv_for, parse_cell_name
+from cnmc.data.manifest import read_prelim_labels
 from cnmc.inference.schema import BATCH_COLUMNS, CELL_FILE, no_answer, threshold_of
 from cnmc.metrics.patients import call_people
 from cnmc.serving.client import find_images, load_image_model, read_file_bytes, score_images
@@ -43,19 +44,29 @@ class People:
     csv: Path | None = None
 
     def subjects(self, files: list[Path]) -> list[str]:
+        """Each file's person, or a one-line error naming the first file whose person is unknown
+        (before any model is loaded). A renamed preliminary-phase cell (``12.bmp``) is found in the
+        C-NMC labels CSV inside or beside its folder, whose ``Patient_ID`` is its original name."""
         if self.subject is not None:
             return [self.subject] * len(files)
         known = _subjects_csv(self.csv) if self.csv else {}
+        beside: dict[Path, dict[str, str]] = {}
         out = []
         for path in files:
-            found = known.get(str(path)) or known.get(path.name)
+            found = known.get(str(path)) or known.get(path.name) or known.get(path.name.lower())
             if found is None and (cell := parse_cell_name(path.name)) is not None:
                 found = cell.subject
+            if found is None and not self.csv:
+                if path.parent not in beside:
+                    labels = labels_csv_for(path.parent)
+                    beside[path.parent] = _labels_subjects(labels) if labels else {}
+                found = beside[path.parent].get(path.name.lower())
             if found is None:
                 where = f"not in {self.csv} and " if self.csv else ""
                 raise CnmcError(
-                    f"{path}: {where}not a C-NMC name ({NAME_PATTERN}), so its person is unknown; "
-                    "give --subjects-csv FILE (columns path, subject) or --subject NAME"
+                    f"{path}: {where}not a C-NMC name ({NAME_PATTERN}) and not in a C-NMC labels CSV "
+                    f"({LABELS_CSV}) inside or beside its folder, so its person is unknown; give "
+                    "--subjects-csv FILE (columns path, subject; or the labels CSV) or --subject NAME"
                 )
             out.append(found)
         return out
@@ -149,15 +160,30 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
 
 
 def _subjects_csv(path: Path) -> dict[str, str]:
-    """``path -> subject`` from a CSV with those columns; a one-line error naming the file otherwise."""
+    """``path -> subject`` from a CSV with those columns, or ``file name -> subject`` from the C-NMC
+    labels CSV (``Patient_ID,new_names,labels``); a one-line error naming the file otherwise."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CnmcError(f"{path}: cannot read the subjects CSV ({exc.__class__.__name__})") from None
+    if {"Patient_ID", "new_names"} <= {str(c).strip() for c in table.columns}:
+        return _labels_subjects(path)
     missing = {"path", "subject"} - set(table.columns)
     if missing:
         raise CnmcError(f"{path}: the subjects CSV needs columns path and subject (no {', '.join(sorted(missing))})")
     return dict(zip(table["path"], table["subject"], strict=True))
+
+
+def _labels_subjects(path: Path) -> dict[str, str]:
+    """Lower-case new name -> subject, from a C-NMC labels CSV: each ``Patient_ID`` is the cell's
+    original C-NMC name, which names its person."""
+    subjects = {}
+    for new_name, label in read_prelim_labels(path).items():
+        cell = parse_cell_name(label.original_name)
+        if cell is None:
+            raise CnmcError(f"{path}: Patient_ID {label.original_name!r} is not a C-NMC name ({NAME_PATTERN})")
+        subjects[new_name] = cell.subject
+    return subjects
 
 
 def _predict_chunk(model: Any, files: list[Path]) -> list[dict[str, Any]]:

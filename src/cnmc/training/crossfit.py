@@ -36,6 +36,22 @@ def fold_stores(train: ImageStore, val: ImageStore, fold: int) -> tuple[ImageSto
     return train.subset(fold_rows(train, fold, inside=False)), val.subset(fold_rows(val, fold))
 
 
+def fold_people(store: ImageStore) -> list[dict[str, int]]:
+    """People of each class in each fold of a cross-fitted store (none for a holdout store)."""
+    if not cross_fitted(store.index):
+        return []
+    index = store.index
+    return [
+        {
+            label: int(
+                index.loc[(index[FOLD_COLUMN].astype(int) == k) & (index["label"] == label), "subject"].nunique()
+            )
+            for label in ("all", "hem")
+        }
+        for k in range(fold_count(store))
+    ]
+
+
 @dataclass(frozen=True)
 class EpochChoice:
     """The epoch all folds' models are taken at, and the pooled out-of-fold scores of every epoch."""
