@@ -169,3 +169,15 @@ def test_links_to_folders_are_not_followed(tmp_path: Path) -> None:
     with pytest.raises(CnmcError, match="cnmc is a symbolic link to a folder, which is not followed: name the folder"):
         detect_layout(tmp_path / "data")
     assert detect_layout(tmp_path / "data" / "cnmc").root == tmp_path / "data" / "cnmc"  # named: followed
+
+
+def test_a_training_folder_of_folds_is_read_whole_with_every_fold() -> None:
+    """``--data .../training_data`` (what a user points at first) takes all three folds, not one."""
+    from cnmc.data.demo import demo_cells
+    from cnmc.data.manifest import build_manifest
+
+    training = demo_cells() / "C-NMC_Leukemia" / "training_data"
+    layout = detect_layout(training)
+    assert layout.kind == "folds" and {g.source for g in layout.groups} == {"fold_0", "fold_1", "fold_2"}
+    table = build_manifest(training, progress=False).table
+    assert set(table["source"]) == {"fold_0", "fold_1", "fold_2"} and set(table["label"]) == {"all", "hem"}

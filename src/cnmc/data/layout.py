@@ -159,23 +159,32 @@ def _link_hint(searched: list[Path]) -> str:
 
 
 def _layout_at(folder: Path) -> Layout | None:
-    """The layout whose root is exactly ``folder``, if any."""
+    """The layout whose root is exactly ``folder``, if any: a C-NMC distribution, a training
+    folder of folds (``training_data/``, every fold taken: kind ``folds``), or class folders."""
     for spec in (_KAGGLE, _TCIA):
         if any(_child(folder, name) for name in spec.markers):
             return _cnmc_layout(folder, spec)
+    if folds := _fold_groups(folder):
+        return Layout("folds", folder, tuple(folds), labels_csv=None)
     classes = _class_groups(folder, source="folder")
     if {g.label for g in classes} == set(CLASSES):
         return Layout("folder", folder, classes, labels_csv=None)
     return None
 
 
-def _cnmc_layout(root: Path, spec: _Spec) -> Layout:
+def _fold_groups(training: Path) -> list[Group]:
+    """The class folders of every C-NMC fold (``fold_0`` ...) directly inside ``training``."""
     groups: list[Group] = []
-    training = _find(root, (spec.training,))
-    for fold in _subdirs(training) if training else []:
+    for fold in _subdirs(training):
         match = _FOLD.fullmatch(fold.name)
         if match and f"fold_{int(match[1])}" in FOLDS:
             groups += _class_groups(_unnest(fold), source=f"fold_{int(match[1])}")
+    return groups
+
+
+def _cnmc_layout(root: Path, spec: _Spec) -> Layout:
+    training = _find(root, (spec.training,))
+    groups = _fold_groups(training) if training else []
     prelim = _find(root, spec.prelim)
     final = _find(root, spec.final)
     if prelim:
