@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from typing import Any
 from cnmc.core.config import SPLITS, Params
 from cnmc.core.errors import CnmcError
 from cnmc.tracking.provenance import data_hash, experiment_name, git_commit, tracking_uri
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default", where `mlflow run` puts a run nobody placed
 
@@ -45,21 +48,21 @@ def tracked_run(
     """The one way a cnmc MLflow run starts: in ``experiment``, tagged with its kind (and DVC
     experiment), with ``params`` and ``tags`` logged; with ``resume_run``, that run continued as it was.
 
-    Under ``mlflow run`` the launcher's run is used when the user placed it (``--experiment-name``);
-    one it left in ``Default`` is set aside instead, tagged with a link to the run logged here, so
-    that ``mlflow run`` and ``cnmc train`` land in the same experiment and promotion sees both.
+    Under ``mlflow run`` the work is logged into the launcher's own run (one job, one run); where
+    the launcher left it in MLflow's ``Default`` experiment, a warning says to pass
+    ``--experiment-name`` so that promotion, which looks in ``experiment``, sees it.
     """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    kind, launcher = run_kind(), None
+    kind = run_kind()
     if resume_run:
         try:
             mlflow.tracking.MlflowClient().get_run(resume_run)
         except mlflow.exceptions.MlflowException:
             raise CnmcError(f"MLflow run {resume_run} is not in {tracking_uri()}: run `cnmc train` again") from None
     else:
-        launcher = _unplaced_launcher()
+        _warn_if_launched_into_default(experiment)
         if not os.environ.get("MLFLOW_RUN_ID"):
             try:
                 mlflow.set_experiment(experiment)
@@ -71,8 +74,6 @@ def tracked_run(
             mlflow.set_tags({"cnmc.kind": kind, "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")} | (tags or {}))
             if params:
                 mlflow.log_params(params)
-        if launcher:
-            mlflow.MlflowClient().set_tag(launcher, "cnmc.logged_to", f"{experiment}: run {run.info.run_id}")
         yield run
 
 
@@ -131,13 +132,15 @@ def store_hash(store: Path, splits: tuple[str, ...] = SPLITS) -> str:
     return digest.hexdigest()[:16]
 
 
-def _unplaced_launcher() -> str | None:
-    """The id of an ``mlflow run`` launcher's run left in ``Default``, taken out of this process's
-    environment (None: no launcher, or one the user placed)."""
+def _warn_if_launched_into_default(experiment: str) -> None:
+    """Say so when ``mlflow run`` launched this process into MLflow's ``Default`` experiment, where
+    promotion (which looks in ``experiment``) will not find the run."""
     from mlflow import MlflowClient
 
     launcher = os.environ.get("MLFLOW_RUN_ID")
-    if not launcher or MlflowClient().get_run(launcher).info.experiment_id != DEFAULT_EXPERIMENT_ID:
-        return None
-    del os.environ["MLFLOW_RUN_ID"]
-    return launcher
+    if launcher and MlflowClient().get_run(launcher).info.experiment_id == DEFAULT_EXPERIMENT_ID:
+        log.warning(
+            "this run is in MLflow's Default experiment, where `cnmc promote` does not look: "
+            "launch it with `mlflow run ... --experiment-name %s`",
+            experiment,
+        )
