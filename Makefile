@@ -26,7 +26,7 @@ data: install
 
 demo: data
 	$(BIN)/dvc repro
-	@cat outputs/report/comparison.md
+	@echo "The comparison (printed by the report stage): outputs/report/comparison.md; the champion's card: registry/model_card.md"
 
 # Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core.
 TEST_WORKERS ?= 2

@@ -150,6 +150,7 @@ def test_a_run_whose_validation_could_not_judge_is_labelled_so(tmp_path: Path) -
     (tmp_path / "lite0.json").write_text(json.dumps(payload))
     md = build_report([tmp_path / "lite0.json"], tmp_path / "out").markdown
     assert "ours, t=0.50 (not tuned: validation too small)" in md and "val-tuned" not in md
+    assert "| ours, t=0.50 |" not in md  # at 0.5 the plain row would repeat the row above
     assert f"**Nothing fitted** ({reason})" in md and "holdout validation" in md
 
 

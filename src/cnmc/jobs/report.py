@@ -91,7 +91,7 @@ def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
     how = _threshold_how(run)
     tta = "ours + TTA (the model's answer)" if run.tta else "ours + TTA"
     ours = [
-        (run.test, "at_0.5", 0.5, "ours, t=0.50"),
+        *([(run.test, "at_0.5", 0.5, "ours, t=0.50")] if tuned != 0.5 else []),  # else the next row is the same
         (run.test, "at_tuned", tuned, f"ours, t={tuned:.2f} ({how})"),
         (run.test_tta, "at_tuned", tuned, f"{tta}, t={tuned:.2f} ({how})"),
     ]
