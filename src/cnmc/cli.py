@@ -308,7 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model URI (default: models:/<promote.model_name>@<promote.alias> of --params)")
         add_params(p, model_only=True)
 
-    p = add("profile", cmd_profile, "Write a params profile (demo: CPU minutes; paper: the paper's exact values).")
+    p = add(
+        "profile",
+        cmd_profile,
+        "Write a params profile (demo: CPU minutes; real: real data on a CPU; paper: its exact values).",
+    )
     p.add_argument("name", choices=PROFILES)
     p.add_argument("-o", "--output", default=PARAMS_FILE, help="file to write (default: %(default)s)")
 

@@ -1,7 +1,9 @@
 """Typed configuration: ``params.yaml`` (and CLI flags) flow into these objects once.
 
-The field defaults are the *demo* profile, which runs on a laptop CPU in minutes. The
-*paper* profile (``profiles/paper.yaml``) overrides only what the paper fixes. ``cnmc profile
+The field defaults, with ``profiles/demo.yaml``'s few overrides, are the *demo* profile, which runs
+on a laptop CPU in minutes. The *real* profile (``profiles/real.yaml``) holds what the unseen-people
+benchmark chose for real data on a CPU; the *paper* profile (``profiles/paper.yaml``) overrides only
+what the paper fixes. ``cnmc profile
 NAME`` writes either one to ``params.yaml``, the file DVC tracks.
 """
 
