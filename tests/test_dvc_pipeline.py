@@ -84,6 +84,10 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(project: Path) -> No
     assert {r.data.tags["cnmc.kind"] for r in runs} == {"pipeline"}
     headline = json.loads((project / "outputs/headline/test_resnet.json").read_text())
     assert set(headline) == {"test", "val", "threshold", "temperature", "best_epoch", "tta"}
+    # `dvc plots show` renders offline: images, no script or style from a CDN.
+    run([str(BIN / "dvc"), "plots", "show", "-o", "plots-page"], project)
+    page = (project / "plots-page" / "index.html").read_text()
+    assert "<img" in page and "http://" not in page and "https://" not in page
     second = run([str(BIN / "dvc"), "repro"], project)
     assert "didn't change, skipping" in second or "up to date" in second
     assert "Running stage" not in second
