@@ -117,6 +117,11 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(project: Path) -> No
     ).stdout
     json.loads(shown)
     assert "more-m" in shown and "outputs/headline/test_resnet.json" in shown and '"roc_auc"' in shown
+    # The README's readable view: only what differs from the committed baseline, and a diff against it.
+    table = run([str(BIN / "dvc"), "exp", "show", "--only-changed", "--md"], project)
+    header = next(line for line in table.splitlines() if line.startswith("|"))
+    assert "augment.per_class" in header and header.count("|") <= 40, header
+    run([str(BIN / "dvc"), "metrics", "diff", "HEAD"], project)  # exits 0: HEAD holds the baseline's headlines
 
 
 def test_dvc_push_pull_round_trip_with_a_local_remote(project: Path, tmp_path: Path) -> None:
