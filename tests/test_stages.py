@@ -8,13 +8,13 @@ from pathlib import Path
 import yaml
 
 from cnmc.core.config import Params
-from cnmc.jobs.stages import FILES, PIPELINE, TUNING, render, settings_read
+from cnmc.jobs.stages import FILES, PIPELINE, render, settings_read
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage(name: str):  # noqa: ANN201
-    return next(s for s in PIPELINE + TUNING if s.name == name)
+    return next(s for s in PIPELINE if s.name == name)
 
 
 def test_the_stage_files_are_the_rendering_of_cnmc_stages() -> None:
@@ -61,11 +61,6 @@ def test_serving_code_is_a_dep_of_evaluate_and_not_of_train() -> None:
         and "src/cnmc/training/trainer.py" not in evaluate
     )
     assert {"src/cnmc/training/trainer.py", "src/cnmc/jobs/train.py", "src/cnmc/models/backbones.py"} <= train
-
-
-def test_tuning_trials_declare_the_training_settings_they_read() -> None:
-    params = set(stage("tune").params())
-    assert {"tune.n_trials", "tune.storage", "train.lr", "train.head_init", "train.freeze_bn", "seed"} <= params
 
 
 def test_the_derivation_follows_the_code(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

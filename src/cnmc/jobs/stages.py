@@ -1,4 +1,4 @@
-"""The DVC pipeline, defined once: ``dvc.yaml`` and ``tuning/dvc.yaml`` are rendered from here
+"""The DVC pipeline, defined once: ``dvc.yaml`` is rendered from here
 (``python -m cnmc.jobs.stages``), and a test fails when the files on disk differ from the rendering.
 
 Each stage names its entry module and its data; what it must declare follows by construction:
@@ -55,8 +55,6 @@ class Stage:
     metrics: tuple[Out, ...] = ()
     plots: tuple[Out, ...] = ()
     matrix: bool = False  # one stage per backbone of train.backbones
-    wdir: str = ""
-    frozen: bool = False  # never run nor reported by `dvc repro` / `dvc status` until unfrozen
 
     def code_deps(self) -> list[str]:
         files, _ = code_closure(self.entry)
@@ -71,10 +69,6 @@ class Stage:
         body: dict[str, Any] = {}
         if self.matrix:
             body["matrix"] = {"backbone": "${" + MATRIX_KEY + "}"}
-        if self.wdir:
-            body["wdir"] = self.wdir
-        if self.frozen:
-            body["frozen"] = True
         body["cmd"] = self.cmd
         body["deps"] = list(self.data) + self.code_deps()
         body["params"] = self.params()
@@ -255,27 +249,11 @@ PIPELINE = (
         outs=(Out("registry/promotion.json", cache=False), Out("registry/model_card.md", cache=False)),
     ),
 )
-TUNING = (
-    Stage(  # frozen: an optional search that adds trials to a study, not an output of the data
-        "tune",
-        "cnmc tune --output outputs/tuned.yaml",
-        "cnmc.jobs.tune",
-        data=("outputs/images",),
-        wdir="..",
-        frozen=True,  # and no outs: a missing outs/tuned.yaml would still show in `dvc status`
-    ),
-)
 FILES = {
     "dvc.yaml": (
         PIPELINE,
         "The pipeline: raw data (data/, tracked by data.dvc) -> manifest -> split -> augment\n"
         "-> train@<backbone> (fit) -> evaluate@<backbone> -> report -> promote.",
-    ),
-    "tuning/dvc.yaml": (
-        TUNING,
-        "Optional Optuna tuning, frozen so that `dvc repro` and `dvc status` leave it alone: it adds\n"
-        "trials to a study rather than computing an output of the data. Run `cnmc tune`, or as a DVC\n"
-        "stage: `dvc unfreeze tuning/dvc.yaml:tune && dvc repro tuning/dvc.yaml`.",
     ),
 }
 HEADER = (
