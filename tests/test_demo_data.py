@@ -75,7 +75,7 @@ def test_every_shipped_cell_is_a_cnmc_real_file_byte_for_byte() -> None:
 def test_copy_is_byte_for_byte_and_refuses_a_non_empty_folder(tmp_path: Path, capsys) -> None:
     out = tmp_path / "data"
     assert main(["demo-data", str(out)]) == 0
-    assert "copied 524 files" in capsys.readouterr().out
+    assert "523 images and 1 other file (the labels CSV)" in capsys.readouterr().out
     assert [p.name for p in out.iterdir()] == ["C-NMC_Leukemia"]
     assert digests(out / "C-NMC_Leukemia") == digests(SHIPPED / "C-NMC_Leukemia")
     assert main(["demo-data", str(out)]) == 2

@@ -270,7 +270,9 @@ def test_version_tags_card_and_promotion_json(client: MlflowClient, tmp_path: Pa
         "alias": "champion",
         "champion_version": "1",
         "rank_on": "test",
+        "tracking_store": result.tracking_store,  # which registry the card and the JSON describe
     }
+    assert result.tracking_store.startswith("sqlite:///") and f"in `{result.tracking_store}`" in card
     assert (tmp_path / "registry" / "model_card.md").read_text() == card
 
 

@@ -165,8 +165,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if fit is None:  # not rank 0: rank 0 reports and evaluates
         return
     if not args.evaluate:
+        epochs = f"{fit.epochs_run} epoch{'s' if fit.epochs_run != 1 else ''}"
         print(
-            f"{fit.backbone}: trained {fit.epochs_run} epochs, kept epoch {fit.best_epoch} "
+            f"{fit.backbone}: trained {epochs}, kept epoch {fit.best_epoch} "
             f"({fit.epoch_selection}) in {paths.model_dir}; MLflow run {fit.run_id}; evaluate with "
             f"`cnmc evaluate --backbone {fit.backbone}" + ("" if root == default_root() else f" --root {root}") + "`"
         )
@@ -209,7 +210,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
     params = _params(args)
     release = pipeline_may_release(params.promote) if args.from_pipeline else True
     result = promote_and_write(params, Path(args.out_dir), release=release)
-    print(f"{result.name} v{result.version} ({result.backbone}, {result.metric} {result.value:.4f}): {result.reason}")
+    ranked = f"{params.promote.rank_on} {result.metric} {result.value:.4f}"  # which split ranked the runs
+    print(f"{result.name} v{result.version} ({result.backbone}, {ranked}): {result.reason}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cnmc.core.atomic import fill_new_folder
 from cnmc.core.errors import CnmcError
+from cnmc.data.images import IMAGE_EXTENSIONS
 
 TREE = "C-NMC_Leukemia"
 # The md5 that the committed ``data.dvc`` records for ``data/`` holding exactly these cells.
@@ -39,8 +40,10 @@ def copy_demo_dataset(out_dir: Path) -> str:
     if not source.is_dir():
         raise CnmcError(f"{source}: the demo cells are missing from this installation (reinstall cnmc)")
     fill_new_folder(out_dir, lambda tmp: shutil.copytree(source, tmp / TREE, copy_function=shutil.copyfile))
-    files = sum(1 for p in out_dir.rglob("*") if p.is_file())
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    images = sum(1 for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
     return (
-        f"copied {files} files of the real C-NMC 2019 demo subset to {out_dir} "
+        f"copied the real C-NMC 2019 demo subset to {out_dir}: {images} images and "
+        f"{len(files) - images} other file{'s' if len(files) - images != 1 else ''} (the labels CSV) "
         f"(attribution: {demo_cells() / 'ATTRIBUTION.md'})"
     )

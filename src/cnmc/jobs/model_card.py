@@ -84,8 +84,8 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         "probability that a cell is a leukemic blast (ALL) rather than a normal B-lymphocyte (Hem).",
         "",
         "## Model",
-        f"- Registered model: `{result.name}`, version {result.version} (`models:/{result.name}/{result.version}`); "
-        + _aliases(result),
+        f"- Registered model: `{result.name}`, version {result.version} (`models:/{result.name}/{result.version}`) "
+        f"in `{result.tracking_store or 'the project store'}`; " + _aliases(result),
         f"- Backbone: `{result.backbone}` ({_pretrained(params)}), fine-tuned end to end",
         f"- MLflow run: `{result.run_id}` ({tags.get('mlflow.runName', 'unnamed')}, started "
         f"{started:%Y-%m-%d %H:%M} UTC)",
@@ -113,7 +113,8 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         "## Test metrics",
         f"Positive class: ALL. Bootstrap 95% intervals over cells, for {', '.join(CI_METRICS)}.",
         "",
-        f"| Metric | At the tuned threshold ({threshold:.3f}) | At 0.5 (the paper's argmax) |",
+        f"| Metric | At the reported threshold ({threshold:.3f}{'' if threshold == 0.5 else ', tuned on validation'}) "
+        "| At 0.5 (the paper's argmax) |",
         "|---|---|---|",
     ]
     for key in ROWS:
@@ -122,7 +123,7 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
                 f"| {label(key)} | {_cell(tuned, ci.get('at_tuned'), key)} | {_cell(at_half, ci.get('at_0.5'), key)} |"
             )
     if "mean_subject_accuracy" in tuned:
-        lines += ["", f"Mean per-subject accuracy at the tuned threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
+        lines += ["", f"Mean per-subject accuracy at the reported threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
     if metrics_doc.people is not None:
         lines += ["", "## Per person", _people_section(metrics_doc.people)]
     lines += [

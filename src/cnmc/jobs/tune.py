@@ -140,7 +140,6 @@ def run_study(params: Params, store_root: Path, n_trials: int | None = None, pro
             ) from None
         summary = _summary(study, params, objective.trials_run, parent.info.run_id, started)
         _log_study(study, summary)
-    log.info("%s", summary)
     return summary
 
 
@@ -532,8 +531,9 @@ def _summary(study: optuna.Study, params: Params, trials_run: int, run_id: str |
     )
 
 
-def render_tuned_params(summary: StudySummary) -> str:
-    """The text of ``tuned.yaml``: the best ``train.lr`` and ``augment.strength``, with comments."""
+def render_tuned_params(summary: StudySummary, path: Path | str = "tuned.yaml") -> str:
+    """The text of ``tuned.yaml`` (written to ``path``, which its hint names): the best ``train.lr``
+    and ``augment.strength``, with comments."""
     if summary.best_trial is None or summary.best_lr is None or summary.best_strength is None:
         raise CnmcError(
             f"study '{summary.study_name}' has no completed trial: nothing to write "
@@ -553,7 +553,7 @@ def render_tuned_params(summary: StudySummary) -> str:
     ]
     if summary.parent_run_id:
         header.append(f"# MLflow parent run {summary.parent_run_id}")
-    header.append("# Use with: cnmc train --params-from tuned.yaml")
+    header.append(f"# Use with: cnmc train --params-from {path}")
     body = yaml.safe_dump(
         {"train": {"lr": summary.best_lr}, "augment": {"strength": summary.best_strength}},
         sort_keys=False,
@@ -564,7 +564,7 @@ def render_tuned_params(summary: StudySummary) -> str:
 
 def write_tuned_params(summary: StudySummary, path: Path) -> None:
     """Write ``tuned.yaml`` (see :func:`render_tuned_params`) atomically."""
-    atomic_write_text(Path(path), render_tuned_params(summary))
+    atomic_write_text(Path(path), render_tuned_params(summary, path))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -14,7 +14,6 @@ followed (:func:`cnmc.data.layout.walk_files`), so a link loop can neither repea
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,8 +30,6 @@ from cnmc.data.manifest import read_prelim_labels
 from cnmc.inference.schema import BATCH_COLUMNS, CELL_FILE, no_answer, threshold_of
 from cnmc.metrics.patients import call_people
 from cnmc.serving.client import find_images, load_image_model, read_file_bytes, score_images
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,7 +148,6 @@ def predict_paths(
         cells_csv=cells_csv,
         calls=calls,
     )
-    log.info("%s", summary.line())
     return summary
 
 

@@ -108,6 +108,7 @@ def model_facts(
         "image_size": getattr(spec, "image_size", None),
         "threshold": getattr(spec, "threshold", None),
         "temperature": getattr(spec, "temperature", None),
+        "tta": getattr(spec, "tta", None),  # whether the answer averages the 8 flips and turns by default
         "data_hash": data_hash,
     }
 

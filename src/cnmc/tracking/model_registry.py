@@ -37,7 +37,7 @@ from cnmc.core.config import PromoteConfig
 from cnmc.core.errors import CnmcError
 from cnmc.core.metric_catalogue import MLFLOW_PREFIX, mlflow_key
 from cnmc.tracking.promotion import PromotionResult
-from cnmc.tracking.provenance import experiment_name, tracking_uri
+from cnmc.tracking.provenance import experiment_name, shown_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ def register_best(
         alias=cfg.alias,
         candidate_alias=cfg.candidate_alias,
         released=release,
+        tracking_store=shown_uri(tracking_uri()),
     )
     if moves:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, result.version)
     holder = _alias_holder(client, cfg.model_name, cfg.alias)
     champion_version = str(holder.version) if holder else ""
-    log.info("%s", reason)
     return replace(result, promoted=champion_version == result.version, champion_version=champion_version)
 
 

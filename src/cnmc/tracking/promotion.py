@@ -29,6 +29,7 @@ class PromotionResult:
     candidate_alias: str = "challenger"
     released: bool = True
     rank_on: str = "val"  # the split whose ``metric`` chose the version
+    tracking_store: str = ""  # the tracking store (password masked) whose registry holds the version
     model_card: str = field(default="", repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
