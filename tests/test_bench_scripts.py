@@ -163,3 +163,10 @@ def test_train_speed_bench_runs_a_tiny_round() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "pipeline / best bare loop:" in proc.stdout
+
+
+def test_spark_bench_help() -> None:
+    proc = _run("bench_spark_predict.py", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--master", "--repeat", "--backbone", "--image-size"):
+        assert flag in proc.stdout

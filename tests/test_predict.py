@@ -250,3 +250,34 @@ def test_the_preliminary_cells_are_grouped_by_the_labels_csv_beside_them_before_
     shutil.copy(files[0], lone / files[0].name)
     with pytest.raises(CnmcError, match=rf"{files[0].name}: not a C-NMC name .*{LABELS_CSV}.*--subjects-csv"):
         People().subjects(find_images([str(lone)]))
+
+
+@pytest.mark.slow
+def test_spark_scores_an_archive_index_as_one_process_does(model: TinyModel, tmp_path: Path) -> None:
+    """The demo's test cells (and one broken file), listed in a Parquet index, scored on Spark
+    ``local[2]`` through mlflow.pyfunc.spark_udf: the same cells, answers, errors and calls as ``cnmc predict``."""
+    from cnmc.data.demo import demo_cells
+    from cnmc.data.layout import LABELS_CSV
+    from cnmc.serving.batch import People
+
+    prelim = demo_cells() / "C-NMC_Leukemia" / "validation_data" / "C-NMC_test_prelim_phase_data"
+    cells = Path(shutil.copytree(prelim, tmp_path / "cells"))
+    shutil.copy(prelim.parent / LABELS_CSV, cells / LABELS_CSV)
+    (cells / "1.png").write_bytes((cells / "1.png").read_bytes()[:200])  # truncated: an error row both ways
+    here = predict_paths(model.model_uri, [str(cells)], tmp_path / "here.csv", progress=False, people=People())
+    index = tmp_path / "archive.parquet"
+    pd.DataFrame({"path": [str(p) for p in find_images([str(cells)])]}).to_parquet(index)
+    spark = predict_paths(
+        model.model_uri, [str(index)], tmp_path / "spark.parquet", people=People(), spark_master="local[2]"
+    )
+    assert (spark.total, spark.predicted, spark.failed) == (here.total, here.predicted, here.failed) == (83, 82, 1)
+    for name in ("", ".cells"):
+        local = pd.read_csv(tmp_path / f"here{name}.csv", dtype={"subject": str})
+        remote = pd.read_parquet(tmp_path / f"spark{name}.parquet")
+        assert list(remote.columns) == list(local.columns) and len(remote) == len(local)
+        for column in local.columns:
+            if pd.api.types.is_float_dtype(local[column]):
+                np.testing.assert_allclose(remote[column].astype(float), local[column], atol=1e-6, err_msg=column)
+            else:
+                assert remote[column].fillna("").astype(str).tolist() == local[column].fillna("").astype(str).tolist()
+    assert spark.calls == here.calls and sum(here.calls.values()) == 12

@@ -216,11 +216,14 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from cnmc.serving.batch import People, predict_paths
+    from cnmc.serving.spark import DEFAULT_MASTER
 
     if args.subject is not None and args.by == "subject":
         raise CnmcError("--subject NAME makes every input one person's: it does not go with --by subject")
     if args.subjects_csv and args.by != "subject":
         raise CnmcError("--subjects-csv names each file's person: use it with --by subject")
+    if args.master and args.engine != "spark":
+        raise CnmcError("--master names a Spark master: use it with --engine spark")
     people = None
     if args.subject is not None:
         people = People(subject=args.subject)
@@ -233,6 +236,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         progress=not args.quiet,
         people=people,
+        spark_master=(args.master or DEFAULT_MASTER) if args.engine == "spark" else None,
     )
     print(summary.line())
 
@@ -449,14 +453,27 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_predict,
         "Classify image files, folders or globs with a logged model; unreadable files are listed, not fatal.",
     )
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (recursive), glob patterns, or Parquet tables with a 'path' column",
+    )
     add_model(p)
     p.add_argument(
         "-o",
         "--output",
         default="predictions.csv",
-        help="output CSV (default: %(default)s); by person: one row per person, cells in <output>.cells.csv",
+        help="output CSV, or Parquet where it ends in .parquet (default: %(default)s); by person: one row per "
+        "person, cells in <output>.cells.csv",
     )
+    p.add_argument(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="local: this process; spark: Spark executors through mlflow.pyfunc.spark_udf (docs/scaling.md)",
+    )
+    p.add_argument("--master", help="with --engine spark: the Spark master URL (default: local[*], every core here)")
     p.add_argument(
         "--by",
         choices=("cell", "subject"),

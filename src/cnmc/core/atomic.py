@@ -47,6 +47,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         file.write(text)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write_text` for bytes (a Parquet table)."""
+    with _replacing(Path(path)) as tmp, open(tmp, "wb") as file:
+        file.write(data)
+
+
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path``'s target to write, renamed over the target when the block ends."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from cnmc.core.atomic import atomic_write_text
+from cnmc.core.atomic import atomic_write_bytes, atomic_write_text
 from cnmc.core.errors import CnmcError
 from cnmc.core.names import shown
 from cnmc.data.layout import LABELS_CSV, NAME_PATTERN, labels_csv_for, parse_cell_name
@@ -102,9 +102,13 @@ def predict_paths(
     batch_size: int = 32,
     progress: bool = True,
     people: People | None = None,
+    spark_master: str | None = None,
 ) -> PredictSummary:
     """Predict every image that ``inputs`` name with the pyfunc at ``model_uri``; write ``out_csv``
-    (with ``people``: one row per person, and the cells beside it).
+    (CSV, or Parquet where it ends in ``.parquet``; with ``people``: one row per person, and the
+    cells beside it). ``inputs``: files, folders, glob patterns, or Parquet files with a ``path``
+    column. ``spark_master``: score on Spark at that master (:mod:`cnmc.serving.spark`) instead of
+    in this process; the rows, and so the files written, are the same.
 
     Raises :class:`CnmcError` (one line) when an input matches nothing, a person can't be told or
     the model can't be loaded.
@@ -112,17 +116,14 @@ def predict_paths(
     if batch_size < 1:
         raise CnmcError(f"batch size must be at least 1, got {batch_size}")
     start = time.perf_counter()
-    files = find_images(inputs)
+    files = find_images(expand_path_tables(inputs))
     subjects = people.subjects(files) if people else None
-    model = load_image_model(model_uri)
-    rows: list[dict[str, Any]] = []
-    from tqdm.auto import tqdm
+    if spark_master is not None:
+        from cnmc.serving.spark import score_on_spark
 
-    with tqdm(total=len(files), unit="img", desc="predict", disable=not progress) as bar:
-        for chunk_start in range(0, len(files), batch_size):
-            chunk = files[chunk_start : chunk_start + batch_size]
-            rows.extend(_predict_chunk(model, chunk))
-            bar.update(len(chunk))
+        rows = score_on_spark(model_uri, files, spark_master, batch_size)
+    else:
+        rows = _score_here(model_uri, files, batch_size, progress)
 
     table = pd.DataFrame(rows, columns=BATCH_COLUMNS)
     out_csv = Path(out_csv)
@@ -134,7 +135,7 @@ def predict_paths(
         table.insert(1, "subject", subjects)
         threshold = threshold_of(rows)
         by_person = call_people(subjects, pd.to_numeric(table["prob_all"]).to_numpy(dtype=float), threshold)
-        cells_csv = out_csv.with_name(f"{out_csv.stem}.cells.csv")
+        cells_csv = out_csv.with_name(f"{out_csv.stem}.cells{out_csv.suffix or '.csv'}")
         _write_csv(table, cells_csv)
         _write_csv(by_person, out_csv)
         calls = dict(Counter(by_person["call"]))
@@ -151,8 +152,48 @@ def predict_paths(
     return summary
 
 
+def _score_here(model_uri: str, files: list[Path], batch_size: int, progress: bool) -> list[dict[str, Any]]:
+    """One row per file, in order, scored in this process in batches of ``batch_size``."""
+    from tqdm.auto import tqdm
+
+    model = load_image_model(model_uri)
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(files), unit="img", desc="predict", disable=not progress) as bar:
+        for chunk_start in range(0, len(files), batch_size):
+            chunk = files[chunk_start : chunk_start + batch_size]
+            rows.extend(_predict_chunk(model, chunk))
+            bar.update(len(chunk))
+    return rows
+
+
+def expand_path_tables(inputs: list[str]) -> list[str]:
+    """``inputs`` with each Parquet file replaced by the paths in its ``path`` column (an archive's
+    index of image files); a one-line error naming a table that cannot be read or has no such column."""
+    out: list[str] = []
+    for text in inputs:
+        if not str(text).lower().endswith(".parquet"):
+            out.append(text)
+            continue
+        try:
+            table = pd.read_parquet(text, columns=[CELL_FILE.name])
+        except (OSError, ValueError, KeyError) as exc:
+            raise CnmcError(f"{text}: not a Parquet table with a '{CELL_FILE.name}' column ({exc})"[:300]) from None
+        if table.empty:
+            raise CnmcError(f"{text}: the Parquet table lists no image paths")
+        out += [str(p) for p in table[CELL_FILE.name]]
+    return out
+
+
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    atomic_write_text(path, table.to_csv(index=False))
+    """Write ``table`` atomically: Parquet where ``path`` ends in ``.parquet``, else CSV."""
+    if path.suffix.lower() == ".parquet":
+        import io
+
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        atomic_write_bytes(path, buffer.getvalue())
+    else:
+        atomic_write_text(path, table.to_csv(index=False))
 
 
 def _subjects_csv(path: Path) -> dict[str, str]:

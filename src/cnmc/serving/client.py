@@ -120,7 +120,7 @@ def score_images(model: Any, images: list[bytes]) -> list[dict[str, Any]]:
     good: list[tuple[int, bytes]] = []
     for index, data in enumerate(images):
         try:
-            _check_image(data)
+            check_image(data)
         except CnmcError as exc:
             results[index] = {"error": str(exc)}
             continue
@@ -145,7 +145,7 @@ def score_images(model: Any, images: list[bytes]) -> list[dict[str, Any]]:
 def read_image(path: Path) -> bytes:
     """The file's bytes if it decodes as an image (the checks the served model makes), else CnmcError."""
     data = read_file_bytes(path)
-    _check_image(data)
+    check_image(data)
     return data
 
 
@@ -159,7 +159,7 @@ def read_file_bytes(path: Path) -> bytes:
         raise CnmcError(str(exc)) from None
 
 
-def _check_image(data: bytes) -> None:
+def check_image(data: bytes) -> None:
     """CnmcError unless ``data`` decodes as an image (the checks the served model makes)."""
     try:
         open_rgb(data)
