@@ -261,7 +261,9 @@ def _count(n: Any, noun: str) -> str:
 
 def _aliases(result: PromotionResult) -> str:
     """Which aliases the version holds after the promotion, and whether it was a release."""
-    held = [f"`{result.candidate_alias}`"] + ([f"`{result.alias}`"] if result.promoted else [])
+    held = [f"`{result.candidate_alias}`"] + (
+        [f"`{result.alias}`"] if result.champion_version == result.version else []
+    )
     release = "" if result.released else f" (not a release: `{result.alias}` was left alone)"
     return f"aliases {', '.join(held)}{release}"
 

@@ -100,7 +100,9 @@ def register_best(
         client.set_registered_model_alias(cfg.model_name, cfg.alias, result.version)
     holder = _alias_holder(client, cfg.model_name, cfg.alias)
     champion_version = str(holder.version) if holder else ""
-    return replace(result, promoted=champion_version == result.version, champion_version=champion_version)
+    # Promoted: released by this call (an experiment, which cannot release, never says promoted).
+    promoted = release and champion_version == result.version
+    return replace(result, promoted=promoted, champion_version=champion_version)
 
 
 # -- choosing the run ------------------------------------------------------------------------------

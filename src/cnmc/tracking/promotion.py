@@ -11,8 +11,9 @@ from typing import Any
 class PromotionResult:
     """The version registered for the best run of this data and protocol (``candidate_alias`` points
     at it), and what happened to the released alias. ``released``: the call could move ``alias``;
-    ``promoted``: this version holds ``alias`` after the call (newly, or already);
-    ``champion_version``: the version ``alias`` points at after the call."""
+    ``promoted``: the call could and this version holds ``alias`` after it (newly, or already; never
+    in a DVC experiment, which cannot release); ``champion_version``: the version ``alias`` points
+    at after the call."""
 
     name: str
     version: str
