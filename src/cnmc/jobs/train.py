@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -55,11 +56,12 @@ def fit_and_log(
     """
     stores = open_stores(paths.store)
     fingerprint = config_fingerprint({"params": flat_params(params, backbone), "store": store_hash(paths.store)})
+    job = FitJob(params, backbone, paths, stores, fingerprint, resume, weights_path, progress, world)
     folds = fold_count(stores["val"])
     fit_one = _fit_folds if folds else _fit_holdout
     if not world.is_main:
         try:
-            fit_one(params, backbone, paths, stores, fingerprint, resume, weights_path, progress, world, None)
+            fit_one(job, None)
         except KeyboardInterrupt:
             raise CnmcError("interrupted: rank 0 keeps the last epoch's checkpoint") from None
         return None
@@ -70,9 +72,7 @@ def fit_and_log(
         mkdir(paths.checkpoint.parent)
         run_id_file.write_text(run.info.run_id)
         try:
-            fit, net = fit_one(
-                params, backbone, paths, stores, fingerprint, resume, weights_path, progress, world, run.info.run_id
-            )
+            fit, net = fit_one(job, run.info.run_id)
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise CnmcError(
@@ -113,6 +113,36 @@ def fit_and_log(
 
 
 @dataclass(frozen=True)
+class FitJob:
+    """What one fit of a backbone works with: the settings, where it reads and writes, the stores,
+    the fingerprint a resumed checkpoint must match, and the torchrun world."""
+
+    params: Params
+    backbone: str
+    paths: RunPaths
+    stores: dict[str, ImageStore]
+    fingerprint: str
+    resume: bool
+    weights_path: str | None
+    progress: bool
+    world: World
+
+    def trainer(self, params: Params, train: ImageStore, val: ImageStore, checkpoint: Path, fingerprint: str) -> Any:
+        """The trainer and network of this backbone on ``train``/``val`` (:func:`build_trainer`)."""
+        return build_trainer(
+            params,
+            self.backbone,
+            train,
+            val,
+            checkpoint,
+            fingerprint,
+            weights_path=self.weights_path,
+            progress=self.progress,
+            world=self.world,
+        )
+
+
+@dataclass(frozen=True)
 class Network:
     """What the model.json and fit.json say of the network trained: its weights' source and input
     normalisation (kept with each finished fold, so a resume that retrains nothing still knows)."""
@@ -122,53 +152,24 @@ class Network:
     std: tuple[float, float, float]
 
 
-def _fit_holdout(
-    params: Params,
-    backbone: str,
-    paths: RunPaths,
-    stores: dict[str, ImageStore],
-    fingerprint: str,
-    resume: bool,
-    weights_path: str | None,
-    progress: bool,
-    world: World,
-    run_id: str | None,
-) -> tuple[FitResult, Network]:
+def _fit_holdout(job: FitJob, run_id: str | None) -> tuple[FitResult, Network]:
     """One model on the train store, early-stopped on the val store's people; rank 0 logs each
     epoch to run ``run_id`` and saves ``weights.pt``."""
-    trainer, net = build_trainer(
-        params,
-        backbone,
-        stores["train"],
-        stores["val"],
-        paths.checkpoint,
-        fingerprint,
-        weights_path=weights_path,
-        progress=progress,
-        world=world,
-    )
-    fit = trainer.fit(resume=resume, on_epoch=_epoch_logger(run_id) if run_id else None)
+    stores, paths = job.stores, job.paths
+    trainer, net = job.trainer(job.params, stores["train"], stores["val"], paths.checkpoint, job.fingerprint)
+    fit = trainer.fit(resume=job.resume, on_epoch=_epoch_logger(run_id) if run_id else None)
     if run_id:
         torch.save(trainer.model.state_dict(), mkdir(paths.model_dir) / "weights.pt")
     return fit, Network(net.weights, net.mean, net.std)
 
 
-def _fit_folds(
-    params: Params,
-    backbone: str,
-    paths: RunPaths,
-    stores: dict[str, ImageStore],
-    fingerprint: str,
-    resume: bool,
-    weights_path: str | None,
-    progress: bool,
-    world: World,
-    run_id: str | None,
-) -> tuple[FitResult, Network]:
+def _fit_folds(job: FitJob, run_id: str | None) -> tuple[FitResult, Network]:
     """K models, fold k's trained on the other folds' people for every epoch (no early stopping:
     the epoch is chosen afterwards on all folds' pooled answers), each a child run of ``run_id``.
     A finished fold is kept on disk (``fold.json`` and its per-epoch weights), so ``--resume``
     after an interruption starts in the fold it stopped in, from that fold's last checkpoint."""
+    params: Params = job.params
+    stores, paths, world = job.stores, job.paths, job.world
     # A fold's own people choose nothing (no early stopping, no "too small to judge" fallback): the pooled answers do.
     every_epoch = params.model_copy(
         update={
@@ -177,7 +178,7 @@ def _fit_folds(
         }
     )
     val, folds = stores["val"], fold_count(stores["val"])
-    if not resume and world.is_main:
+    if not job.resume and world.is_main:
         shutil.rmtree(paths.checkpoint.parent, ignore_errors=True)
         mkdir(paths.checkpoint.parent)
         if run_id:
@@ -187,27 +188,19 @@ def _fit_folds(
     histories, seconds = [], 0.0
     for fold in range(folds):
         work = paths.fold_work(fold)
-        done = _finished_fold(work / "fold.json", fingerprint)
+        done = _finished_fold(work / "fold.json", job.fingerprint)
         if done is None:
             train_k, val_k = fold_stores(stores["train"], val, fold)
-            trainer, net = build_trainer(
-                every_epoch,
-                backbone,
-                train_k,
-                val_k,
-                work / "checkpoint.pt",
-                f"{fingerprint}-fold{fold}",
-                weights_path=weights_path,
-                progress=progress,
-                world=world,
+            trainer, net = job.trainer(
+                every_epoch, train_k, val_k, work / "checkpoint.pt", f"{job.fingerprint}-fold{fold}"
             )
             if run_id:
-                with _fold_run(work, run_id, backbone, fold, resume) as child:
+                with _fold_run(work, run_id, job.backbone, fold, job.resume) as child:
                     keep = _epoch_keeper(trainer.model, work, _epoch_logger(child))
-                    fit = trainer.fit(resume=resume, on_epoch=keep)
+                    fit = trainer.fit(resume=job.resume, on_epoch=keep)
             else:
-                fit = trainer.fit(resume=resume)
-            done = {"fingerprint": fingerprint, "history": fit.history, "val_probs": fit.val_probs}
+                fit = trainer.fit(resume=job.resume)
+            done = {"fingerprint": job.fingerprint, "history": fit.history, "val_probs": fit.val_probs}
             done |= {"seconds": fit.seconds, "network": asdict(Network(net.weights, net.mean, net.std))}
             if world.is_main:
                 atomic_write_text(work / "fold.json", json.dumps(done))
