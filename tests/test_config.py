@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_committed_params_is_the_demo_profile() -> None:
     assert (ROOT / "params.yaml").read_text() == render_params(profile_params("demo"), "demo")
-    assert load_params(ROOT / "params.yaml") == Params()
+    assert load_params(ROOT / "params.yaml") == profile_params("demo")  # the defaults and demo.yaml's few overrides
 
 
 def test_paper_profile_has_the_papers_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -256,7 +256,8 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
     assert run.data.tags["validation_can_judge"] == "false" and run.data.metrics["threshold"] == 0.5
     assert "final_val_f1_macro" in run.data.metrics
     note = _threshold_note(MetricsDocument.model_validate(document))
-    assert note.startswith("**Nothing was fitted on validation** (validation holds")
+    assert note.startswith("Validation: holdout validation")
+    assert "**Nothing was fitted on validation** (validation holds" in note
 
 
 @pytest.mark.parametrize(
