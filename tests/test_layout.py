@@ -181,3 +181,37 @@ def test_a_training_folder_of_folds_is_read_whole_with_every_fold() -> None:
     assert layout.kind == "folds" and {g.source for g in layout.groups} == {"fold_0", "fold_1", "fold_2"}
     table = build_manifest(training, progress=False).table
     assert set(table["source"]) == {"fold_0", "fold_1", "fold_2"} and set(table["label"]) == {"all", "hem"}
+
+
+@pytest.mark.parametrize(
+    "name", ["UID_11_1_2_all.bmp", "UID_011_1_2_all.bmp", "UID_１１_1_2_all.bmp", "ＵＩＤ＿１１_1_2_all.bmp"]
+)
+def test_one_person_has_one_name_whatever_the_zeros_or_the_digits(name: str) -> None:
+    cell = parse_cell_name(name)
+    assert cell is not None and cell.subject == "11"
+    assert parse_cell_name("UID_h007_3_1_hem.png").subject == "H7"  # type: ignore[union-attr]
+
+
+def test_the_manifest_reports_a_person_written_several_ways_and_the_split_keeps_them_together(tmp_path: Path) -> None:
+    """``11``, ``011`` and full-width ``１１`` are one person: one subject, reported, on one side."""
+    import shutil
+
+    from cnmc.core.config import SplitConfig
+    from cnmc.data.demo import demo_cells
+    from cnmc.data.manifest import build_manifest
+    from cnmc.data.split import split_manifest
+
+    source = demo_cells() / "C-NMC_Leukemia" / "training_data"
+    data = Path(shutil.copytree(source, tmp_path / "training_data"))
+    eleven = sorted((data / "fold_0" / "all").glob("UID_11_*"))
+    assert len(eleven) >= 3
+    for path, spelled in zip(eleven[:2], ("011", "１１"), strict=False):
+        path.rename(path.with_name(path.name.replace("UID_11_", f"UID_{spelled}_")))
+    manifest = build_manifest(data, progress=False)
+    assert manifest.spellings() == {"11": ["011", "11", "１１"]}
+    assert "1 subject written several ways (merged)" in manifest.summary_line()
+    assert (manifest.table["subject"] == "11").sum() == len(eleven)
+    for seed in range(5):
+        splits = split_manifest(manifest.table, SplitConfig(validation="holdout"), seed=seed)
+        sides = [name for name, table in splits.tables.items() if (table["subject"] == "11").any()]
+        assert len(sides) == 1 and splits.report["subject_disjoint"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +58,12 @@ def parse_cell_name(name: str) -> CellName | None:
     """Parse a C-NMC cell file name (with or without an image extension), or None.
 
     Tolerates case (``uid_h11_1_2_ALL.BMP`` is subject ``H11``, class ``all``) and surrounding
-    spaces, nothing else: a name that only half matches is not trusted.
+    spaces, nothing else: a name that only half matches is not trusted. One person has one name:
+    the subject id is normalised (Unicode NFKC, so full-width ``１１`` is ``11``; leading zeros
+    dropped, so ``011`` is ``11``), so that no split can put one person on both sides under two
+    spellings (the manifest reports the spellings it merged: :func:`subject_spelling`).
     """
-    name = name.strip()
+    name = unicodedata.normalize("NFKC", name).strip()
     stem, dot, extension = name.rpartition(".")
     if not dot or f".{extension.lower()}" not in IMAGE_EXTENSIONS:
         stem = name
@@ -67,7 +71,13 @@ def parse_cell_name(name: str) -> CellName | None:
     if match is None:
         return None
     prefix, number, image, cell, label = match.groups()
-    return CellName(subject=prefix.upper() + number, image=int(image), cell=int(cell), label=label.lower())
+    return CellName(subject=prefix.upper() + str(int(number)), image=int(image), cell=int(cell), label=label.lower())
+
+
+def subject_spelling(name: str) -> str | None:
+    """The subject as a C-NMC file name writes it, before normalisation (``011`` in ``UID_011_...``)."""
+    match = _CELL_NAME.match(name.strip())
+    return f"{match[1]}{match[2]}" if match else None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from cnmc.data.layout import (
     detect_layout,
     is_hidden,
     parse_cell_name,
+    subject_spelling,
     walk_files,
 )
 
@@ -176,6 +177,15 @@ class Manifest:
         ids = self.table.loc[self.table["label"] == label, "subject"].unique()
         return sorted(ids, key=natural_key)
 
+    def spellings(self) -> dict[str, list[str]]:
+        """Subjects whose file names write them in more than one way (``11``, ``011``, ``１１``):
+        one person, merged under one normalised id (:func:`cnmc.data.layout.parse_cell_name`)."""
+        seen: dict[str, set[str]] = {}
+        for subject, name in zip(self.table["subject"], self.table["original_name"], strict=True):
+            if (spelled := subject_spelling(str(name))) is not None:
+                seen.setdefault(subject, set()).add(spelled)
+        return {subject: sorted(names) for subject, names in sorted(seen.items()) if len(names) > 1}
+
     def report(self) -> dict[str, Any]:
         labels = self.table["label"]
         subjects = {label: self.subjects(label) for label in CLASSES}
@@ -193,12 +203,14 @@ class Manifest:
                 "excluded": len(self.excluded),
                 "duplicate_groups": len(self.duplicates),
                 "leaking_duplicate_groups": sum(g.leaks for g in self.duplicates),
+                "subjects_spelled_several_ways": len(self.spellings()),
             },
             "counts": self.counts(),
             "subjects": {label: {"count": len(ids), "ids": ids} for label, ids in subjects.items()},
             "converted": [{"path": c.path, "from_mode": c.from_mode} for c in self.converted],
             "excluded": [{"path": e.path, "reason": e.reason} for e in self.excluded],
             "duplicates": [g.to_dict() for g in self.duplicates],
+            "subject_spellings": self.spellings(),
         }
 
     def summary_line(self, report_path: Path | str | None = None) -> str:
@@ -212,6 +224,11 @@ class Manifest:
             f"from {_count(totals['subjects'], 'subject')}, layout {self.layout.kind}; "
             f"{totals['converted']:,} converted, {totals['excluded']:,} excluded ({see}), "
             f"{_count(totals['duplicate_groups'], 'duplicate group')}"
+            + (
+                f", {_count(totals['subjects_spelled_several_ways'], 'subject')} written several ways (merged)"
+                if totals["subjects_spelled_several_ways"]
+                else ""
+            )
         )
 
 
