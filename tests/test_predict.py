@@ -281,3 +281,16 @@ def test_spark_scores_an_archive_index_as_one_process_does(model: TinyModel, tmp
             else:
                 assert remote[column].fillna("").astype(str).tolist() == local[column].fillna("").astype(str).tolist()
     assert spark.calls == here.calls and sum(here.calls.values()) == 12
+
+
+def test_what_reaches_a_spreadsheet_cannot_run_and_one_file_has_one_person(tmp_path: Path) -> None:
+    from cnmc.serving.batch import People, spreadsheet_safe
+
+    table = pd.DataFrame({"subject": ['=HYPERLINK("x")', "@cmd", "+1", "-2", "P7"], "prob_all": [0.1, -0.5, 1, 2, 3]})
+    safe = spreadsheet_safe(table)
+    assert list(safe["subject"]) == ['\'=HYPERLINK("x")', "'@cmd", "'+1", "'-2", "P7"]
+    assert list(safe["prob_all"]) == [0.1, -0.5, 1, 2, 3]  # numbers stay numbers
+    mapping = tmp_path / "subjects.csv"
+    mapping.write_text("path,subject\ncell.png,P1\nother.png,P2\ncell.png,P9\n")
+    with pytest.raises(CnmcError, match=r"'cell.png' is given to more than one person \(rows 2, 4\)"):
+        People(csv=mapping).subjects([tmp_path / "cell.png"])

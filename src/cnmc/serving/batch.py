@@ -193,7 +193,23 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
         table.to_parquet(buffer, index=False)
         atomic_write_bytes(path, buffer.getvalue())
     else:
-        atomic_write_text(path, table.to_csv(index=False))
+        atomic_write_text(path, spreadsheet_safe(table).to_csv(index=False))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP)
+
+
+def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with every text cell that a spreadsheet would take for a formula (``=HYPERLINK(...)``,
+    ``@cmd``, ``+1``) prefixed with a single quote, as OWASP's CSV-injection advice says; numbers
+    are left as they are."""
+    out = table.copy()
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
+            out[column] = out[column].map(
+                lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+            )
+    return out
 
 
 def _subjects_csv(path: Path) -> dict[str, str]:
@@ -208,6 +224,11 @@ def _subjects_csv(path: Path) -> dict[str, str]:
     missing = {"path", "subject"} - set(table.columns)
     if missing:
         raise CnmcError(f"{path}: the subjects CSV needs columns path and subject (no {', '.join(sorted(missing))})")
+    twice = table[table["path"].duplicated(keep=False)].groupby("path")["subject"].nunique()
+    if (twice > 1).any():  # last row wins would call one patient's cells another's
+        file = twice[twice > 1].index[0]
+        rows = ", ".join(str(i + 2) for i in table.index[table["path"] == file])
+        raise CnmcError(f"{path}: {file!r} is given to more than one person (rows {rows}); give each file one subject")
     return dict(zip(table["path"], table["subject"], strict=True))
 
 
