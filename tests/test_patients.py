@@ -49,3 +49,13 @@ def test_people_evaluation_counts_people_right_with_an_exact_interval() -> None:
     assert person["p2"]["label"] == "all" and person["p2"]["call"] == "hem" and not person["p2"]["right"]
     few = people_evaluation(subjects, targets, probs, threshold=0.5, min_people_per_class=3)
     assert few["roc_auc"] is None and "fewer than 3 people" in few["roc_auc_note"]
+
+
+@pytest.mark.parametrize("field", ["subject", "names"])
+def test_a_lone_surrogate_in_a_patient_request_is_a_400_not_a_traceback(field: str) -> None:
+    from cnmc.serving.patient import PatientRequestError, parse_request
+
+    value = '"\\ud800"' if field == "subject" else '["\\udfff"]'
+    with pytest.raises(PatientRequestError, match=f"'{field}' holds a lone surrogate") as raised:
+        parse_request(f'{{"images": ["aGk="], "{field}": {value}}}'.encode(), max_batch=8)
+    assert raised.value.status == 400

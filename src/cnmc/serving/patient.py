@@ -58,8 +58,21 @@ def parse_request(body: bytes, max_batch: int) -> tuple[list[str], list[str], st
         raise PatientRequestError(HTTPStatus.BAD_REQUEST, "every entry of 'images' must be a base64 string")
     if not isinstance(names, list) or (names and len(names) != len(images)):
         raise PatientRequestError(HTTPStatus.BAD_REQUEST, "'names', when given, must list one name per image")
-    subject = request.get("subject") or "patient"
-    return images, [str(n) for n in names] or [f"cell {k + 1}" for k in range(len(images))], str(subject)
+    subject = str(request.get("subject") or "patient")
+    names = [str(n) for n in names] or [f"cell {k + 1}" for k in range(len(images))]
+    for field, text in [("subject", subject), *(("names", n) for n in names)]:
+        _encodable(field, text)
+    return images, names, subject
+
+
+def _encodable(field: str, text: str) -> None:
+    """A 400 for a string no answer could carry: JSON lets a lone surrogate (``\\ud800``) through, UTF-8 not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PatientRequestError(
+            HTTPStatus.BAD_REQUEST, f"'{field}' holds a lone surrogate (\\ud800-\\udfff), not a Unicode character"
+        ) from None
 
 
 def answer_patient(model: Any, images: list[str], names: list[str], subject: str) -> dict[str, Any]:
