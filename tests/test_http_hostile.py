@@ -73,7 +73,8 @@ def answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def request(port: int, body: bytes, content_type: str = "application/json", path: str = "/invocations") -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 
@@ -100,7 +101,7 @@ def test_idle_and_trickling_clients_are_cut_at_the_deadline(server: Server) -> N
     port = server.port
     idle, trickle = connect(port), connect(port)
     began = time.monotonic()
-    for byte in b"POST /invocations HTTP/1.1\r\nHost: x\r\n":  # a byte every 0.1 s, never the end
+    for byte in b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n":  # a byte every 0.1 s, never the end
         try:
             trickle.sendall(bytes([byte]))
         except OSError:
@@ -167,8 +168,8 @@ def test_bodies_that_would_crash_the_decoder_are_400(
 @pytest.mark.parametrize(
     "raw",
     [
-        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: eleventy\r\n\r\n{}",
-        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+        b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: eleventy\r\n\r\n{}",
+        b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n{}",
         b"\x16\x03\x01\x00\xa5 not http at all\r\n\r\n",
     ],
     ids=["words for a length", "negative length", "TLS to a plain port"],
@@ -238,8 +239,32 @@ def test_an_honest_client_is_served_beside_slow_ones(server: Server) -> None:
     slow = [connect(port) for _ in range(MAX_CONNECTIONS - 2)]
     try:
         for sock in slow:
-            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never finished
         assert [honest(port) for _ in range(3)] == [200, 200, 200]
     finally:
         for sock in slow:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ("Host: evil.example:5001\r\n", 403),  # a page whose name was rebound to 127.0.0.1
+        ("Host: 127.0.0.1\r\nOrigin: http://evil.example\r\n", 403),  # another site's page posting here
+        ("Host: 127.0.0.1\r\nOrigin: null\r\n", 403),  # a sandboxed frame or a file:// page
+        ("Host: localhost:5001\r\nOrigin: http://localhost:5001\r\n", 200),  # our own page
+        ("Host: 127.0.0.1\r\n", 200),  # curl, the README's examples
+    ],
+)
+def test_only_our_names_and_our_own_pages_are_answered(server: Server, headers: str, status: int) -> None:
+    body = honest_body()
+    head = (
+        f"POST /invocations HTTP/1.1\r\n{headers}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with connect(server.port) as sock:
+        sock.sendall(head.encode() + body)
+        code, _, reply = answer(sock)
+    assert code == status, reply[:300]
+    if status == 403:
+        message = json.loads(reply)["message"]
+        assert "not served here" in message or "cross-origin request" in message

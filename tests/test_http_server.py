@@ -266,6 +266,7 @@ def test_info_names_the_registered_version_its_run_and_the_model(cnmc_server: Se
         "image_size": 32,
         "threshold": pytest.approx(champion.threshold),
         "temperature": pytest.approx(champion.temperature),
+        "tta": False,  # the tiny champion's validation did not choose TTA
         "data_hash": champion.data_hash,
         "max_batch": SERVED_MAX_BATCH,
         "max_body_bytes": int(SERVED_MAX_BODY_MB * MIB),
@@ -273,6 +274,7 @@ def test_info_names_the_registered_version_its_run_and_the_model(cnmc_server: Se
         "max_in_flight": 8,
         "timeout_s": 30.0,
         "keep_alive_s": 5,
+        "allowed_hosts": ["127.0.0.1", "::1", "localhost"],  # the names it answers (cnmc serve --allowed-host adds)
         "patient_min_cells": 5,
     }
     for path in ("/ping", "/health"):

@@ -250,8 +250,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
         timeout_s=args.timeout,
+        allowed_hosts=served_names(args.host, args.allowed_host),
     )
     serve(_model_uri(args), args.host, args.port, limits)
+
+
+def served_names(host: str, extra: list[str]) -> frozenset[str]:
+    """The Host names ``cnmc serve`` answers: loopback, the address it listens on (unless a
+    wildcard), and the names given with ``--allowed-host``."""
+    from cnmc.serving.guard import LOOPBACK_NAMES, host_name
+
+    own = set() if host in ("0.0.0.0", "::", "") else {host_name(host)}
+    return LOOPBACK_NAMES | own | {host_name(name) for name in extra}
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -493,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name clients use for this server (Host header, page origin) beside 127.0.0.1 and localhost; "
+        "other names and other sites' pages get 403 (repeatable)",
+    )
     p.add_argument("--port", type=_port, default=5001, help="TCP port, 1-65535 (default: %(default)s)")
     p.add_argument(
         "--max-batch",

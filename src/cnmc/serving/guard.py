@@ -1,11 +1,14 @@
 """An ASGI middleware in front of MLflow's scoring app, for clients behind a load balancer or a
 hospital gateway: every error is JSON, small and free of tracebacks, and no request is big enough
-to take the server down.
+to take the server down, and no page but ours can use it.
 
 MLflow's app (``mlflow.pyfunc.scoring_server.init``) answers a missing ``Content-Type`` with 500,
 a wrong type or charset with a plain-text 415, a bad body with JSON that may carry a full stack
 trace and the whole request echoed back (5 MB in, 5 MB out). :class:`HttpGuard`:
 
+- answers only the names it serves (``Host``: 127.0.0.1, localhost and ``cnmc serve --allowed-host``)
+  and only requests from its own pages (an ``Origin`` header naming another site is refused), with
+  403: a page the user visits cannot rebind its name to 127.0.0.1 and post a patient's cells;
 - refuses a ``POST /invocations`` whose ``Content-Type`` MLflow would not parse with 415 JSON,
   before reading the body (the same rules MLflow applies, so good requests pass unchanged);
 - reads the body itself, up to ``max_body_bytes``: beyond it, 413 while reading (the declared
@@ -176,6 +179,31 @@ def _check_depth(document: object, depth: int = 0) -> None:
         _check_depth(child, depth + 1)
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_name(value: str) -> str:
+    """The host of a ``Host`` header or of an origin's authority, lower case, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def foreign_request(scope: MutableMapping[str, Any], allowed: frozenset[str]) -> str | None:
+    """Why a request comes from somewhere this server does not serve, or None: a ``Host`` not among
+    ``allowed`` (DNS rebinding), or an ``Origin`` whose host is not (another site's page)."""
+    host = _header(scope, b"host")
+    if host is not None and host_name(host) not in allowed:
+        return f"host {host[:80]!r} is not served here (cnmc serve --allowed-host NAME adds a name)"
+    origin = _header(scope, b"origin")
+    if origin is not None:
+        scheme, _, authority = origin.partition("://")
+        if not authority or host_name(authority.split("/", 1)[0]) not in allowed:
+            return f"cross-origin request from {origin[:80]!r} refused: only this server's own page may call it"
+    return None
+
+
 class HttpGuard:
     """Wraps an ASGI app: see the module's docstring."""
 
@@ -186,8 +214,10 @@ class HttpGuard:
         max_in_flight: int = 8,
         body_timeout_s: float = 30.0,
         max_rows: int = 64,
+        allowed_hosts: frozenset[str] = LOOPBACK_NAMES,
     ) -> None:
         self.app = app
+        self.allowed_hosts = frozenset(name.lower() for name in allowed_hosts)
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
@@ -197,6 +227,9 @@ class HttpGuard:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan events pass through
             await self.app(scope, receive, send)
+            return
+        if foreign := foreign_request(scope, self.allowed_hosts):
+            await send_error(send, HTTPStatus.FORBIDDEN, foreign)
             return
         if scope["path"] == INVOCATIONS and scope["method"] == "POST":
             problem = content_type_problem(_header(scope, b"content-type"))

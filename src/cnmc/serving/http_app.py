@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from cnmc.core.errors import CnmcError
 from cnmc.serving.connections import limited_protocol
-from cnmc.serving.guard import HttpGuard, status_name, too_many_images
+from cnmc.serving.guard import LOOPBACK_NAMES, HttpGuard, status_name, too_many_images
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class ServerLimits:
     max_in_flight: int = 8  # requests being answered at once; beyond: 503 with Retry-After
     timeout_s: float = 30.0  # for a request's headers, and again for its body
     keep_alive_s: int = 5  # seconds an idle connection is kept between requests
+    allowed_hosts: frozenset[str] = LOOPBACK_NAMES  # Host names (and origins) answered; others get 403
 
 
 def build_app(model: Any, facts: dict[str, Any], limits: ServerLimits) -> HttpGuard:
@@ -150,6 +151,7 @@ def build_app(model: Any, facts: dict[str, Any], limits: ServerLimits) -> HttpGu
     info = {
         **facts,
         **asdict(limits),
+        "allowed_hosts": sorted(limits.allowed_hosts),  # a frozenset is no JSON
         "patient_min_cells": MIN_CELLS,
         "routes": ROUTES,
     }
@@ -174,7 +176,9 @@ def build_app(model: Any, facts: dict[str, Any], limits: ServerLimits) -> HttpGu
     app.add_route("/info", get_info, methods=["GET"])
     app.add_route("/", get_page, methods=["GET"])
     app.add_route("/patient", post_patient, methods=["POST"])
-    return HttpGuard(app, limits.max_body_bytes, limits.max_in_flight, limits.timeout_s, limits.max_batch)
+    return HttpGuard(
+        app, limits.max_body_bytes, limits.max_in_flight, limits.timeout_s, limits.max_batch, limits.allowed_hosts
+    )
 
 
 def _error(status: HTTPStatus, message: str) -> Any:
