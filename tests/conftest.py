@@ -40,7 +40,9 @@ def tiny_params(min_images_per_class: int = 1, **train: object):
     train_cfg = {"epochs": 1, "batch_size": 16, "device": "cpu", "pretrained": False, **train}
     return params.model_copy(
         update={
-            "split": params.split.model_copy(update={"min_images_per_class": min_images_per_class}),
+            "split": params.split.model_copy(
+                update={"min_images_per_class": min_images_per_class, "validation": "holdout"}
+            ),
             "train": params.train.model_copy(update=train_cfg),
             "augment": params.augment.model_copy(update=TINY_AUGMENT),
         }
@@ -123,7 +125,8 @@ def tiny_store(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     root = tmp_path_factory.mktemp("tiny-store") / "outputs"
     manifest = build_manifest(tiny_data, workers=1)
     write_manifest(manifest, root / "manifest.csv", root / "data_report.json")
-    splits = split_manifest(manifest.table, SplitConfig(), seed=SEED)
+    # The holdout split (tests/test_crossfit.py has the cross-fitted store): 3 people a class would cross-fit.
+    splits = split_manifest(manifest.table, SplitConfig(validation="holdout"), seed=SEED)
     write_splits(splits, root / "splits", root / "split_report.json")
     prepare_dataset(
         root / "splits",

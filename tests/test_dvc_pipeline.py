@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 # Tiny settings for every stage on the shipped demo cells: 32 px store, two tiny random-init backbones.
 SMALL = {
+    "split": {"validation": "holdout"},  # the cross-fitted pipeline runs in `make demo`; tests/test_crossfit.py
     "augment": {"image_size": 32, "per_class": 12, "workers": 2, "preview_images": 2, "online": False},
     "train": {"backbones": ["test_resnet", "test_efficientnet"], "pretrained": False, "epochs": 1, "batch_size": 16},
 }

@@ -179,7 +179,8 @@ def test_online_augmentation_stores_originals_and_trains_with_fresh_draws(tiny_d
     from cnmc.data.store import ImageStore
 
     manifest = build_manifest(tiny_data, workers=1)
-    write_splits(split_manifest(manifest.table, SplitConfig(), seed=SEED), tmp_path / "splits", tmp_path / "r.json")
+    splits = split_manifest(manifest.table, SplitConfig(validation="holdout"), seed=SEED)
+    write_splits(splits, tmp_path / "splits", tmp_path / "r.json")
     summary = prepare_dataset(
         tmp_path / "splits",
         tmp_path / "images",

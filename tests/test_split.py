@@ -243,8 +243,16 @@ def test_cross_fitting_puts_every_training_person_in_exactly_one_fold_and_no_tes
     assert "5 folds" in splits.summary_line()
 
 
-def test_cross_fitting_needs_k_people_of_each_class_else_the_holdout_split_stands() -> None:
+def test_a_class_with_fewer_than_k_people_lowers_k_and_one_person_keeps_the_holdout_split() -> None:
     splits = split_manifest(cnmc_like(all_subjects=10, hem_subjects=4), SplitConfig(folds=5), seed=0)
-    assert splits.report["validation"] == "holdout" and FOLD_COLUMN not in splits.tables["train"]
-    assert any("4 'hem'" in note and "holdout" in note for note in splits.report["notes"])
-    assert not subjects(splits, "train") & subjects(splits, "val")
+    assert splits.report["validation"] == "crossfit" and len(splits.report["folds"]) == 4
+    assert all(fold["people_per_class"]["hem"] == 1 for fold in splits.report["folds"])  # each judges once
+    assert any("over 4 folds, not split.folds = 5" in note for note in splits.report["notes"])
+    one = split_manifest(cnmc_like(all_subjects=10, hem_subjects=2, prelim=True), SplitConfig(folds=5), seed=0)
+    assert one.report["validation"] == "crossfit" and len(one.report["folds"]) == 2  # two donors: two folds
+    alone = make_manifest([("fold_0", "all", str(k), 5) for k in range(6)] + [("fold_0", "hem", "H1", 9)])
+    single = split_manifest(
+        alone, SplitConfig(folds=5), seed=0, test_manifest=cnmc_like()[lambda t: t.source == "prelim"]
+    )
+    assert single.report["validation"] == "holdout" and FOLD_COLUMN not in single.tables["train"]
+    assert any("needs 2 people of each class" in note for note in single.report["notes"])

@@ -74,8 +74,8 @@ class SplitConfig(_Section):
     )
     validation: Literal["crossfit", "holdout"] = Field(
         "crossfit",
-        description="crossfit: K subject-grouped folds, every training person judges once (holdout where a "
-        "class has fewer than K people); holdout: whole subjects by val_fraction",
+        description="crossfit: K subject-grouped folds, every training person judges once (fewer folds where a "
+        "class has fewer people, holdout where it has one); holdout: whole subjects by val_fraction",
     )
     folds: int = Field(5, ge=2, le=20, description="K, the cross-fitting folds (split.validation crossfit)")
 

@@ -171,26 +171,25 @@ def _cross_fit(
     """Every training person in one of ``split.folds`` subject-grouped folds, stratified by class
     (sklearn's ``StratifiedGroupKFold``): ``train`` and ``val`` then both list all of them, with
     the column ``fold``; fold k's model trains on the other folds' people and judges fold k's, so
-    every person teaches K-1 models and judges one. Where a class has fewer than K people, the
-    holdout split stands and a note says why."""
+    every person teaches K-1 models and judges one. Every fold needs a person of each class, so a
+    class with fewer than K people (but at least 2) lowers K to its count, which a note says; with
+    one person in a class, nobody of that class could judge unseen, and the holdout split stands."""
     pool = pd.concat([tables["train"], tables["val"]]).sort_values("path").reset_index(drop=True)
     people = {label: pool.loc[pool["label"] == label, "subject"].nunique() for label in LABELS}
-    short = {label: n for label, n in people.items() if n < cfg.folds}
-    if short:
-        return tables, [
-            *notes,
-            f"cross-fitting needs split.folds = {cfg.folds} people of each class, the training data has "
-            + ", ".join(f"{n} '{label}'" for label, n in short.items())
-            + ": holdout validation instead",
-        ]
-    folds = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed % 2**32)
+    k = min(cfg.folds, *people.values())
+    counts = ", ".join(f"{n} '{label}'" for label, n in people.items())
+    if k < 2:
+        return tables, [*notes, f"cross-fitting needs 2 people of each class, the training data has {counts}: holdout"]
+    if k < cfg.folds:
+        notes = [*notes, f"cross-fitting over {k} folds, not split.folds = {cfg.folds}: the training data has {counts}"]
+    folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % 2**32)
     pool[FOLD_COLUMN] = -1
     for k, (_, rows) in enumerate(folds.split(pool, pool["label"], groups=pool["subject"])):
         pool.loc[rows, FOLD_COLUMN] = k
     kept = [n for n in notes if not n.startswith("validation = ") and not n.startswith("split 'val'")]
     note = (
         f"validation = cross-fitting: the {len(pool):,} training cells' {pool['subject'].nunique()} people in "
-        f"{cfg.folds} subject-grouped folds stratified by class; each fold's model judges its people, so every "
+        f"{k} subject-grouped folds stratified by class; each fold's model judges its people, so every "
         "choice (epoch, threshold, temperature, TTA) is made on out-of-fold predictions of all of them"
     )
     return {"train": pool, "val": pool.copy(), "test": tables["test"]}, [*kept, note]
