@@ -368,11 +368,11 @@ def test_mlflow_run_trains_end_to_end(tmp_path: Path, tiny_data: Path, mlflow_db
     client = MlflowClient(tracking_uri=mlflow_db)
     experiment = client.get_experiment_by_name("cnmc-subject")
     assert experiment is not None
-    # The tiny data's 3 people a class are cross-fitted: the job's run and its 3 fold runs under it.
+    # The tiny data's people are cross-fitted (the demo profile's folds): the job's run, its fold runs under it.
     runs = client.search_runs([experiment.experiment_id])
     (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
-    assert sorted(r.data.tags["cnmc.fold"] for r in folds) == ["0", "1", "2"] and len(runs) == 4
+    folds = sorted(r.data.tags["cnmc.fold"] for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id)
+    assert len(folds) >= 2 and folds == [str(k) for k in range(len(folds))] and len(runs) == 1 + len(folds)
     assert not client.search_runs(["0"])
     assert f"Run (ID '{run.info.run_id}') succeeded" in proc.stderr + proc.stdout
     assert run.info.status == "FINISHED"

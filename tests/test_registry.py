@@ -314,3 +314,14 @@ def test_real_run_is_promoted_and_served_from_the_alias(copy_store: Path, mlflow
     out = model.predict(pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]}))
     np.testing.assert_allclose(out["prob_all"], expected["prob_all"], atol=1e-5)
     assert list(out["label"]) == list(expected["predicted"])
+
+
+def test_a_card_longer_than_the_registry_column_is_cut_at_a_line_and_says_where_the_whole_is() -> None:
+    from cnmc.jobs.promote import MAX_DESCRIPTION, version_description
+
+    short = "# Model card\n\nshort"
+    assert version_description(short, "r1") == short
+    long = "\n".join(f"| row {k} | {'x' * 60} |" for k in range(200))
+    cut = version_description(long, "r1")
+    assert len(cut) <= MAX_DESCRIPTION and cut.endswith("the whole card is `model_card.md` of run `r1`)")
+    assert long.startswith(cut.split("\n\n... (cut")[0])  # whole lines kept, nothing altered

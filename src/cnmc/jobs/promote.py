@@ -22,6 +22,7 @@ from cnmc.tracking.promotion import PromotionResult
 from cnmc.tracking.provenance import data_hash, tracking_uri
 
 CARD_FILE = "model_card.md"
+MAX_DESCRIPTION = 5000  # characters of a model version's description in MLflow's schema
 RESULT_FILE = "promotion.json"
 
 
@@ -34,8 +35,18 @@ def promote(
     run = client.get_run(result.run_id)
     card = render_model_card(result, run, load_metrics_document(client, run))
     client.log_text(result.run_id, card, CARD_FILE)
-    client.update_model_version(result.name, result.version, description=card)
+    client.update_model_version(result.name, result.version, description=version_description(card, result.run_id))
     return replace(result, model_card=card)
+
+
+def version_description(card: str, run_id: str) -> str:
+    """The card as a version's description, within MLflow's column (``VARCHAR(5000)`` on PostgreSQL,
+    which enforces it; SQLite does not): cut at a line where longer, saying where the whole card is."""
+    if len(card) <= MAX_DESCRIPTION:
+        return card
+    tail = f"\n\n... (cut to fit the registry: the whole card is `{CARD_FILE}` of run `{run_id}`)"
+    head = card[: MAX_DESCRIPTION - len(tail)]
+    return head[: head.rfind("\n")] + tail
 
 
 def pipeline_may_release(cfg: PromoteConfig) -> bool:
