@@ -80,4 +80,7 @@ def test_default_path_on_real_cells_of_unseen_people(
     document = json.loads((tmp_path / "m.json").read_text())
     assert document["validation"]["can_judge"] is True
     assert document["test"]["at_tuned"]["n_subjects"] == 4 and 0 <= document["test"]["at_tuned"]["roc_auc"] <= 1
-    assert os.path.isfile(tmp_path / "outputs/direct/models/tf_efficientnet_lite0/weights.pt")
+    # The default path cross-fits over the training people: one model per fold, served as their mean.
+    assert split["validation"] == "crossfit" and document["folds"] == len(split["folds"]) >= 2
+    models = tmp_path / "outputs/direct/models/tf_efficientnet_lite0"
+    assert all(os.path.isfile(models / f"weights_fold{k}.pt") for k in range(document["folds"]))
