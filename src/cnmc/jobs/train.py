@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -33,11 +32,12 @@ from cnmc.data.store import ImageStore
 from cnmc.inference.spec import ModelSpec
 from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.document import FitSummary
+from cnmc.models.backbones import Backbone
 from cnmc.plots.training import training_curves_png
 from cnmc.tracking.runs import flat_params, store_hash, training_run
 from cnmc.training.build import build_trainer
 from cnmc.training.crossfit import choose_epoch, fold_count, fold_people, fold_stores
-from cnmc.training.trainer import FitResult, config_fingerprint
+from cnmc.training.trainer import FitResult, Trainer, config_fingerprint
 
 
 def fit_and_log(
@@ -127,7 +127,9 @@ class FitJob:
     progress: bool
     world: World
 
-    def trainer(self, params: Params, train: ImageStore, val: ImageStore, checkpoint: Path, fingerprint: str) -> Any:
+    def trainer(
+        self, params: Params, train: ImageStore, val: ImageStore, checkpoint: Path, fingerprint: str
+    ) -> tuple[Trainer, Backbone]:
         """The trainer and network of this backbone on ``train``/``val`` (:func:`build_trainer`)."""
         return build_trainer(
             params,
@@ -178,11 +180,9 @@ def _fit_folds(job: FitJob, run_id: str | None) -> tuple[FitResult, Network]:
         }
     )
     val, folds = stores["val"], fold_count(stores["val"])
-    if not job.resume and world.is_main:
-        shutil.rmtree(paths.checkpoint.parent, ignore_errors=True)
-        mkdir(paths.checkpoint.parent)
-        if run_id:
-            paths.checkpoint.with_name("mlflow_run_id").write_text(run_id)
+    if not job.resume and world.is_main:  # a fresh fit: no fold of an earlier one counts as done
+        for stale in paths.checkpoint.parent.glob("fold_*"):
+            shutil.rmtree(stale, ignore_errors=True)
     world.barrier()
     probs: list[list[np.ndarray]] = []
     histories, seconds = [], 0.0
@@ -273,8 +273,8 @@ def _epoch_keeper(
 
 def _epoch_logger(run_id: str) -> Callable[[dict[str, float]], None]:
     """An epoch callback logging each epoch's metrics to run ``run_id`` once (a resumed fit replays them)."""
-    logged = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_f1_macro")}
     client = mlflow.tracking.MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "val_f1_macro")}
 
     def log_epoch(row: dict[str, float]) -> None:
         step = int(row["epoch"])
