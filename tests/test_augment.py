@@ -16,7 +16,8 @@ from cnmc.core.config import AugmentConfig, Framing
 from cnmc.core.errors import CnmcError
 from cnmc.data import transforms as T
 from cnmc.data.augment import REQUIRED_COLUMNS, PrepareSummary, derive_seed, prepare_dataset
-from cnmc.data.store import ImageStore
+from cnmc.data.batch_augment import PaperBatchTransform
+from cnmc.data.store import ImageStore, apply_transform
 
 SIZE = 32
 
@@ -397,3 +398,51 @@ def test_a_store_cut_to_the_cell_holds_each_image_as_the_served_model_frames_it(
     assert store.framing == Framing(SIZE, "cell", 0.2)
     for row, path in enumerate(store.index["path"]):
         np.testing.assert_array_equal(store.images[row], decode_image(Path(path).read_bytes(), store.framing))
+
+
+def _disc(size: int, radius: float) -> torch.Tensor:
+    """A uint8 (3, S, S) purple disc on black, off-centre and lopsided so flips and turns show."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    inside = ((yy - size * 0.45) ** 2 + (xx - size * 0.55) ** 2) < radius**2
+    colour = torch.tensor([150, 60, 170], dtype=torch.uint8).reshape(3, 1, 1)
+    image = torch.where(inside, colour, torch.zeros_like(colour))
+    image[:, int(size * 0.45) : int(size * 0.5), int(size * 0.55) : int(size * 0.55 + radius)] = 250
+    return image
+
+
+def test_the_batch_t_draws_each_image_its_own_t_at_the_papers_magnitudes() -> None:
+    size, n = 64, 96
+    disc = _disc(size, 18)
+    batch = disc.expand(n, 3, size, size)
+    torch.manual_seed(0)
+    fast = PaperBatchTransform(size)(batch)
+    torch.manual_seed(0)
+    slow = torch.stack([T.paper_transform(size)(disc) for _ in range(n)])
+    assert fast.dtype == torch.uint8 and fast.shape == batch.shape
+    assert len({image.numpy().tobytes() for image in fast}) == n  # one draw per image
+    # The same magnitudes: what is left of the cell, where it sits, how bright it is, spread alike.
+    for stat in (
+        lambda x: (x.amax(dim=1) > T.FOREGROUND_LEVEL).float().mean(dim=(1, 2)),
+        lambda x: x.float().mean(dim=(1, 2, 3)),
+        lambda x: (
+            x[:, :, :, : size // 2].float().mean(dim=(1, 2, 3)) - x[:, :, :, size // 2 :].float().mean(dim=(1, 2, 3))
+        ),
+    ):
+        a, b = stat(fast), stat(slow)
+        assert abs(a.mean() - b.mean()) < 0.25 * b.abs().mean() + 1.0
+        assert 0.6 < a.std() / b.std() < 1.6
+    # Black stays black where no cell is; strength 0 is the identity; draws follow the generator.
+    assert torch.equal(PaperBatchTransform(size)(torch.zeros_like(batch[:4])), torch.zeros_like(batch[:4]))
+    assert torch.equal(PaperBatchTransform(size, 0.0)(batch), batch)
+    draws = [PaperBatchTransform(size, 0.5, torch.Generator().manual_seed(3))(batch[:8]) for _ in range(2)]
+    assert torch.equal(*draws)
+    with pytest.raises(ValueError, match="strength"):
+        PaperBatchTransform(size, 1.5)
+
+
+def test_a_store_applies_the_batch_t_to_the_marked_rows_only() -> None:
+    images = torch.stack([_disc(32, 10)] * 6)
+    on = np.array([True, False, True, False, False, True])
+    out = apply_transform(images, on, PaperBatchTransform(32))
+    assert torch.equal(out[~torch.from_numpy(on)], images[~torch.from_numpy(on)])
+    assert not any(torch.equal(out[i], images[i]) for i in np.flatnonzero(on))

@@ -269,7 +269,7 @@ def test_the_fit_draws_t_on_the_fly_only_where_augmentation_is_online() -> None:
     from cnmc.core.config import Params, apply_overrides
     from cnmc.training.build import online_transform
 
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     transform = online_transform(apply_overrides(Params(), ["augment.online=true"]), 32)
-    assert transform is not None and transform(image).shape == image.shape
+    assert transform is not None and transform(batch).shape == batch.shape
     assert online_transform(apply_overrides(Params(), ["augment.online=false"]), 32) is None

@@ -38,6 +38,7 @@ from torch.utils.data import (
 
 from cnmc.core.config import Framing
 from cnmc.core.errors import CnmcError
+from cnmc.data.batch_augment import PaperBatchTransform
 
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
@@ -47,7 +48,22 @@ TARGETS = {"all": 1, "hem": 0}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Transform = Any  # a callable on a uint8 CHW tensor returning a uint8 CHW tensor
+# A callable on a uint8 CHW tensor returning one (torchvision's T), or a PaperBatchTransform, which
+# takes the whole uint8 (B, 3, S, S) batch at once.
+Transform = Any
+
+
+def apply_transform(chw: torch.Tensor, on: np.ndarray, transform: Transform) -> torch.Tensor:
+    """The uint8 (B, 3, S, S) batch ``chw`` with ``transform`` applied to the rows ``on`` marks."""
+    if isinstance(transform, PaperBatchTransform):
+        if on.all():
+            return transform(chw)
+        out = chw.clone()
+        rows = torch.from_numpy(np.flatnonzero(on))
+        if len(rows):
+            out[rows] = transform(chw[rows])
+        return out
+    return torch.stack([transform(img) if flag else img for img, flag in zip(chw, on, strict=True)])
 
 
 def _storage_refs(tensor: torch.Tensor) -> int:
@@ -260,11 +276,7 @@ class ImageStore:
         raw = np.ascontiguousarray(self.images[idx])  # one gather from the memmap
         batch = torch.from_numpy(raw)
         if transform is not None:
-            chw = batch.permute(0, 3, 1, 2)
-            apply = self.transformed(idx)
-            batch = torch.stack([transform(img) if on else img for img, on in zip(chw, apply, strict=True)]).permute(
-                0, 2, 3, 1
-            )
+            batch = apply_transform(batch.permute(0, 3, 1, 2), self.transformed(idx), transform).permute(0, 2, 3, 1)
         return batch, torch.from_numpy(self.targets[idx])
 
     def load_batch(
@@ -362,8 +374,8 @@ class StoreDataset(Dataset):
     def __getitem__(self, item: Any) -> tuple[torch.Tensor, Any]:
         if isinstance(item, (int, np.integer)):
             image = torch.from_numpy(np.array(self.store.images[int(item)])).permute(2, 0, 1)
-            if self.transform is not None and self.store.transformed([int(item)])[0]:
-                image = self.transform(image)
+            if self.transform is not None:
+                image = apply_transform(image[None], self.store.transformed([int(item)]), self.transform)[0]
             return normalize_image(image, self.mean, self.std), int(self.store.targets[int(item)])
         if not self.normalize:
             return self.store.load_uint8_batch(item, self.transform)

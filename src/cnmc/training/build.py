@@ -4,16 +4,15 @@ the benchmarks build theirs here, so a new setting reaches all of them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from cnmc.core.config import Params
 from cnmc.core.distributed import ONE_PROCESS, World
+from cnmc.data.batch_augment import PaperBatchTransform
 from cnmc.data.sampling import online_per_class
 from cnmc.data.store import ImageStore
-from cnmc.data.transforms import paper_transform
 from cnmc.models.backbones import Backbone, create_backbone, weights_in_dir
 from cnmc.training.trainer import Trainer
 
@@ -64,12 +63,10 @@ def build_trainer(
     return trainer, net
 
 
-def online_transform(
-    params: Params, image_size: int, strength: float | None = None
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The paper's T, drawn afresh for every training image of every epoch, at ``strength`` where
-    given, else at ``augment.strength`` where ``augment.online`` stores originals only (None: the
-    store holds the augmented images)."""
+def online_transform(params: Params, image_size: int, strength: float | None = None) -> PaperBatchTransform | None:
+    """The paper's T, drawn afresh for every training image of every epoch (batch by batch), at
+    ``strength`` where given, else at ``augment.strength`` where ``augment.online`` stores originals
+    only (None: the store holds the augmented images)."""
     if strength is None and params.augment.online:
         strength = params.augment.strength
-    return None if strength is None else paper_transform(image_size, strength)
+    return None if strength is None else PaperBatchTransform(image_size, strength)

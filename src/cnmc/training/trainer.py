@@ -33,7 +33,7 @@ from cnmc.core.distributed import ONE_PROCESS, World, all_sum, evaluation_share,
 from cnmc.core.errors import CnmcError
 from cnmc.data.batch_augment import hed_jitter, random_symmetries
 from cnmc.data.sampling import draw_weights, epoch_rows
-from cnmc.data.store import ImageStore, StoreDataset, batch_loader
+from cnmc.data.store import ImageStore, StoreDataset, Transform, batch_loader
 from cnmc.inference.forward import autocast, model_input, predict_logits, prob_all
 from cnmc.metrics.scores import binary_metrics, judging_shortfall
 from cnmc.models.param_groups import parameter_groups
@@ -125,7 +125,7 @@ class Trainer:
         checkpoint_path: Path,
         fingerprint: str,
         min_val_per_class: int,
-        train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        train_transform: Transform | None = None,
         per_class: int | None = None,
         progress: bool = True,
         world: World = ONE_PROCESS,
