@@ -140,7 +140,7 @@ def patient_page(browser: str, url: str, files: list[Path], timeout: float = 120
               summary: document.getElementById('summary').innerText,
               cells: [...document.querySelectorAll('.cell')].map((c) => ({
                 name: c.dataset.name, label: c.dataset.label, prob: Number(c.dataset.prob),
-                text: c.innerText, thumbnail: c.querySelector('img').naturalWidth })),
+                ood: c.dataset.ood === 'true', text: c.innerText, thumbnail: c.querySelector('img').naturalWidth })),
               errors: [...document.querySelectorAll('#errors li')].map((e) => e.innerText),
               height: document.documentElement.scrollHeight,
             }))()"""

@@ -202,6 +202,13 @@ def _cell_names(subject: _Subject, count: int, seed: int) -> list[str]:
     return names
 
 
+def synthetic_cell_bmp(size: int = 60, seed: int = 0, label: str = "all") -> bytes:
+    """One synthetic cell of a person of its own as BMP bytes: a request's image that looks like the
+    cells the tiny test models train on."""
+    rng = random.Random(f"cnmc-demo/{seed}/one-cell")
+    return _bmp_bytes(_render_cell(rng, _draw_subject(rng, f"S{seed}", label), size))
+
+
 def _write_cell(path: Path, subject: _Subject, name: str, size: int, seed: int) -> None:
     """Render one cell, seeded by its original name so it never depends on generation order."""
     rng = random.Random(f"cnmc-demo/{seed}/cell/{name}")

@@ -62,6 +62,16 @@ def test_bad_params_give_one_line_errors(tmp_path: Path, text: str, message: str
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_yaml_merge_keys_work_and_a_written_out_key_overrides_the_merged_one(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  <<: &common {lr: 0.001, epochs: 2}\n  epochs: 3\n")
+    params = load_params(path)
+    assert (params.train.lr, params.train.epochs) == (0.001, 3)
+    path.write_text("train:\n  <<: &common {lr: 0.001, epochs: 2}\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(CnmcError, match="line 4: the key 'epochs' is given twice"):  # still refused
+        load_params(path)
+
+
 def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_bytes("seed: 1\ndata_dir: donn\u00e9es\n".encode("latin-1"))

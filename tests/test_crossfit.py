@@ -109,7 +109,10 @@ def members(root: Path) -> list:
     from cnmc.serving.pyfunc import load_member
 
     paths = RunPaths(root, BACKBONE)
-    return [load_member(paths.fold_weights(k), paths.evaluation_dir / "model.json") for k in range(FOLDS)]
+    return [
+        load_member(paths.fold_weights(k), paths.evaluation_dir / "model.json", paths.familiarity_file(k))
+        for k in range(FOLDS)
+    ]
 
 
 @pytest.mark.slow
@@ -122,9 +125,9 @@ def test_every_training_person_is_judged_once_by_the_fold_model_that_never_saw_t
     assert document.validation.n_all + document.validation.n_hem == len(val)  # every training cell judges
     folds = val.index[FOLD_COLUMN].astype(int).to_numpy()
     out_of_fold = np.empty(len(val))
-    for fold, (model, spec) in enumerate(members(cross_fitted.root)):
+    for fold, member in enumerate(members(cross_fitted.root)):
         rows = np.flatnonzero(folds == fold)
-        out_of_fold[rows] = predict_proba(model, np.array(val.images[rows]), spec, tta=spec.tta)
+        out_of_fold[rows] = predict_proba(member.model, np.array(val.images[rows]), member.spec, tta=member.spec.tta)
     # The threshold was chosen on exactly these answers: none from a model that trained on the person.
     np.testing.assert_allclose(cross_fitted.oof_seen_by_threshold, out_of_fold, atol=1e-5)
     assert "pooled out-of-fold" in document.epoch_selection
@@ -145,9 +148,11 @@ def test_each_fold_is_a_child_run_of_the_backbones_run(cross_fitted) -> None:
 def test_the_served_cross_fitted_model_answers_with_the_mean_of_its_folds_in_process_and_over_http(
     cross_fitted, tmp_path: Path
 ) -> None:
+    """P(ALL) and the familiarity score are the folds' means; the flag follows the score; the same
+    answer comes back over HTTP."""
     import local_server
 
-    from cnmc.inference.probability import predict_proba
+    from cnmc.inference.probability import predict_cells
     from cnmc.serving.pyfunc import decode_base64_images
 
     uri = f"runs:/{cross_fitted.document.run_id}/model"
@@ -159,11 +164,15 @@ def test_the_served_cross_fitted_model_answers_with_the_mean_of_its_folds_in_pro
     finally:
         mlflow.set_tracking_uri(None)
     folds = members(cross_fitted.root)
-    spec = folds[0][1]
-    assert spec.crop == "cell"
+    spec = folds[0].spec
+    assert spec.crop == "cell" and all(m.familiarity is not None for m in folds)
     images = decode_base64_images(list(frame["image"]), spec.framing)
-    mean = np.mean([predict_proba(m, images, s) for m, s in folds], axis=0)
+    outputs = [predict_cells(m.model, images, m.spec) for m in folds]
+    mean = np.mean([o.prob for o in outputs], axis=0)
     np.testing.assert_allclose(local["prob_all"].to_numpy(), mean, atol=1e-6)
+    score = np.mean([m.familiarity.score(o.features) for m, o in zip(folds, outputs, strict=True)], axis=0)
+    np.testing.assert_allclose(local["ood_score"].to_numpy(), score, rtol=1e-5)
+    assert (local["ood"] == (local["ood_score"] > 1)).all()
     assert (local["threshold"] == cross_fitted.document.threshold).all()
     port = local_server.free_port()
     log = tmp_path / "server.log"
@@ -176,6 +185,8 @@ def test_the_served_cross_fitted_model_answers_with_the_mean_of_its_folds_in_pro
     finally:
         local_server.stop(proc)
     np.testing.assert_allclose([r["prob_all"] for r in served], local["prob_all"].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose([r["ood_score"] for r in served], local["ood_score"].to_numpy(), rtol=1e-5)
+    assert [r["ood"] for r in served] == local["ood"].tolist()
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from cnmc.inference.schema import CELL_COLUMNS
 from cnmc.jobs.fit_evaluate import train_and_log
 from cnmc.jobs.paths import RunPaths
 from cnmc.serving.pyfunc import encode_file
@@ -181,7 +182,7 @@ def test_logged_model_predicts_from_image_bytes_like_the_trainer(tracking: Logge
     request = pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]})
     out = model.predict(request)
 
-    assert list(out.columns) == ["label", "prob_all", "threshold"]
+    assert list(out.columns) == CELL_COLUMNS
     assert len(out) == len(expected)
     assert out["prob_all"].between(0, 1).all()
     # Same probabilities: served preprocessing (decode, resize, normalise) == training's.
@@ -218,7 +219,7 @@ def test_run_is_calibrated_on_validation_and_reports_tta(tracking: LoggedRun) ->
     model = mlflow.pyfunc.load_model(f"runs:/{tracking.run_id}/model")
     request = pd.DataFrame({"image": [encode_file(Path(p)) for p in expected["path"]]})
     out = model.predict(request, params={"tta": True})
-    assert list(out.columns) == ["label", "prob_all", "threshold"]
+    assert list(out.columns) == CELL_COLUMNS
     np.testing.assert_allclose(out["prob_all"], expected["prob_all_tta"], rtol=0, atol=1e-5)
 
 

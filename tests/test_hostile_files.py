@@ -17,6 +17,7 @@ from PIL import Image
 
 from cnmc.cli import main
 from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.inference.schema import CELL_COLUMNS
 from cnmc.serving.client import load_image_model, score_images
 
 MODEL = Path(__file__).parent / "fixtures" / "pyfunc_before_layout_move"
@@ -62,7 +63,7 @@ def test_the_served_model_refuses_them_by_row_and_answers_the_rest() -> None:
     model = load_image_model(str(MODEL))
     answers = score_images(model, [encoded("PNG"), encoded("GIF"), encoded("PNG", side=4), encoded("JPEG")])
     assert [sorted(a) for a in answers] == [
-        ["label", "prob_all", "threshold"],
+        sorted(CELL_COLUMNS),
         ["error"],
         ["error"],
         sorted(answers[0]),

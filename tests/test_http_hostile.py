@@ -194,6 +194,24 @@ def test_a_body_longer_than_its_content_length_is_one_answer_then_400(server: Se
     assert json.loads(replies.rpartition(b"\r\n\r\n")[2])["error_code"] == "BAD_REQUEST"
 
 
+def test_both_content_length_and_transfer_encoding_is_refused_and_the_connection_closed(server: Server) -> None:
+    """RFC 9112: the framing is ambiguous; a smuggled second request in the body must never be answered."""
+    body = honest_body()
+    smuggled = f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    chunk = smuggled + body
+    head = (
+        "POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{len(chunk):x}\r\n"
+    ).encode()
+    with connect(server.port) as sock:
+        sock.sendall(head + chunk + b"\r\n0\r\n\r\n")
+        replies = b""
+        while data := sock.recv(65536):  # one answer, then the server closes
+            replies += data
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", replies) == [b"400"]
+    assert b"both Content-Length and Transfer-Encoding" in replies and honest(server.port) == 200
+
+
 def parquet(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, compression="zstd")

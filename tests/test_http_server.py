@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import pandas as pd
 import pytest
 from conftest import SERVED_MAX_BATCH, SERVED_MAX_BODY_MB, Champion, Server
 from PIL import Image
+from synthetic_cells import synthetic_cell_bmp
 
 from cnmc.serving.guard import MESSAGE_LIMIT
 
@@ -72,10 +72,7 @@ def call(
 
 
 def cell_bmp(size: int = 60, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="BMP")
-    return buffer.getvalue()
+    return synthetic_cell_bmp(size, seed)
 
 
 def images_body(n: int, value: str | None = None) -> bytes:

@@ -107,6 +107,7 @@ def test_kaggle_manifest_columns_and_values(tmp_path: Path, monkeypatch: pytest.
         "height": 8,
         "original_mode": "RGB",
         "original_name": "UID_1_1_1_all.bmp",
+        "content_group": "",
     }
     assert (rows["UID_H5_1_1_hem.bmp"]["subject"], rows["UID_H5_1_1_hem.bmp"]["source"]) == (
         "H5",

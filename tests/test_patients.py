@@ -25,7 +25,9 @@ def test_too_few_cells_and_an_interval_across_the_threshold_are_said() -> None:
     split = call_person([0.05, 0.95] * 5, threshold=0.5)
     assert split["ci95_low"] < 0.5 <= split["ci95_high"] and "spans the threshold" in split["note"]
     none = call_person([np.nan, np.nan], threshold=0.5, unreadable=2)
-    assert none["call"] == "" and none["cells"] == 0 and none["unreadable"] == 2 and "no readable cell" in none["note"]
+    assert (
+        none["call"] == "none" and none["cells"] == 0 and none["unreadable"] == 2 and "no readable cell" in none["note"]
+    )
 
 
 def test_people_are_grouped_in_order_and_unreadable_cells_counted_not_voting() -> None:
@@ -59,3 +61,20 @@ def test_a_lone_surrogate_in_a_patient_request_is_a_400_not_a_traceback(field: s
     with pytest.raises(PatientRequestError, match=f"'{field}' holds a lone surrogate") as raised:
         parse_request(f'{{"images": ["aGk="], "{field}": {value}}}'.encode(), max_batch=8)
     assert raised.value.status == 400
+
+
+def test_flagged_cells_do_not_vote_and_mostly_flagged_people_get_no_call() -> None:
+    mixed = call_person([0.9, 0.8, 0.1, 0.95, 0.9, 0.85], 0.5, ood=[False] * 5 + [True])
+    assert mixed["call"] == "all" and mixed["cells"] == 5 and mixed["cells_ood"] == 1
+    assert "1 cell(s) unlike the training cells left out" in mixed["note"]
+    mostly = call_person([0.9] * 6, 0.5, ood=[True] * 4 + [False] * 2)
+    assert mostly["call"] == "none" and mostly["cells_ood"] == 4 and np.isnan(mostly["mean_prob_all"])
+    assert "4 of 6 distinct readable cells are unlike the cells the model was trained on: no call" in mostly["note"]
+
+
+def test_twenty_copies_of_one_cell_count_once() -> None:
+    copies = call_person([0.9] * 20, 0.5, pixel_hashes=["a" * 16] * 20)
+    assert copies["cells"] == 1 and copies["duplicates"] == 19
+    assert "19 repeated image(s) counted once" in copies["note"] and "a guess" in copies["note"]
+    table = call_people(["p"] * 3 + ["q"] * 2, [0.9, 0.9, 0.2, 0.9, 0.9], 0.5, pixel_hashes=["x", "x", "y", "x", "z"])
+    assert list(table["duplicates"]) == [1, 0] and list(table["cells"]) == [2, 2]  # repeats within a person only

@@ -177,6 +177,14 @@ def test_repromoting_the_same_run_reuses_its_version(client: MlflowClient) -> No
     assert again.model_card == first.model_card
 
 
+def test_a_model_name_with_a_quote_is_promoted_and_found_again(client: MlflowClient) -> None:
+    quoted = PromoteConfig.model_validate(CFG.model_dump() | {"model_name": "lab's cnmc"})
+    fake_run(client, f1=0.8)
+    first = promote(quoted, "subject", DATA, client)
+    again = promote(quoted, "subject", DATA, client)  # finds its version through a filter on the name
+    assert (first.version, again.version, first.name) == ("1", "1", "lab's cnmc")
+
+
 def test_other_data_and_unfinished_or_modelless_runs_do_not_compete(client: MlflowClient) -> None:
     same = fake_run(client, f1=0.70)
     fake_run(client, f1=0.99, data_hash=OTHER_DATA)  # better, but on other data

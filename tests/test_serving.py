@@ -29,8 +29,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cnmc.data.images import MAX_PIXELS
+from cnmc.inference.schema import CELL_COLUMNS
 from cnmc.inference.spec import ModelSpec
-from cnmc.serving.pyfunc import InvalidInput, LeukemiaClassifier, decode_base64_images
+from cnmc.serving.pyfunc import InvalidInput, LeukemiaClassifier, Member, decode_base64_images
 
 BACKBONE = "test_resnet"
 
@@ -112,8 +113,7 @@ def classifier() -> LeukemiaClassifier:
 
     net = create_backbone(BACKBONE, pretrained=False)
     pyfunc = LeukemiaClassifier()
-    pyfunc.spec = ModelSpec(BACKBONE, 32, net.mean, net.std, threshold=0.4)
-    pyfunc.model = net.model.eval()
+    pyfunc.member = Member(net.model.eval(), ModelSpec(BACKBONE, 32, net.mean, net.std, threshold=0.4))
     return pyfunc
 
 
@@ -200,7 +200,7 @@ def test_too_many_bytes_are_refused_before_decoding(monkeypatch: pytest.MonkeyPa
 
 def test_pyfunc_maps_bad_input_to_invalid_parameter_value(classifier: LeukemiaClassifier, good_bmp: bytes) -> None:
     out = classifier.predict(None, pd.DataFrame({"image": [b64(good_bmp)] * 2}))
-    assert list(out.columns) == ["label", "prob_all", "threshold"]
+    assert list(out.columns) == CELL_COLUMNS
     assert (out["threshold"] == 0.4).all() and out["prob_all"].between(0, 1).all()
     for model_input, message in [
         (pd.DataFrame({"image": [b64(good_bmp), "%%%"]}), "row 1: 'image' is not valid base64"),
@@ -217,10 +217,10 @@ def test_pyfunc_maps_bad_input_to_invalid_parameter_value(classifier: LeukemiaCl
 def test_unexpected_decode_errors_become_invalid_input(monkeypatch: pytest.MonkeyPatch, good_bmp: bytes) -> None:
     import cnmc.serving.pyfunc
 
-    def broken(data: bytes, size: int) -> np.ndarray:
+    def broken(data: bytes) -> np.ndarray:
         raise RuntimeError("resize exploded")
 
-    monkeypatch.setattr(cnmc.serving.pyfunc, "decode_image", broken)
+    monkeypatch.setattr(cnmc.serving.pyfunc, "decode_cell", broken)
     with pytest.raises(InvalidInput, match=r"row 0: could not decode the image \(RuntimeError: resize exploded\)"):
         decode_base64_images([b64(good_bmp)], 32)
 
@@ -256,7 +256,7 @@ def assert_predictions(server: Server, status: int, body: Any, n: int) -> list[d
     rows = body["predictions"]
     assert len(rows) == n
     for row in rows:
-        assert set(row) == {"label", "prob_all", "threshold"}
+        assert set(row) == set(CELL_COLUMNS)
         assert row["label"] == ("all" if row["prob_all"] >= row["threshold"] else "hem")
         assert 0.0 <= row["prob_all"] <= 1.0 and row["threshold"] == pytest.approx(server.threshold)
     return rows

@@ -256,3 +256,43 @@ def test_a_class_with_fewer_than_k_people_lowers_k_and_one_person_keeps_the_hold
     )
     assert single.report["validation"] == "holdout" and FOLD_COLUMN not in single.tables["train"]
     assert any("needs 2 people of each class" in note for note in single.report["notes"])
+
+
+@pytest.mark.parametrize("validation", ["crossfit", "holdout"])
+def test_a_re_encoded_copy_under_another_person_is_one_group_kept_on_one_side(tmp_path, validation) -> None:
+    """Real demo cells; one of person 11's cells saved again as a JPEG under person 38's name."""
+    import shutil
+
+    from PIL import Image
+
+    from cnmc.data.demo import demo_cells
+    from cnmc.data.manifest import build_manifest
+
+    source = demo_cells() / "C-NMC_Leukemia" / "training_data"
+    data = tmp_path / "C-NMC_Leukemia" / "training_data" / "fold_0"
+    for label, people in (("all", ("11", "14", "16", "2", "30", "38")), ("hem", ("H10", "H14", "H6", "H7"))):
+        (data / label).mkdir(parents=True)
+        for person in people:
+            for path in sorted(source.glob(f"fold_*/{label}/UID_{person}_*"))[:6]:
+                shutil.copy(path, data / label / path.name)
+    original = sorted((data / "all").glob("UID_11_*"))[0]
+    Image.open(original).convert("RGB").save(data / "all" / "UID_38_99_1_all.jpg", quality=90)
+    manifest = build_manifest(tmp_path)
+    crossing = [g for g in manifest.duplicates if g.leaks]
+    assert len(crossing) == 1 and crossing[0].subjects == ("11", "38") and not crossing[0].identical_bytes
+    table = manifest.table
+    for seed in range(5):
+        cfg = SplitConfig(validation=validation, folds=2, test_fraction=0.3, val_fraction=0.3, min_images_per_class=1)
+        splits = split_manifest(table, cfg, seed)
+        sides = {
+            person: {
+                (name, str(t.loc[t["subject"] == person, FOLD_COLUMN].iat[0]) if validation == "crossfit" else "")
+                for name, t in splits.tables.items()
+                if (t["subject"] == person).any() and not (validation == "crossfit" and name == "val")
+            }
+            for person in ("11", "38")
+        }
+        assert sides["11"] == sides["38"], seed  # the same split (and fold): the picture never crosses
+        assert splits.report["people_tied_by_shared_pictures"] == [["11", "38"]]
+        assert splits.report["shared_pictures_across_splits"] == 0 and splits.report["subject_disjoint"]
+        assert set(splits.tables["train"]["subject"]) | set(splits.tables["test"]["subject"]) >= {"11"}

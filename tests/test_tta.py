@@ -17,9 +17,10 @@ from PIL import Image
 from cnmc.data.store import normalize_batch
 from cnmc.inference.forward import predict_logits, prob_all
 from cnmc.inference.probability import predict_proba
+from cnmc.inference.schema import CELL_COLUMNS
 from cnmc.inference.spec import ModelSpec
 from cnmc.inference.tta import VIEW_NAMES, tta_views
-from cnmc.serving.pyfunc import LeukemiaClassifier, encode_file, log_pyfunc
+from cnmc.serving.pyfunc import LeukemiaClassifier, Member, encode_file, log_pyfunc
 
 BACKBONE = "test_resnet"
 SIZE = 32
@@ -124,7 +125,7 @@ def test_pyfunc_takes_the_tta_parameter(net, tmp_path: Path, mlflow_db: str) -> 
     plain = model.predict(request)
     default = model.predict(request, params={"tta": False})
     tta = model.predict(request, params={"tta": True})
-    assert list(tta.columns) == list(plain.columns) == ["label", "prob_all", "threshold"]
+    assert list(tta.columns) == list(plain.columns) == CELL_COLUMNS
     pd.testing.assert_frame_equal(default, plain)
     # Same as predict_proba in process, with the stored temperature; the radial image is unchanged.
     np.testing.assert_allclose(tta["prob_all"][1:], predict_proba(net.model, images, spec, tta=True), atol=1e-6)
@@ -138,8 +139,7 @@ def test_pyfunc_takes_the_tta_parameter(net, tmp_path: Path, mlflow_db: str) -> 
 
 def test_classifier_in_process_reads_params(net) -> None:  # noqa: ANN001
     classifier = LeukemiaClassifier()
-    classifier.spec = ModelSpec(BACKBONE, SIZE, net.mean, net.std, threshold=0.5)
-    classifier.model = net.model
+    classifier.member = Member(net.model, ModelSpec(BACKBONE, SIZE, net.mean, net.std, threshold=0.5))
     request = pd.DataFrame({"image": [png_b64(image) for image in random_images(2, seed=1)]})
     none, off = classifier.predict(None, request), classifier.predict(None, request, params={"tta": False})
     on = classifier.predict(None, request, params={"tta": True})

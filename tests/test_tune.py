@@ -234,3 +234,18 @@ def test_live_augmentation_view_replays_the_balancing(tiny_store):
         store.subset([len(store)])
     with pytest.raises(CnmcError, match="min_lr|lr_min"):
         tune.run_study(tune_params(Path("/nonexistent"), lr_min=1e-2, lr_max=1e-3), tiny_store / "images")
+
+
+def test_a_torn_journal_line_is_one_line_naming_it_and_the_repair(tmp_path: Path) -> None:
+    from cnmc.core.config import apply_overrides
+
+    journal = tmp_path / "optuna-journal.log"
+    params = apply_overrides(Params(), [f"tune.storage=journal:{journal}"])
+    study = tune.open_study(params)
+    study.enqueue_trial({"lr": 1e-4})
+    lines = journal.read_text().splitlines()
+    # A worker killed mid-write leaves half a line; the next worker's record is appended to it.
+    journal.write_text("\n".join([*lines[:-1], lines[-1][:15] + lines[-1], ""]))
+    with pytest.raises(CnmcError, match=rf"line {len(lines)} of the Optuna journal is not whole JSON.*sed -i") as info:
+        tune.open_study(params)
+    assert str(journal) in str(info.value) and "\n" not in str(info.value)

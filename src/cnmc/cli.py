@@ -172,19 +172,23 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"`cnmc evaluate --backbone {fit.backbone}" + ("" if root == default_root() else f" --root {root}") + "`"
         )
         return
-    _evaluate(params, paths, args.metrics_out)
+    _evaluate(params, paths, args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from cnmc.jobs.paths import RunPaths, default_root
 
-    _evaluate(_params(args), RunPaths(Path(args.root or default_root()), args.backbone), args.metrics_out)
+    _evaluate(_params(args), RunPaths(Path(args.root or default_root()), args.backbone), args)
 
 
-def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
+def _evaluate(params: Params, paths: RunPaths, args: argparse.Namespace) -> None:
     from cnmc.jobs.evaluate import evaluate_and_log
 
-    document = evaluate_and_log(params, paths.backbone, paths)
+    ood_data = Path(args.ood_data) if args.ood_data else None
+    if ood_data and not ood_data.is_dir():
+        raise CnmcError(f"{ood_data}: not a folder (--ood-data takes a folder of cell images from elsewhere)")
+    document = evaluate_and_log(params, paths.backbone, paths, ood_data)
+    metrics_out = args.metrics_out
     if metrics_out:
         document.save(Path(metrics_out))
     tuned = document.reported.at_tuned
@@ -193,6 +197,8 @@ def _evaluate(params: Params, paths: RunPaths, metrics_out: str | None) -> None:
         f"balanced accuracy {tuned['balanced_accuracy']:.4f}, AUC {tuned['roc_auc']:.4f} at threshold "
         f"{document.threshold:.3f}{' with 8-view TTA' if document.tta else ''}; MLflow run {document.run_id}"
     )
+    if document.familiarity:
+        print(f"{document.backbone}: {document.familiarity.line()}")
     print(f"  validation chose: {document.validation.reason}")
 
 
@@ -237,6 +243,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         people=people,
         spark_master=(args.master or DEFAULT_MASTER) if args.engine == "spark" else None,
+        trust=args.trust_model,
     )
     print(summary.line())
 
@@ -252,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         timeout_s=args.timeout,
         allowed_hosts=served_names(args.host, args.allowed_host),
     )
-    serve(_model_uri(args), args.host, args.port, limits)
+    serve(_model_uri(args), args.host, args.port, limits, trust=args.trust_model)
 
 
 def served_names(host: str, extra: list[str]) -> frozenset[str]:
@@ -278,7 +285,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_explain(args: argparse.Namespace) -> None:
     from cnmc.jobs.explain import explain_images
 
-    for path in explain_images(_model_uri(args), args.inputs, Path(args.out_dir)):
+    for path in explain_images(_model_uri(args), args.inputs, Path(args.out_dir), trust=args.trust_model):
         print(path)
 
 
@@ -320,8 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs.setdefault("metavar", "VALUE")
         p.add_argument(flag, dest=SETTING_PREFIX + key, help=f"override {key} (same as --set {key}=VALUE)", **kwargs)  # type: ignore[arg-type]
 
+    def ood_data_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--ood-data",
+            metavar="DIR",
+            help="a folder of cells from elsewhere (another lab, stain or microscope): report how many the model "
+            "flags as unlike its training cells and how well its score tells them from the test cells (ROC AUC)",
+        )
+
     def add_model(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model URI (default: models:/<promote.model_name>@<promote.alias> of --params)")
+        p.add_argument(
+            "--trust-model",
+            action="store_true",
+            help="load a model not laid out as cnmc logs its models with its own code (by default only its "
+            "weights and settings are read, and such a model is refused)",
+        )
         add_params(p, model_only=True)
 
     p = add(
@@ -413,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "outputs/runs, outside DVC's outs)",
     )
     p.add_argument("--metrics-out", help="also write the test metrics JSON here")
+    ood_data_flag(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = add(
@@ -429,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where an ad hoc `cnmc train` writes)",
     )
     p.add_argument("--metrics-out", help="also write the metrics JSON here")
+    ood_data_flag(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = add(

@@ -266,11 +266,14 @@ def _read_yaml(path: Path, missing: str) -> object:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping."""
+    """YAML's safe loader, refusing a key given twice in one mapping. Merge keys (``<<: *common``)
+    still work: a key written out beside them overrides the merged one, as YAML says."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

@@ -34,7 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from cnmc.core.atomic import atomic_write_text
@@ -69,6 +73,7 @@ MANIFEST_COLUMNS = (
     "height",
     "original_mode",
     "original_name",
+    "content_group",
 )
 SOURCES = (*FOLDS, "prelim", "final", "folder")
 LABEL_COLUMNS = ("Patient_ID", "new_names", "labels")
@@ -77,6 +82,11 @@ SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 PARALLEL_MIN = 64
 # Leaking duplicate groups logged one by one; the rest are counted (all are in the report).
 LOGGED_LEAKS = 5
+# Two images are one picture when their 32x32 grey thumbnails differ by less than this RMS (grey
+# levels). On cnmc-real: a JPEG copy at quality 75 differs by 0.3, the same picture filed under two
+# normal donors by 0.04-0.08, the same cell in the next frame of one person by 0.6-1.4, other cells by more.
+THUMBNAIL_SIDE = 32
+SAME_PICTURE_RMS = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,13 +114,14 @@ class Conversion:
 
 @dataclass(frozen=True)
 class ImageCheck:
-    """What reading and decoding one file found: hash and size, or the problem."""
+    """What reading and decoding one file found: hash, size and thumbnail, or the problem."""
 
     sha256: str = ""
     width: int = 0
     height: int = 0
     mode: str = ""
     problem: str = ""
+    thumbnail: bytes = b""  # THUMBNAIL_SIDE^2 grey levels: near-identical pictures are found by them
 
 
 @dataclass(frozen=True)
@@ -123,13 +134,15 @@ class PrelimLabel:
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    """Byte-identical images; across subjects or sources they leak between splits."""
+    """One picture in several files (the same bytes, or re-encoded: near-identical thumbnails);
+    across subjects or sources they would leak between splits, so the split keeps a group together."""
 
-    sha256: str
+    sha256: str  # of the group's first file: the group's key (``content_group`` in the manifest)
     paths: tuple[str, ...]
     subjects: tuple[str, ...]
     sources: tuple[str, ...]
     labels: tuple[str, ...]
+    identical_bytes: bool = True  # every file the same bytes (else re-encoded copies)
 
     @property
     def leaks(self) -> bool:
@@ -148,6 +161,7 @@ class DuplicateGroup:
             "subjects": list(self.subjects),
             "sources": list(self.sources),
             "labels": list(self.labels),
+            "identical_bytes": self.identical_bytes,
             "crosses_subjects": len(self.subjects) > 1,
             "crosses_sources": len(self.sources) > 1,
             "crosses_labels": len(self.labels) > 1,
@@ -240,19 +254,21 @@ def build_manifest(data_dir: Path | str, progress: bool = False, workers: int | 
     log.info("found the %s layout at %s", layout.kind, layout.root)
     candidates, excluded = plan_files(layout)
     checks = check_images([c.path for c in candidates], workers or os.cpu_count() or 1, progress)
-    rows, converted = [], []
+    rows, converted, thumbnails = [], [], []
     for candidate, check in zip(candidates, checks, strict=True):
         path = candidate.path.as_posix()
         if check.problem:
             excluded.append(Exclusion(path, check.problem))
             continue
         rows.append(_row(candidate, check))
+        thumbnails.append(np.frombuffer(check.thumbnail, dtype=np.uint8))
         if check.mode != "RGB":
             converted.append(Conversion(path, check.mode))
     excluded.sort(key=lambda e: e.path)
     if not rows:
         raise CnmcError(_nothing_usable(data_dir, excluded))
     table = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    table["content_group"] = same_pictures(table, np.stack(thumbnails))
     duplicates = find_duplicates(table)
     _warn_leaks(duplicates)
     return Manifest(table, data_dir, layout, tuple(converted), tuple(excluded), duplicates)
@@ -447,7 +463,9 @@ def check_image(path: Path) -> ImageCheck:
         image, mode = open_rgb(data)
     except ImageProblem as exc:
         return ImageCheck(sha256=digest, problem=str(exc))
-    return ImageCheck(digest, image.width, image.height, mode)
+    side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+    thumbnail = np.asarray(image.convert("L").resize(side, Image.Resampling.BOX), dtype=np.uint8).tobytes()
+    return ImageCheck(digest, image.width, image.height, mode, thumbnail=thumbnail)
 
 
 def check_images(paths: Sequence[Path], workers: int, progress: bool) -> list[ImageCheck]:
@@ -474,21 +492,52 @@ def _row(candidate: Candidate, check: ImageCheck) -> tuple[object, ...]:
         check.height,
         check.mode,
         candidate.original_name,
+        "",  # content_group: filled in once every image is seen
     )
 
 
+def same_pictures(table: pd.DataFrame, thumbnails: np.ndarray, chunk: int = 2048) -> list[str]:
+    """Each row's ``content_group``: the sha256 of the first file (in path order) showing the same
+    picture (identical bytes, or thumbnails within :data:`SAME_PICTURE_RMS`), "" for a picture seen once."""
+    n = len(table)
+    x = thumbnails.astype(np.float32)
+    norms = (x * x).sum(axis=1)
+    limit = SAME_PICTURE_RMS**2 * x.shape[1]
+    pairs_a, pairs_b = [], []
+    for start in range(0, n, chunk):
+        block = x[start : start + chunk]
+        squared = norms[start : start + chunk, None] + norms[None, :] - 2.0 * block @ x.T
+        a, b = np.nonzero(squared < limit)
+        keep = start + a < b
+        pairs_a.append(start + a[keep])
+        pairs_b.append(b[keep])
+    digests = table["sha256"].to_numpy()
+    same_bytes = pd.Series(np.arange(n)).groupby(digests).transform("min").to_numpy()  # identical files pair up
+    a = np.concatenate([*pairs_a, np.arange(n)])
+    b = np.concatenate([*pairs_b, same_bytes])
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    order = np.argsort(table["path"].to_numpy(), kind="stable")
+    first: dict[int, str] = {}
+    for row in order:
+        first.setdefault(int(component[row]), str(digests[row]))
+    sizes = np.bincount(component)
+    return [first[int(c)] if sizes[c] > 1 else "" for c in component]
+
+
 def find_duplicates(table: pd.DataFrame) -> tuple[DuplicateGroup, ...]:
-    """Groups of rows with the same sha256, in path order."""
-    repeated = table[table["sha256"].duplicated(keep=False)]
+    """Groups of rows showing one picture (:func:`same_pictures`), in path order."""
+    repeated = table[table["content_group"] != ""]
     groups = [
         DuplicateGroup(
-            sha256=str(digest),
+            sha256=str(key),
             paths=tuple(rows["path"]),
             subjects=tuple(sorted(set(rows["subject"]), key=natural_key)),
             sources=tuple(sorted(set(rows["source"]), key=SOURCES.index)),
             labels=tuple(sorted(set(rows["label"]))),
+            identical_bytes=rows["sha256"].nunique() == 1,
         )
-        for digest, rows in repeated.groupby("sha256", sort=False)
+        for key, rows in repeated.groupby("content_group", sort=False)
     ]
     return tuple(sorted(groups, key=lambda g: g.paths[0]))
 

@@ -16,16 +16,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import SPLITS, SplitConfig
 from cnmc.core.errors import CnmcError
+from cnmc.data.manifest import natural_key
 
 log = logging.getLogger(__name__)
 
 LABELS = ("all", "hem")
 FOLD_COLUMN = "fold"  # under cross-fitting, the fold whose model each training person judges
+PERSON = "person"  # while people sharing a picture are split as one unit, each row's own subject
 TRAINING_SOURCES = ("fold_0", "fold_1", "fold_2", "folder")
 # Random subject orders tried per class when choosing held-out subjects (fewer for many subjects,
 # so that the search stays within a few million prefix sums).
@@ -71,11 +75,16 @@ def split_manifest(
     if labelled.empty:
         raise CnmcError("manifest has no labelled images (label 'all' or 'hem') to split")
     unlabelled = len(manifest) - len(labelled)
+    test = None
     if test_manifest is not None:
         test = _labelled(test_manifest)
         if test.empty:
             raise CnmcError("test data has no labelled images (label 'all' or 'hem')")
         unlabelled += len(test_manifest) - len(test)
+    tied: list[list[str]] = []
+    if cfg.protocol == "subject":
+        (labelled, test), tied = tie_people(labelled, test)
+    if test is not None:
         tables, notes = _fixed_test_split(labelled, test, cfg, seed)
     elif cfg.protocol == "paper":
         tables, notes = _paper_split(labelled, cfg, seed)
@@ -90,11 +99,55 @@ def split_manifest(
                 f"({len(labelled)} labelled images, {labelled['subject'].nunique()} subjects): add data "
                 "or change split.val_fraction / split.test_fraction in params.yaml"
             )
-    tables = {name: tables[name].sort_values("path").assign(split=name).reset_index(drop=True) for name in SPLITS}
+    tables = {
+        name: _untied(tables[name]).sort_values("path").assign(split=name).reset_index(drop=True) for name in SPLITS
+    }
+    if tied:
+        notes.append(
+            "people sharing a picture (the same image, or a re-encoded copy, under two names) were kept on one side "
+            "of every split: " + "; ".join(" and ".join(group) for group in tied)
+        )
     report = _report(tables, cfg, seed, notes, unlabelled=unlabelled)
+    report["people_tied_by_shared_pictures"] = tied
     if cfg.protocol == "subject" and report["subject_overlap"]:
         raise CnmcError(f"subject-disjoint split failed: subjects in two splits {report['subject_overlap']}")
     return Splits(cfg.protocol, tables, report)
+
+
+def tie_people(
+    labelled: pd.DataFrame, test: pd.DataFrame | None
+) -> tuple[tuple[pd.DataFrame, pd.DataFrame | None], list[list[str]]]:
+    """Subjects that share a picture (a manifest ``content_group``) become one unit of the split,
+    so no picture sits on both sides: their ``subject`` is the unit (``A+B``) until :func:`_untied`
+    restores it from ``person``. Returns the tables and the groups of people tied."""
+    tables = [t for t in (labelled, test) if t is not None]
+    both = pd.concat(tables, ignore_index=True)
+    if "content_group" not in both.columns or not (both["content_group"] != "").any():
+        return (labelled, test), []
+    subjects = sorted(both["subject"].unique(), key=natural_key)
+    number = {subject: i for i, subject in enumerate(subjects)}
+    shared = both[both["content_group"] != ""]
+    firsts = shared.groupby("content_group")["subject"].transform("first")
+    edges = (shared["subject"].map(number).to_numpy(), firsts.map(number).to_numpy())
+    graph = coo_matrix((np.ones(len(shared), dtype=np.int8), edges), shape=(len(subjects), len(subjects)))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, list[str]] = {}
+    for subject, c in zip(subjects, component, strict=True):
+        members.setdefault(int(c), []).append(subject)
+    unit = {subject: "+".join(group) for group in members.values() for subject in group}
+    tied = [group for group in members.values() if len(group) > 1]
+
+    def tie(table: pd.DataFrame | None) -> pd.DataFrame | None:
+        return (
+            None if table is None else table.assign(**{PERSON: table["subject"], "subject": table["subject"].map(unit)})
+        )
+
+    return (tie(labelled), tie(test)), tied  # type: ignore[return-value]
+
+
+def _untied(table: pd.DataFrame) -> pd.DataFrame:
+    """A split table with each row's own subject back (see :func:`tie_people`)."""
+    return table.assign(subject=table[PERSON]).drop(columns=PERSON) if PERSON in table.columns else table
 
 
 def _labelled(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -288,6 +341,8 @@ def _report(
     dup_across = sorted(set.union(*(hashes[a] & hashes[b] for a, b in pairs)))
     if dup_across:
         log.warning("%d identical images (same sha256) are in train and val/test", len(dup_across))
+    pictures = {name: set(t.get("content_group", pd.Series(dtype=str))) - {""} for name, t in tables.items()}
+    pictures_across = sorted(set.union(*(pictures[a] & pictures[b] for a, b in pairs)))
     class_totals = {lab: sum(int((t["label"] == lab).sum()) for t in tables.values()) for lab in LABELS}
     report: dict[str, Any] = {
         "protocol": cfg.protocol,
@@ -312,6 +367,7 @@ def _report(
         "subject_overlap": overlap if cfg.protocol == "subject" else [],
         "subjects_shared_between_splits": len(overlap),
         "identical_images_across_splits": len(dup_across),
+        "shared_pictures_across_splits": len(pictures_across),
         "unlabelled_images_left_out": unlabelled,
         "notes": notes,
     }

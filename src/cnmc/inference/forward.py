@@ -1,7 +1,7 @@
 """The one inference path: logits of a model over uint8 image batches.
 
 Validation during training, evaluation (plain and with test-time augmentation), the served
-model, ``cnmc predict`` and ``cnmc explain`` all call :func:`predict_logits`, so a cell gets the
+model, ``cnmc predict`` and ``cnmc explain`` all call :func:`predict_outputs`, so a cell gets the
 same number wherever it is scored. Batches stay uint8 until they reach the model's device (a
 quarter of float32's bytes over the bus), where :func:`model_input` normalises them.
 """
@@ -9,6 +9,7 @@ quarter of float32's bytes over the bus), where :func:`model_input` normalises t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -74,7 +75,64 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What one pass of a model over images gives: the logits, (N, 2) or (N, V, 2) with views, and
+    the pooled penultimate features of the plain view, (N, D), which say how familiar a cell looks
+    (:mod:`cnmc.inference.familiarity`)."""
+
+    logits: NDArray[np.float32]
+    features: NDArray[np.float32]
+
+
+def _logits_and_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm classifier's logits and the pooled features its head reads (``pre_logits``)."""
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    return model.get_classifier()(features), features
+
+
 @torch.no_grad()
+def predict_outputs(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    views: Views | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    colour: Colour = "rgb",
+) -> Outputs:
+    """Float32 logits and features of every image, in order (:class:`Outputs`).
+
+    ``batches``: uint8 (B, H, W, 3) tensors. The model runs in eval mode on its own device (its
+    mode is restored after); one forward pass per view keeps the memory of one batch.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, features = [], []
+    try:
+        for images in batches:
+            x = model_input(images, mean, std, device, channels_last, colour)
+            per_view = []
+            for k, view in enumerate(views(x) if views else [x]):
+                with autocast(device, amp_dtype):
+                    if k == 0:
+                        out, pooled = _logits_and_features(model, view)
+                        features.append(pooled.float().cpu().numpy())
+                    else:
+                        out = model(view)
+                per_view.append(out.float())
+            logits.append((torch.stack(per_view, dim=1) if views else per_view[0]).cpu().numpy())
+    finally:
+        model.train(was_training)
+    if logits:
+        return Outputs(np.concatenate(logits), np.concatenate(features))
+    n_views = len(views(torch.zeros(1, 3, 2, 2))) if views else 0
+    empty = np.empty((0, n_views, 2) if views else (0, 2), dtype=np.float32)
+    return Outputs(empty, np.empty((0, model.num_features), dtype=np.float32))
+
+
 def predict_logits(
     model: torch.nn.Module,
     batches: Iterable[torch.Tensor],
@@ -85,28 +143,8 @@ def predict_logits(
     channels_last: bool = False,
     colour: Colour = "rgb",
 ) -> NDArray[np.float32]:
-    """Float32 logits of every image, in order: (N, 2), or (N, V, 2) with ``views``.
-
-    ``batches``: uint8 (B, H, W, 3) tensors. The model runs in eval mode on its own device (its
-    mode is restored after); one forward pass per view keeps the memory of one batch.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    try:
-        for images in batches:
-            x = model_input(images, mean, std, device, channels_last, colour)
-            per_view = []
-            for view in views(x) if views else [x]:
-                with autocast(device, amp_dtype):
-                    per_view.append(model(view).float())
-            out.append((torch.stack(per_view, dim=1) if views else per_view[0]).cpu().numpy())
-    finally:
-        model.train(was_training)
-    if out:
-        return np.concatenate(out)
-    return np.empty((0, len(views(torch.zeros(1, 3, 2, 2))), 2) if views else (0, 2), dtype=np.float32)
+    """The logits of :func:`predict_outputs`: (N, 2), or (N, V, 2) with ``views``."""
+    return predict_outputs(model, batches, mean, std, views, amp_dtype, channels_last, colour).logits
 
 
 def prob_all(logits: ArrayLike, temperature: float = 1.0) -> NDArray[np.float64]:

@@ -59,23 +59,26 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
     if len(backbones) < 2:
         raise CnmcError(f"an ensemble needs at least two backbones, got {list(backbones)}")
     paths = [RunPaths(root, backbone) for backbone in backbones]
-    files = [(p.model_dir / "weights.pt", p.evaluation_dir / "model.json") for p in paths]
+    files = [(p.model_dir / "weights.pt", p.evaluation_dir / "model.json", p.familiarity_file(None)) for p in paths]
     for backbone, path in zip(backbones, paths, strict=True):
         if path.fold_weights(0).is_file():
             raise CnmcError(
                 f"{path.model_dir}: {backbone} is cross-fitted, and its served model is already the mean of its "
                 "folds' models; `cnmc ensemble` combines backbones trained with split.validation=holdout"
             )
-    for backbone, (weights_file, spec_file) in zip(backbones, files, strict=True):
+    for backbone, (weights_file, spec_file, _) in zip(backbones, files, strict=True):
         if not (weights_file.is_file() and spec_file.is_file()):
             raise CnmcError(
                 f"{spec_file.parent}: no evaluated {backbone} (run `cnmc train --backbone {backbone}` first)"
             )
-    members = [load_member(weights_file, spec_file) for weights_file, spec_file in files]
+    files = [(w, s, f if f.is_file() else None) for w, s, f in files]  # evaluated before familiarity: none
+    members = [load_member(*member) for member in files]
     stores = open_stores(paths[0].store)
-    for (_, spec), backbone in zip(members, backbones, strict=True):
-        if spec.image_size != stores["val"].image_size:
-            raise CnmcError(f"{backbone} takes {spec.image_size} px images, the store in {root} holds other sizes")
+    for member, backbone in zip(members, backbones, strict=True):
+        if member.spec.image_size != stores["val"].image_size:
+            raise CnmcError(
+                f"{backbone} takes {member.spec.image_size} px images, the store in {root} holds other sizes"
+            )
     val, test = stores["val"], stores["test"]
     val_prob, test_prob = mean_prob(members, val), mean_prob(members, test)
     val_subjects = val.index["subject"].to_numpy()
@@ -119,4 +122,4 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
 def mean_prob(members: Sequence[Member], store: ImageStore) -> np.ndarray:
     """The members' mean P(ALL) for every image of a store split, each member as it answers when served."""
     images = np.array(store.images)  # a writable copy: torch refuses read-only memory
-    return np.mean([predict_proba(model, images, spec) for model, spec in members], axis=0)
+    return np.mean([predict_proba(m.model, images, m.spec) for m in members], axis=0)

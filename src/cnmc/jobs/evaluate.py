@@ -22,19 +22,24 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import log_loss
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm.auto import tqdm
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
+from cnmc.data.quality import quality_problem
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
-from cnmc.inference.forward import Views, predict_logits, prob_all
+from cnmc.inference.familiarity import FALSE_ALARM_RATE, Familiarity, ensemble_score
+from cnmc.inference.forward import Outputs, Views, predict_outputs, prob_all
+from cnmc.inference.probability import BATCH_SIZE, predict_cells
 from cnmc.inference.spec import ModelSpec
 from cnmc.inference.tta import tta_views
 from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.calibration import expected_calibration_error, nll
 from cnmc.metrics.document import (
     Calibration,
+    FamiliarityEvaluation,
     FitSummary,
     MetricsDocument,
     PeopleEvaluation,
@@ -48,20 +53,24 @@ from cnmc.metrics.validation_rules import ThresholdChoice, choose_temperature, c
 from cnmc.models.backbones import create_backbone
 from cnmc.plots import evaluation as plots
 from cnmc.plots.gradcam import log_gradcam_grid
-from cnmc.serving.pyfunc import log_served_model
+from cnmc.serving.client import find_images, read_image
+from cnmc.serving.pyfunc import ServedFiles, decode_cell, framed, log_served_model
 from cnmc.tracking.provenance import data_hash
 from cnmc.tracking.runs import training_run
 from cnmc.training.crossfit import fold_rows
+from cnmc.training.familiarity import fit_familiarity
 
 log = logging.getLogger(__name__)
+MAX_FAMILIAR_CELLS = 5000  # training cells each model's familiarity is fitted on, at most
 
 
-def evaluate_and_log(params: Params, backbone: str, paths: RunPaths) -> MetricsDocument:
-    """Evaluate ``outputs/models/<backbone>`` and log everything to the run that trained it."""
+def evaluate_and_log(params: Params, backbone: str, paths: RunPaths, ood_data: Path | None = None) -> MetricsDocument:
+    """Evaluate ``outputs/models/<backbone>`` and log everything to the run that trained it; with
+    ``ood_data``, a folder of cells from elsewhere, also how well the familiarity score flags them."""
     fit, spec, models = _load_trained(paths, backbone)
     stores = open_stores(Path(fit.store) if fit.store else paths.store)
     with training_run(params, backbone, fit.run_id):
-        document = _evaluate(models, spec, stores, params, paths, fit)
+        document = _evaluate(models, spec, stores, params, paths, fit, ood_data)
         document.save(paths.metrics)
         atomic_write_text(paths.headline, json.dumps(document.headline(), indent=2) + "\n")
         mlflow.log_metrics(document.mlflow_metrics())
@@ -98,24 +107,49 @@ def member_weights(paths: RunPaths, fit: FitSummary) -> list[Path]:
     return [paths.fold_weights(k) for k in range(fit.folds)] if fit.folds else [paths.model_dir / "weights.pt"]
 
 
-def _logits(
+def _outputs(
     model: torch.nn.Module, store: ImageStore, spec: ModelSpec, batch_size: int, views: Views | None = None
-) -> np.ndarray:
+) -> Outputs:
     loader = batch_loader(StoreDataset(store, normalize=False), batch_size=batch_size)
-    return predict_logits(model, (images for images, _ in loader), spec.mean, spec.std, views=views, colour=spec.colour)
+    return predict_outputs(
+        model, (images for images, _ in loader), spec.mean, spec.std, views=views, colour=spec.colour
+    )
 
 
-def _out_of_fold_views(
-    models: list[torch.nn.Module], store: ImageStore, spec: ModelSpec, batch_size: int
-) -> np.ndarray:
-    """Every view's logits of ``store``'s images, each by the model that never saw its person: the
-    fold's own model under cross-fitting, the one model otherwise."""
+def _out_of_fold(models: list[torch.nn.Module], store: ImageStore, spec: ModelSpec, batch_size: int) -> Outputs:
+    """Every view's logits of ``store``'s images and their features, each by the model that never
+    saw its person: the fold's own model under cross-fitting, the one model otherwise."""
     if len(models) == 1:
-        return _logits(models[0], store, spec, batch_size, views=tta_views)
-    out = np.empty((len(store), len(tta_views(torch.zeros(1, 3, 2, 2))), 2), dtype=np.float32)
-    for fold, model in enumerate(models):
+        return _outputs(models[0], store, spec, batch_size, views=tta_views)
+    parts = {fold: _outputs(model, store.subset(fold_rows(store, fold)), spec, batch_size, views=tta_views)
+             for fold, model in enumerate(models)}  # fmt: skip
+    first = parts[0]
+    logits = np.empty((len(store), *first.logits.shape[1:]), dtype=np.float32)
+    features = np.empty((len(store), first.features.shape[1]), dtype=np.float32)
+    for fold, part in parts.items():
         rows = fold_rows(store, fold)
-        out[rows] = _logits(model, store.subset(rows), spec, batch_size, views=tta_views)
+        logits[rows], features[rows] = part.logits, part.features
+    return Outputs(logits, features)
+
+
+def _fit_familiarities(
+    models: list[torch.nn.Module], stores: dict[str, ImageStore], val_features: np.ndarray, spec: ModelSpec, seed: int
+) -> list[Familiarity]:
+    """Each model's picture of the cells it trained on, its cut-off set on the people it did not:
+    its fold of validation under cross-fitting, validation under holdout. At most
+    :data:`MAX_FAMILIAR_CELLS` training cells are read per model (a stored augmented set is large)."""
+    train, val = stores["train"], stores["val"]
+    if len(models) == 1:
+        pairs = [(models[0], train, np.arange(len(val)))]
+    else:
+        pairs = [(model, train.subset(fold_rows(train, k, inside=False)), fold_rows(val, k))
+                 for k, model in enumerate(models)]  # fmt: skip
+    out = []
+    for model, own, unseen_rows in pairs:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(own), size=min(len(own), MAX_FAMILIAR_CELLS), replace=False))
+        features = _outputs(model, own.subset(rows), spec, BATCH_SIZE).features
+        out.append(fit_familiarity(features, own.targets[rows], val_features[unseen_rows]))
     return out
 
 
@@ -126,6 +160,7 @@ def _evaluate(
     params: Params,
     paths: RunPaths,
     fit: FitSummary,
+    ood_data: Path | None = None,
 ) -> MetricsDocument:
     """Calibrate and tune on validation, evaluate on test (plain and TTA), write and log the artifacts.
 
@@ -135,7 +170,8 @@ def _evaluate(
     person judged by its fold's model, and the test answer is the folds' mean P(ALL), as served.
     """
     val, test, batch = stores["val"], stores["test"], params.train.batch_size * 2
-    val_views = _out_of_fold_views(models, val, spec, batch)
+    val_outputs = _out_of_fold(models, val, spec, batch)
+    val_views = val_outputs.logits
     val_subjects = val.index["subject"].to_numpy()
     val_logits = val_views[:, 0]
     shortfall = judging_shortfall(val.targets, params.split.min_images_per_class) or subject_shortfall(
@@ -172,8 +208,11 @@ def _evaluate(
         tta_rule=tta_rule,
     )
     spec = replace(spec, threshold=threshold, temperature=temperature, tta=tta)
-    # One pass over the test set gives the logits of every view; view 0 is the plain image.
-    test_views = [_logits(model, test, spec, batch, views=tta_views) for model in models]
+    # One pass over the test set gives the logits of every view (view 0 is the plain image) and the features.
+    test_outputs = [_outputs(model, test, spec, batch, views=tta_views) for model in models]
+    test_views = [outputs.logits for outputs in test_outputs]
+    familiarities = _fit_familiarities(models, stores, val_outputs.features, spec, params.seed)
+    test_ood = ensemble_score([f.score(o.features) for f, o in zip(familiarities, test_outputs, strict=True)])
     test_prob, tta_prob, raw_prob = (
         np.mean([prob_all(views[:, 0], temperature) for views in test_views], axis=0),
         np.mean([prob_all(views, temperature) for views in test_views], axis=0),
@@ -190,8 +229,29 @@ def _evaluate(
         val_nll_before=nll(val_logits, val.targets),
         val_nll_after=nll(val_logits, val.targets, temperature),
     )
-    _write_artifacts(models, spec, test, test_prob, tta_prob, raw_prob, paths, member_weights(paths, fit))
+    reported = tta_prob if tta else test_prob
+    flagged = (test_ood > 1) | np.array([bool(quality_problem(image)) for image in test.images])
+    kept = ~flagged
+    familiarity = FamiliarityEvaluation(
+        false_alarm_rate=FALSE_ALARM_RATE,
+        test_cells=len(test),
+        test_flagged=int(flagged.sum()),
+        test_unflagged=SplitEvaluation.model_validate(
+            evaluate_split(test.targets[kept], reported[kept], list(np.asarray(subjects)[kept]), threshold)
+        )
+        if kept.any()
+        else None,
+        **(_other_data(ood_data, models, familiarities, spec, test_ood) if ood_data else {}),
+    )
+    served = [
+        (weights, paths.evaluation_dir / "model.json", paths.familiarity_file(k if fit.folds else None))
+        for k, weights in enumerate(member_weights(paths, fit))
+    ]
+    for familiar, (_, _, file) in zip(familiarities, served, strict=True):
+        familiar.save(mkdir(file.parent) / file.name)
+    _write_artifacts(models, spec, test, test_prob, tta_prob, raw_prob, test_ood, flagged, paths, served)
     return MetricsDocument(
+        familiarity=familiarity,
         **fit.model_dump(),
         protocol=params.split.protocol,
         data_hash=data_hash(),
@@ -203,10 +263,36 @@ def _evaluate(
         tta=tta,
         people=PeopleEvaluation.model_validate(
             people_evaluation(
-                subjects, test.targets, tta_prob if tta else test_prob, threshold, params.split.min_subjects_per_class
+                subjects, test.targets, reported, threshold, params.split.min_subjects_per_class, ood=flagged
             )
         ),
     )
+
+
+def _other_data(
+    folder: Path, models: list[torch.nn.Module], familiarities: list[Familiarity], spec: ModelSpec, test_ood: np.ndarray
+) -> dict:
+    """How the models' familiarity sees the cells of ``folder`` (another lab, another stain): how
+    many it flags (score or quality gate), and the ROC AUC of its score against the test cells."""
+    files = find_images([str(folder)])
+    if not files:
+        raise CnmcError(f"{folder}: no images to judge the familiarity score on (--ood-data)")
+    originals = [decode_cell(read_image(file)) for file in tqdm(files, desc="--ood-data", leave=False)]
+    images = np.stack([framed(rgb, spec.framing) for rgb in originals])
+    score = ensemble_score(
+        [
+            f.score(predict_cells(m, images, spec, tta=False).features)
+            for f, m in zip(familiarities, models, strict=True)
+        ]
+    )
+    flagged = (score > 1) | np.array([bool(quality_problem(rgb)) for rgb in originals])
+    truth = np.r_[np.zeros(len(test_ood)), np.ones(len(score))]
+    return {
+        "other_data": str(folder),
+        "other_cells": len(files),
+        "other_flagged": int(flagged.sum()),
+        "other_roc_auc": float(roc_auc_score(truth, np.r_[test_ood, score])),
+    }
 
 
 def _choose_tta(params: Params, targets: np.ndarray, views: np.ndarray, shortfall: str) -> tuple[bool, str]:
@@ -228,11 +314,13 @@ def _write_artifacts(
     test_prob: np.ndarray,
     tta_prob: np.ndarray,
     raw_prob: np.ndarray,
+    ood_score: np.ndarray,
+    flagged: np.ndarray,
     paths: RunPaths,
-    weights: list[Path],
+    served: list[ServedFiles],
 ) -> None:
     """The test plots, the Grad-CAM grid (of the first model), ``predictions.csv``, the calibrated
-    ``model.json`` and the pyfunc: one model, or the cross-fitted folds' ensemble."""
+    ``model.json`` and the pyfunc with its familiarity: one model, or the cross-fitted folds' ensemble."""
     threshold, name = spec.threshold, spec.backbone
     reported = tta_prob if spec.tta else test_prob  # the model's own answer (ModelSpec.tta)
     y_pred = (reported >= threshold).astype(int)
@@ -259,6 +347,8 @@ def _write_artifacts(
             "prob_all": test_prob,
             "predicted": np.where(y_pred == 1, "all", "hem"),
             "prob_all_tta": tta_prob,
+            "ood_score": ood_score,
+            "ood": flagged,
         }
     ).to_csv(out_dir / "predictions.csv", index=False)
     spec.save(out_dir / "model.json")
@@ -267,7 +357,7 @@ def _write_artifacts(
     for report in paths.data_reports:
         if report.is_file():
             mlflow.log_artifact(str(report), artifact_path="data")
-    log_served_model(weights, out_dir / "model.json", threshold, example_image(test))
+    log_served_model(served, threshold, example_image(test))
 
 
 def example_image(store: ImageStore) -> Path:

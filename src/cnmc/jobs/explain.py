@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-import torch
 
 from cnmc.core.atomic import atomic_write_text, output_folder
 from cnmc.core.errors import CnmcError
@@ -17,12 +17,12 @@ from cnmc.inference.probability import predict_proba
 from cnmc.inference.spec import ModelSpec
 from cnmc.plots.gradcam import gradcam_heatmaps, single_png
 from cnmc.serving.client import find_images, load_image_model, read_image
-from cnmc.serving.pyfunc import decode_image
+from cnmc.serving.pyfunc import Member, decode_image
 
 log = logging.getLogger(__name__)
 
 
-def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) -> list[Path]:
+def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str, trust: bool = False) -> list[Path]:
     """``cnmc explain --model URI IMAGE...``: one Grad-CAM overlay PNG per image.
 
     ``image_paths``: files, folders or glob patterns, as ``cnmc predict`` takes them. Each image
@@ -32,8 +32,8 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
     file with its result or error. Returns the PNGs written (CnmcError if none could be).
     """
     files = find_images(image_paths)
-    classifier = _classifier(load_image_model(model_uri), model_uri)
-    model, spec = classifier.model, classifier.spec
+    members, spec = _members(load_image_model(model_uri, trust), model_uri)
+    model = members[0].model  # Grad-CAM of the first model (a cross-fit's fold 0); p(ALL) is the served mean
     out_dir = Path(out_dir)
     output_folder(out_dir)
     written: list[Path] = []
@@ -55,7 +55,7 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
             row["error"] = str(exc)
             log.warning("%s: skipped (%s)", path, exc)
             continue
-        prob = float(predict_proba(model, image, spec)[0])
+        prob = float(np.mean([predict_proba(m.model, image, m.spec)[0] for m in members]))
         predicted = int(prob >= spec.threshold)
         heatmap = gradcam_heatmaps(model, spec, image, targets=[predicted])[0]
         out = out_dir / _unique_name(path, names)
@@ -68,17 +68,18 @@ def explain_images(model_uri: str, image_paths: list[str], out_dir: Path | str) 
     return written
 
 
-def _classifier(pyfunc: Any, model_uri: str) -> Any:
-    """The pyfunc's LeukemiaClassifier (``.model`` in eval mode, ``.spec``), or CnmcError."""
+def _members(pyfunc: Any, model_uri: str) -> tuple[list[Member], ModelSpec]:
+    """The served model's members (one model, or an ensemble's) and the spec it answers with, or CnmcError."""
     try:
         python_model = pyfunc.unwrap_python_model()
     except Exception as exc:
         raise CnmcError(f"model {model_uri!r} is not a cnmc python model ({exc.__class__.__name__})") from None
-    if not isinstance(getattr(python_model, "model", None), torch.nn.Module) or not isinstance(
+    members = getattr(python_model, "members", None) or [getattr(python_model, "member", None)]
+    if not all(isinstance(m, Member) for m in members) or not isinstance(
         getattr(python_model, "spec", None), ModelSpec
     ):
         raise CnmcError(f"model {model_uri!r} has no torch model and ModelSpec: not a cnmc image model")
-    return python_model
+    return members, python_model.spec
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:

@@ -24,7 +24,7 @@ from cnmc.core.errors import CnmcError
 from cnmc.core.metric_catalogue import label
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.inference.schema import CELL, REQUEST_COLUMN, markdown_table
-from cnmc.metrics.document import MetricsDocument, PeopleEvaluation, load_document
+from cnmc.metrics.document import FamiliarityEvaluation, MetricsDocument, PeopleEvaluation, load_document
 from cnmc.metrics.scores import CI_METRICS
 
 if TYPE_CHECKING:
@@ -126,6 +126,8 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         lines += ["", f"Mean per-subject accuracy at the reported threshold: {_fmt(tuned['mean_subject_accuracy'])}."]
     if metrics_doc.people is not None:
         lines += ["", "## Per person", _people_section(metrics_doc.people)]
+    if metrics_doc.familiarity is not None:
+        lines += ["", "## Cells it should not judge", _familiarity_section(metrics_doc.familiarity)]
     lines += [
         "",
         "## Decision threshold",
@@ -201,6 +203,23 @@ def _download(client: MlflowClient, run_id: str, name: str, dst: str) -> Path | 
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+def _familiarity_section(familiar: FamiliarityEvaluation) -> str:
+    """What the model flags, and what its numbers are without the flagged cells."""
+    unflagged = familiar.test_unflagged.at_tuned if familiar.test_unflagged else {}
+    without = (
+        f" Without them: ROC AUC {_fmt(unflagged.get('roc_auc'))}, balanced accuracy "
+        f"{_fmt(unflagged.get('balanced_accuracy'))}, macro F1 {_fmt(unflagged.get('f1_macro'))}."
+        if unflagged
+        else ""
+    )
+    return (
+        "Every answer carries `ood_score` (how unlike the training cells the model finds a cell: the "
+        "Mahalanobis distance of its features to the nearer class, over a cut-off set on people the model "
+        "did not train on) and `ood` (above 1, or an image that is blank, uniform, noise or a strip). A flagged "
+        f"cell does not vote in a person's call. {familiar.line()}.{without}"
+    )
 
 
 def _people_section(people: PeopleEvaluation) -> str:

@@ -55,6 +55,9 @@ class RunPaths:
     def evaluation_dir(self) -> Path:  # the evaluate stage's: calibrated model.json, test predictions.csv
         return self.root / "evaluation" / self.backbone
 
+    def familiarity_file(self, fold: int | None) -> Path:  # the evaluate stage's fit of a model's training cells
+        return self.evaluation_dir / ("familiarity.npz" if fold is None else f"familiarity_fold{fold}.npz")
+
     @property
     def metrics(self) -> Path:  # the whole metrics document: report, promotion and the model card read it
         return self.root / "metrics" / f"{self.backbone}.json"

@@ -141,7 +141,11 @@ def _validation_notes(runs: list[tuple[Path, MetricsDocument]]) -> str:
 
 def _people_lines(runs: list[tuple[Path, MetricsDocument]]) -> str:
     """Per person: each run's test people called right (mean p(ALL) of their cells at the threshold)."""
-    lines = [f"- **{run.backbone}**: {run.people.line()}." for _, run in runs if run.people is not None]
+    lines = [
+        f"- **{run.backbone}**: {run.people.line()}" + (f"; {run.familiarity.line()}" if run.familiarity else "") + "."
+        for _, run in runs
+        if run.people is not None
+    ]
     if not lines:
         return ""
     head = (

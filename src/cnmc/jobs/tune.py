@@ -21,6 +21,7 @@ process's first trial: a resumed study or a second worker does not replay earlie
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import tempfile
@@ -172,6 +173,8 @@ def open_study(params: Params) -> optuna.Study:
                 f"tune.storage {_safe_storage(cfg.storage)!r}: not a usable database URL "
                 f"({exc.__class__.__name__}: {exc})"
             ) from exc
+        except json.JSONDecodeError:  # a journal line torn by a worker killed mid-write
+            raise CnmcError(torn_journal(journal_path(cfg.storage))) from None
         except OSError as exc:  # a journal (or SQLite) file that cannot be created or written
             raise CnmcError(
                 f"tune.storage {_safe_storage(cfg.storage)!r}: cannot open the Optuna storage "
@@ -192,6 +195,21 @@ def open_study(params: Params) -> optuna.Study:
                 "use another tune.study_name (or delete the study)"
             )
     return study
+
+
+def torn_journal(journal: Path | None) -> str:
+    """The one line for a journal Optuna cannot parse: which line, and how to recover."""
+    where = str(journal)
+    lines = journal.read_text(encoding="utf-8", errors="replace").splitlines() if journal and journal.is_file() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            return (
+                f"{where}: line {number} of the Optuna journal is not whole JSON (a worker killed while writing?): "
+                f"keep a copy, then delete that line (sed -i '{number}d' {where}) and run again"
+            )
+    return f"{where}: the Optuna journal cannot be read as JSON lines: keep a copy and repair or remove it"
 
 
 def make_storage(setting: str, heartbeat_s: int = 60) -> optuna.storages.BaseStorage:

@@ -80,6 +80,7 @@ class PeopleEvaluation(_Document):
     accuracy_ci95: list[float] | None
     roc_auc: float | None
     roc_auc_note: str = ""
+    not_called: int = 0  # people called `none`: too few of their cells could vote
     per_person: list[dict[str, Any]] = []
 
     def line(self) -> str:
@@ -88,7 +89,41 @@ class PeopleEvaluation(_Document):
             return "no test people"
         low, high = self.accuracy_ci95 or [float("nan")] * 2
         auc = f"; AUC over people {self.roc_auc:.2f}" if self.roc_auc is not None else f" ({self.roc_auc_note})"
-        return f"{self.right} of {self.people} people called right (exact 95% CI {low:.2f}-{high:.2f}){auc}"
+        unsure = f", {self.not_called} not called (too few of their cells could vote)" if self.not_called else ""
+        return f"{self.right} of {self.people} people called right (exact 95% CI {low:.2f}-{high:.2f}){unsure}{auc}"
+
+
+class FamiliarityEvaluation(_Document):
+    """How many cells the model flags as unlike its training cells (:mod:`cnmc.inference.familiarity`):
+    on test, the metrics without them, and, with ``--ood-data``, how well the score tells another
+    source's cells from the test cells."""
+
+    false_alarm_rate: float  # the cut-off's design rate on unseen people of the training distribution
+    test_cells: int
+    test_flagged: int
+    test_unflagged: SplitEvaluation | None = None  # the reported answer on the cells not flagged
+    other_data: str = ""  # the --ood-data folder
+    other_cells: int = 0
+    other_flagged: int = 0
+    other_roc_auc: float | None = None  # ood_score: the other folder's cells against the test cells
+
+    @property
+    def test_flagged_share(self) -> float:
+        return self.test_flagged / self.test_cells if self.test_cells else 0.0
+
+    def line(self) -> str:
+        """The figures in words."""
+        text = (
+            f"{self.test_flagged} of {self.test_cells} test cells ({self.test_flagged_share:.1%}) flagged as unlike "
+            f"the training cells (cut-off: {self.false_alarm_rate:.0%} of unseen training-distribution cells)"
+        )
+        if self.other_data:
+            auc = "n/a" if self.other_roc_auc is None else f"{self.other_roc_auc:.3f}"
+            text += (
+                f"; cells of {self.other_data}: {self.other_flagged} of {self.other_cells} flagged, "
+                f"ROC AUC of the score against the test cells {auc}"
+            )
+        return text
 
 
 class FitSummary(_Document):
@@ -123,6 +158,7 @@ class MetricsDocument(FitSummary):
     calibration: Calibration
     tta: bool = False  # the 8-view TTA answer is the reported (and served) one: validation showed it helps
     people: PeopleEvaluation | None = None  # documents written before the per-person call lack it
+    familiarity: FamiliarityEvaluation | None = None  # documents written before the flag lack it
 
     @property
     def validation_scheme(self) -> str:
@@ -180,6 +216,10 @@ class MetricsDocument(FitSummary):
             out |= {"test_people_accuracy": float(self.people.accuracy or 0.0)}
             if self.people.roc_auc is not None:
                 out["test_people_roc_auc"] = self.people.roc_auc
+        if self.familiarity:
+            out["test_ood_share"] = self.familiarity.test_flagged_share
+            if self.familiarity.other_roc_auc is not None:
+                out["ood_data_roc_auc"] = self.familiarity.other_roc_auc
         return out | self.calibration.model_dump() | {"threshold": self.threshold}
 
 

@@ -103,12 +103,14 @@ def predict_paths(
     progress: bool = True,
     people: People | None = None,
     spark_master: str | None = None,
+    trust: bool = False,
 ) -> PredictSummary:
     """Predict every image that ``inputs`` name with the pyfunc at ``model_uri``; write ``out_csv``
     (CSV, or Parquet where it ends in ``.parquet``; with ``people``: one row per person, and the
     cells beside it). ``inputs``: files, folders, glob patterns, or Parquet files with a ``path``
     column. ``spark_master``: score on Spark at that master (:mod:`cnmc.serving.spark`) instead of
-    in this process; the rows, and so the files written, are the same.
+    in this process; the rows, and so the files written, are the same. ``trust``: load the model
+    with its own code (:mod:`cnmc.serving.trusted`).
 
     Raises :class:`CnmcError` (one line) when an input matches nothing, a person can't be told or
     the model can't be loaded.
@@ -121,9 +123,9 @@ def predict_paths(
     if spark_master is not None:
         from cnmc.serving.spark import score_on_spark
 
-        rows = score_on_spark(model_uri, files, spark_master, batch_size)
+        rows = score_on_spark(model_uri, files, spark_master, batch_size, trust)
     else:
-        rows = _score_here(model_uri, files, batch_size, progress)
+        rows = _score_here(model_uri, files, batch_size, progress, trust)
 
     table = pd.DataFrame(rows, columns=BATCH_COLUMNS)
     out_csv = Path(out_csv)
@@ -134,7 +136,13 @@ def predict_paths(
     else:
         table.insert(1, "subject", subjects)
         threshold = threshold_of(rows)
-        by_person = call_people(subjects, pd.to_numeric(table["prob_all"]).to_numpy(dtype=float), threshold)
+        by_person = call_people(
+            subjects,
+            pd.to_numeric(table["prob_all"]).to_numpy(dtype=float),
+            threshold,
+            ood=table["ood"].fillna(False).astype(bool).to_numpy(),
+            pixel_hashes=list(table["pixel_hash"].fillna("")),
+        )
         cells_csv = out_csv.with_name(f"{out_csv.stem}.cells{out_csv.suffix or '.csv'}")
         _write_csv(table, cells_csv)
         _write_csv(by_person, out_csv)
@@ -152,11 +160,13 @@ def predict_paths(
     return summary
 
 
-def _score_here(model_uri: str, files: list[Path], batch_size: int, progress: bool) -> list[dict[str, Any]]:
+def _score_here(
+    model_uri: str, files: list[Path], batch_size: int, progress: bool, trust: bool
+) -> list[dict[str, Any]]:
     """One row per file, in order, scored in this process in batches of ``batch_size``."""
     from tqdm.auto import tqdm
 
-    model = load_image_model(model_uri)
+    model = load_image_model(model_uri, trust)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(files), unit="img", desc="predict", disable=not progress) as bar:
         for chunk_start in range(0, len(files), batch_size):

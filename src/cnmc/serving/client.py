@@ -86,17 +86,14 @@ def _identity(path: Path) -> object:
     return (status.st_dev, status.st_ino)
 
 
-def load_image_model(model_uri: str) -> Any:
-    """``mlflow.pyfunc.load_model`` of a cnmc image model, or a one-line :class:`CnmcError`."""
-    import mlflow
+def load_image_model(model_uri: str, trust: bool = False) -> Any:
+    """A cnmc image model, loaded without running its code unless ``trust`` (:mod:`cnmc.serving.trusted`),
+    or a one-line :class:`CnmcError`."""
+    from cnmc.serving.trusted import load_served_model
 
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints.*")
-            model = mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:  # MLflow raises many types for bad URIs, missing runs, bad stores
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
-        raise CnmcError(f"cannot load model {model_uri!r}: {first}") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        model = load_served_model(model_uri, trust)
     schema = model.metadata.get_input_schema()
     if schema is None or REQUEST_COLUMN not in (schema.input_names() if schema.has_input_names() else []):
         raise CnmcError(f"model {model_uri!r} does not take an '{REQUEST_COLUMN}' column: not a cnmc image model")

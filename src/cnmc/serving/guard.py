@@ -231,6 +231,11 @@ class HttpGuard:
         if foreign := foreign_request(scope, self.allowed_hosts):
             await send_error(send, HTTPStatus.FORBIDDEN, foreign)
             return
+        if _header(scope, b"transfer-encoding") is not None and _header(scope, b"content-length") is not None:
+            # RFC 9112 6.3: both framings in one request may smuggle a second one; answer, then close.
+            message = "a request with both Content-Length and Transfer-Encoding is ambiguous: refused"
+            await send_error(send, HTTPStatus.BAD_REQUEST, message, close=True)
+            return
         if scope["path"] == INVOCATIONS and scope["method"] == "POST":
             problem = content_type_problem(_header(scope, b"content-type"))
             if problem:
@@ -349,15 +354,20 @@ class _ErrorsAsJson:
             await self._send(message)
 
 
-async def send_error(send: Send, status: int, message: str, retry_after: int | None = None) -> None:
-    """Answer with our own JSON error (and ``Retry-After`` seconds where given)."""
+async def send_error(
+    send: Send, status: int, message: str, retry_after: int | None = None, close: bool = False
+) -> None:
+    """Answer with our own JSON error (and ``Retry-After`` seconds where given; with ``close``, the
+    server closes the connection after it)."""
     body = json.dumps({"error_code": status_name(status), "message": client_message(message)}).encode()
-    await _send_json(send, status, body, retry_after)
+    await _send_json(send, status, body, retry_after, close)
 
 
-async def _send_json(send: Send, status: int, body: bytes, retry_after: int | None = None) -> None:
+async def _send_json(send: Send, status: int, body: bytes, retry_after: int | None = None, close: bool = False) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -187,7 +187,7 @@ def _error(status: HTTPStatus, message: str) -> Any:
     return JSONResponse({"error_code": status_name(status), "message": message}, status_code=status)
 
 
-def serve(model_uri: str, host: str, port: int, limits: ServerLimits) -> None:
+def serve(model_uri: str, host: str, port: int, limits: ServerLimits, trust: bool = False) -> None:
     """Load the model and serve it until SIGTERM or Ctrl+C. SIGTERM is graceful: uvicorn stops
     accepting, lets the requests in flight finish, and the process then exits 0.
 
@@ -207,7 +207,7 @@ def serve(model_uri: str, host: str, port: int, limits: ServerLimits) -> None:
         pinned, name, version = pin_version(model_uri, client)
     except MlflowException as exc:
         raise CnmcError(f"cannot resolve model {model_uri!r}: {exc.message.splitlines()[0][:300]}") from None
-    model = load_image_model(pinned)
+    model = load_image_model(pinned, trust)
     facts = model_facts(model, model_uri, name, version, client)
     log.info("serving %s (%s) on http://%s:%d", model_uri, pinned, host, port)
     app = build_app(model, facts, limits)

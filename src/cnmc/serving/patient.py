@@ -92,7 +92,9 @@ def answer_patient(model: Any, images: list[str], names: list[str], subject: str
     probs = [float(c["prob_all"]) if c["error"] is None else math.nan for c in cells]
     threshold = threshold_of(cells)
     unreadable = sum(c["error"] is not None for c in cells)
-    person = {"subject": subject} | call_person(probs, threshold, unreadable)
+    ood = [bool(c["ood"]) for c in cells]
+    hashes = [str(c["pixel_hash"] or "") for c in cells]
+    person = {"subject": subject} | call_person(probs, threshold, unreadable, ood=ood, pixel_hashes=hashes)
     return {"patient": _json_safe(person), "cells": cells}
 
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,10 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from cnmc.core.config import Framing
 from cnmc.data.images import ImageProblem, open_rgb
+from cnmc.data.quality import quality_problem
 from cnmc.data.transforms import frame
-from cnmc.inference.probability import predict_proba
+from cnmc.inference.familiarity import Familiarity, ensemble_score
+from cnmc.inference.probability import predict_cells
 from cnmc.inference.schema import REQUEST_COLUMN, cell_answers
 from cnmc.inference.spec import ModelSpec
 from cnmc.serving.abandoned import stop_if_abandoned
@@ -57,30 +61,68 @@ class InvalidInput(ValueError):
     """A request the model can't use; the message names the row and the problem."""
 
 
-def decode_image(data: bytes, framing: Framing | int) -> np.ndarray:
-    """Encoded image bytes -> framed uint8 (S, S, 3), exactly as the augment stage stores it
+def decode_cell(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> the decoded uint8 (H, W, 3) RGB pixels (:func:`cnmc.data.images.open_rgb`)."""
+    image, _ = open_rgb(data)
+    return np.array(image, dtype=np.uint8)
+
+
+def framed(rgb: np.ndarray, framing: Framing | int) -> np.ndarray:
+    """Decoded (H, W, 3) pixels -> framed uint8 (S, S, 3), exactly as the augment stage stores them
     (``framing``: the model's :class:`~cnmc.core.config.Framing`, or a side for the whole frame)."""
     framing = framing if isinstance(framing, Framing) else Framing(framing)
-    image, _ = open_rgb(data)
-    chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return frame(chw, framing).permute(1, 2, 0).numpy()
+    return frame(torch.from_numpy(rgb).permute(2, 0, 1), framing).permute(1, 2, 0).numpy()
 
 
-def decode_base64_images(values: Sequence[Any], framing: Framing | int) -> np.ndarray:
-    """Base64 strings (or raw bytes) -> a (N, S, S, 3) uint8 batch; raises :class:`InvalidInput`."""
-    size = framing.image_size if isinstance(framing, Framing) else framing
-    out = np.empty((len(values), size, size, 3), dtype=np.uint8)
+def decode_image(data: bytes, framing: Framing | int) -> np.ndarray:
+    """Encoded image bytes -> framed uint8 (S, S, 3), as the augment stage stores the image."""
+    return framed(decode_cell(data), framing)
+
+
+def pixel_hash(rgb: np.ndarray) -> str:
+    """The first 16 hex digits of the SHA-256 of decoded pixels and their shape: the same for copies
+    of one image however they were named or (losslessly) encoded."""
+    digest = hashlib.sha256(f"{rgb.shape}".encode())
+    digest.update(np.ascontiguousarray(rgb).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """A request's images, framed for each framing asked for, with what the quality gate
+    (:func:`cnmc.data.quality.quality_problem`) and the pixels' hash say of each."""
+
+    framed: dict[Framing, np.ndarray]
+    problems: list[str]
+    pixel_hashes: list[str]
+
+
+def decode_request(values: Sequence[Any], framings: Iterable[Framing]) -> DecodedRequest:
+    """Base64 strings (or raw bytes) -> :class:`DecodedRequest`; raises :class:`InvalidInput`."""
+    framings = sorted(set(framings), key=str)
+    out = {f: np.empty((len(values), f.image_size, f.image_size, 3), dtype=np.uint8) for f in framings}
+    problems, hashes = [], []
     for row, value in enumerate(values):
         stop_if_abandoned(f"after decoding {row} of {len(values)} images")
         data = value_bytes(value, row)
         try:
-            out[row] = decode_image(data, framing)
+            rgb = decode_cell(data)
+            for framing in framings:
+                out[framing][row] = framed(rgb, framing)
         except ImageProblem as exc:
             raise InvalidInput(f"row {row}: {exc}") from None
         except Exception as exc:  # nothing a client sends may end in a stack trace
             reason = f"{exc.__class__.__name__}: {exc}"[:200]
             raise InvalidInput(f"row {row}: could not decode the image ({reason})") from None
-    return out
+        problems.append(quality_problem(rgb))
+        hashes.append(pixel_hash(rgb))
+    return DecodedRequest(out, problems, hashes)
+
+
+def decode_base64_images(values: Sequence[Any], framing: Framing | int) -> np.ndarray:
+    """Base64 strings (or raw bytes) -> a (N, S, S, 3) uint8 batch; raises :class:`InvalidInput`."""
+    framing = framing if isinstance(framing, Framing) else Framing(framing)
+    return decode_request(values, [framing]).framed[framing]
 
 
 def value_bytes(value: Any, row: int = 0) -> bytes:
@@ -125,61 +167,90 @@ class LeukemiaClassifier(_ExplicitSignature):
     """ALL-vs-Hem classifier over encoded images; weights and spec are MLflow artifacts."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        self.model, self.spec = load_member(Path(context.artifacts["weights"]), Path(context.artifacts["spec"]))
+        self.member = load_member(*_member_files(context.artifacts, ""))
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What ``GET /info`` shows of the served model."""
+        return self.member.spec
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
-        return answer(model_input, params, [(self.model, self.spec)], self.spec.threshold)
+        return answer(model_input, params, [self.member], self.member.spec.threshold)
 
 
 class EnsembleClassifier(_ExplicitSignature):
-    """The mean P(ALL) of several trained models (``cnmc ensemble``): artifacts ``weights``/``spec``,
-    ``weights_1``/``spec_1``, ..., and ``ensemble`` (JSON: the threshold on the mean)."""
+    """The mean P(ALL) of several trained models (``cnmc ensemble``, a cross-fit's folds): artifacts
+    ``weights``/``spec``/``familiarity``, ``weights_1``/``spec_1``/``familiarity_1``, ..., and
+    ``ensemble`` (JSON: the threshold on the mean)."""
 
     def load_context(self, context: PythonModelContext) -> None:
         import json
 
         artifacts = context.artifacts
-        keys = [("weights", "spec")] + [(f"weights_{i}", f"spec_{i}") for i in range(1, len(artifacts))]
-        self.members = [load_member(Path(artifacts[w]), Path(artifacts[s])) for w, s in keys if s in artifacts]
+        suffixes = [""] + [f"_{i}" for i in range(1, len(artifacts)) if f"spec_{i}" in artifacts]
+        self.members = [load_member(*_member_files(artifacts, suffix)) for suffix in suffixes]
         self.threshold = float(json.loads(Path(artifacts["ensemble"]).read_text())["threshold"])
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What ``GET /info`` shows of the served model: the members' spec (their backbones joined
+        by ``+`` where they differ) at the ensemble's threshold."""
+        backbones = "+".join(dict.fromkeys(m.spec.backbone for m in self.members))
+        return replace(self.members[0].spec, backbone=backbones, threshold=self.threshold)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints as a schema
         return answer(model_input, params, self.members, self.threshold)
 
 
-Member = tuple[torch.nn.Module, ModelSpec]
+@dataclass(frozen=True)
+class Member:
+    """One trained model of a served model: the network, its spec and, where it was logged with
+    one, its picture of its training cells."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    familiarity: Familiarity | None = None
 
 
-def load_member(weights: Path, spec_file: Path) -> Member:
-    """One trained model, in eval mode on the CPU, and its spec."""
+def _member_files(artifacts: dict[str, str], suffix: str) -> tuple[Path, Path, Path | None]:
+    familiarity = artifacts.get(f"familiarity{suffix}")
+    return Path(artifacts[f"weights{suffix}"]), Path(artifacts[f"spec{suffix}"]), familiarity and Path(familiarity)
+
+
+def load_member(weights: Path, spec_file: Path, familiarity: Path | None = None) -> Member:
+    """One trained model, in eval mode on the CPU, its spec and its familiarity (where given)."""
     from cnmc.models.backbones import create_backbone
 
     spec = ModelSpec.load(spec_file)
     model = create_backbone(spec.backbone, pretrained=False).model
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval(), spec
+    return Member(model.eval(), spec, Familiarity.load(familiarity) if familiarity else None)
 
 
 def answer(
     model_input: Any, params: dict[str, Any] | None, members: Sequence[Member], threshold: float
 ) -> pd.DataFrame:
     """The served answer to a request: each image's mean P(ALL) over ``members`` (one model, or an
-    ensemble), its label at ``threshold``, and the threshold. A bad request raises
+    ensemble), its label at ``threshold``, the threshold, its familiarity score (the members' mean),
+    the quality gate's verdict and its pixels' hash. A bad request raises
     ``MlflowException(INVALID_PARAMETER_VALUE)`` naming the row and the problem (HTTP 400)."""
     try:
         tta = _tta_param(params)
-        values = _image_values(model_input)
-        images = {framing: decode_base64_images(values, framing) for framing in {s.framing for _, s in members}}
+        decoded = decode_request(_image_values(model_input), {m.spec.framing for m in members})
     except InvalidInput as exc:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-    probs = []
-    for done, (model, spec) in enumerate(members):
+    probs, scores = [], []
+    for done, member in enumerate(members):
         stop_if_abandoned(f"after {done} of {len(members)} models' forward passes")
-        probs.append(predict_proba(model, images[spec.framing], spec, tta=tta))
-    return cell_answers(np.mean(probs, axis=0), threshold)
+        cells = predict_cells(member.model, decoded.framed[member.spec.framing], member.spec, tta=tta)
+        probs.append(cells.prob)
+        if member.familiarity is not None:
+            scores.append(member.familiarity.score(cells.features))
+    score = ensemble_score(scores) if len(scores) == len(members) else None
+    return cell_answers(np.mean(probs, axis=0), threshold, score, decoded.problems, decoded.pixel_hashes)
 
 
 def _tta_param(params: dict[str, Any] | None) -> bool | None:
@@ -236,11 +307,13 @@ def log_pyfunc(
     python_model: PythonModel | None = None,
     artifacts: dict[str, str] | None = None,
     tta_default: bool | None = None,
+    familiarity: Path | None = None,
 ) -> Any:
-    """Log ``weights`` (``weights.pt``) and ``spec`` (``model.json``) as the run's pyfunc model
-    ``model``, with only the code and the requirements that inference needs (:mod:`cnmc.serving.model_env`).
+    """Log ``weights`` (``weights.pt``), ``spec`` (``model.json``) and ``familiarity`` (where given)
+    as the run's pyfunc model ``model``, with only the code and the requirements that inference
+    needs (:mod:`cnmc.serving.model_env`).
 
-    An ensemble (:mod:`cnmc.ensemble`) passes its own ``python_model`` and further ``artifacts``."""
+    An ensemble (:func:`log_ensemble`) passes its own ``python_model`` and further ``artifacts``."""
     import tempfile
 
     from mlflow.models import infer_signature
@@ -248,13 +321,15 @@ def log_pyfunc(
     from cnmc.serving import model_env
 
     example = pd.DataFrame({REQUEST_COLUMN: [encode_file(example_image)]})
-    output = cell_answers(np.array([0.5]), 0.5)
+    output = cell_answers(np.array([0.5]), 0.5, np.array([0.5]), [""], ["0" * 16])
     tta = ModelSpec.load(spec).tta if tta_default is None else tta_default
     with tempfile.TemporaryDirectory(prefix="cnmc-code-") as tmp, _quiet_about_cloudpickle():
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=python_model or LeukemiaClassifier(),
-            artifacts={"weights": str(weights), "spec": str(spec), **(artifacts or {})},
+            artifacts={"weights": str(weights), "spec": str(spec)}
+            | ({"familiarity": str(familiarity)} if familiarity else {})
+            | (artifacts or {}),
             code_paths=[str(model_env.copy_code(Path(tmp)))],
             signature=infer_signature(example, output, params={"tta": tta}),
             input_example=example,
@@ -263,10 +338,13 @@ def log_pyfunc(
         )
 
 
-def log_ensemble(members: Sequence[tuple[Path, Path]], threshold: float, example_image: Path, tta_default: bool) -> Any:
-    """Log models ``members`` (``(weights, spec)`` files) as one :class:`EnsembleClassifier` that
-    answers with their mean P(ALL) at ``threshold``: ``cnmc ensemble``'s backbones, or the folds of
-    a cross-fitted backbone (which share one spec)."""
+ServedFiles = tuple[Path, Path, Path | None]  # one model's weights, spec and familiarity (None: none fitted)
+
+
+def log_ensemble(members: Sequence[ServedFiles], threshold: float, example_image: Path, tta_default: bool) -> Any:
+    """Log models ``members`` as one :class:`EnsembleClassifier` that answers with their mean P(ALL)
+    at ``threshold``: ``cnmc ensemble``'s backbones, or the folds of a cross-fitted backbone (which
+    share one spec)."""
     import json
     import tempfile
 
@@ -275,21 +353,25 @@ def log_ensemble(members: Sequence[tuple[Path, Path]], threshold: float, example
         decision.write_text(json.dumps({"threshold": threshold}) + "\n")
         extra = {
             f"{kind}_{i}": str(path)
-            for i, pair in enumerate(members[1:], 1)
-            for kind, path in zip(("weights", "spec"), pair, strict=True)
+            for i, files in enumerate(members[1:], 1)
+            for kind, path in zip(("weights", "spec", "familiarity"), files, strict=True)
+            if path is not None
         }
+        weights, spec, familiarity = members[0]
         return log_pyfunc(
-            *members[0],
+            weights,
+            spec,
             example_image,
             python_model=EnsembleClassifier(),
             artifacts=extra | {"ensemble": str(decision)},
             tta_default=tta_default,
+            familiarity=familiarity,
         )
 
 
-def log_served_model(weights: Sequence[Path], spec: Path, threshold: float, example_image: Path) -> Any:
-    """Log an evaluated backbone as the run's model: one set of weights, or the ensemble of its
-    cross-fitting folds (one spec, its threshold and TTA default)."""
-    if len(weights) == 1:
-        return log_pyfunc(weights[0], spec, example_image)
-    return log_ensemble([(w, spec) for w in weights], threshold, example_image, ModelSpec.load(spec).tta)
+def log_served_model(members: Sequence[ServedFiles], threshold: float, example_image: Path) -> Any:
+    """Log an evaluated backbone as the run's model: one model, or the ensemble of its cross-fitting
+    folds (one spec, its threshold and TTA default)."""
+    if len(members) == 1:
+        return log_pyfunc(members[0][0], members[0][1], example_image, familiarity=members[0][2])
+    return log_ensemble(members, threshold, example_image, ModelSpec.load(members[0][1]).tta)

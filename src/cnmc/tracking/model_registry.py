@@ -112,13 +112,11 @@ def _best_candidate(client: MlflowClient, cfg: PromoteConfig, protocol: str, dat
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise CnmcError(f"no experiment {experiment!r} in this MLflow store: {todo}")
-    for text, what in ((protocol, "protocol"), (data_hash, "data hash")):
-        if "'" in text:
-            raise CnmcError(f"{what} {text!r}: quotes are not allowed")
     runs = _search_runs(
         client,
         found.experiment_id,
-        f"tags.protocol = '{protocol}' and tags.data_hash = '{data_hash}' and attributes.status = 'FINISHED'",
+        f"tags.protocol = {filter_literal(protocol)} and tags.data_hash = {filter_literal(data_hash)} "
+        "and attributes.status = 'FINISHED'",
     )
     models = _logged_models(client, found.experiment_id)
     metric, tie = mlflow_key(cfg.rank_on, cfg.metric), mlflow_key(cfg.rank_on, cfg.tie_breaker)
@@ -202,7 +200,7 @@ def _registered_version(
     except MlflowException as exc:
         if exc.error_code not in _EXISTS:
             raise
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    existing = client.search_model_versions(f"name = {filter_literal(name)} and run_id = {filter_literal(run_id)}")
     if existing:
         version = max(existing, key=lambda v: int(v.version))
         log.info("run %s is already %s version %s", run_id, name, version.version)
@@ -217,6 +215,14 @@ def _registered_version(
     )
     _link_logged_model(client, model_id, name, str(version.version))
     return version
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter: in the quotes it does not contain."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise CnmcError(f"{value!r} holds both kinds of quote: MLflow's search filters cannot name it; rename it")
 
 
 def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
