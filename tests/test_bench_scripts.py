@@ -61,6 +61,16 @@ def test_real_cells_bench_help_and_skip_without_data(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unknown variants" in proc.stderr
 
 
+def test_ood_bench_help_and_skip_without_data(tmp_path: Path) -> None:
+    proc = _run("bench_ood.py", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--model", "--unseen", "--other"):
+        assert flag in proc.stdout
+    absent = str(tmp_path / "absent")
+    proc = _run("bench_ood.py", "--model", absent, "--unseen", absent, "--other", absent)
+    assert proc.returncode == 0 and "skipped:" in proc.stderr, proc.stderr
+
+
 def test_serving_bench_help() -> None:
     """It imports the tests' server helper (``tests/local_server.py``) and offers both servers."""
     proc = _run("bench_serving.py", "--help")

@@ -23,6 +23,7 @@ import pytest
 from conftest import metrics_document as conftest_metrics_document
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from cnmc.core.config import Params, PromoteConfig
 from cnmc.core.errors import CnmcError
@@ -333,3 +334,24 @@ def test_a_card_longer_than_the_registry_column_is_cut_at_a_line_and_says_where_
     cut = version_description(long, "r1")
     assert len(cut) <= MAX_DESCRIPTION and cut.endswith("the whole card is `model_card.md` of run `r1`)")
     assert long.startswith(cut.split("\n\n... (cut")[0])  # whole lines kept, nothing altered
+
+
+def test_a_tracking_server_that_is_down_is_one_line_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    import socket
+
+    from cnmc.cli import main
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    cell = tmp_path / "cell.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cell)
+    for argv in (["promote", "--params", str(params)], ["predict", "--params", str(params), str(cell), "-o", "o.csv"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "s3cret" not in err and "alice:***@" in err and len(err.strip().splitlines()) == 1, err

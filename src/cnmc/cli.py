@@ -595,18 +595,27 @@ def build_parser() -> argparse.ArgumentParser:
 def store_problem(exc: BaseException) -> CnmcError | None:
     """A tracking or study database another process holds locked (SQLite), or one that cannot be
     reached, as one line naming it; None for any other error (a bug keeps its traceback)."""
+    from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError
 
+    from cnmc.tracking.provenance import shown_uri, tracking_uri
+
+    if (
+        isinstance(exc, MlflowException)
+        and "API request to " in exc.message
+        and " failed with exception " in exc.message
+    ):
+        why = exc.message.split(" failed with exception ", 1)[1]
+        reason = "connection refused" if "Connection refused" in why else why.splitlines()[0][:160]
+        return CnmcError(f"cannot reach the tracking server {shown_uri(tracking_uri())}: {reason}")
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OperationalError):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
         return None
-    from cnmc.tracking.provenance import tracking_uri
-
     reason = (str(cause.orig).splitlines() or ["unusable"])[0][:200]
     hint = ": another process holds it, try again when it finishes" if "locked" in reason else ""
-    return CnmcError(f"{reason}{hint} (tracking store {tracking_uri()})")
+    return CnmcError(f"{reason}{hint} (tracking store {shown_uri(tracking_uri())})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -624,7 +633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             raise problem from exc
     except CnmcError as exc:
-        print(f"cnmc {args.command}: error: {exc}", file=sys.stderr)
+        from cnmc.tracking.provenance import without_passwords
+
+        print(f"cnmc {args.command}: error: {without_passwords(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cnmc {args.command}: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ Promotion needs these and nothing of how runs are started (:mod:`cnmc.tracking.r
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def shown_uri(uri: str) -> str:
         return uri
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+_PASSWORD_IN_URI = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s/]+@")
+
+
+def without_passwords(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ``***`` (messages we print)."""
+    return _PASSWORD_IN_URI.sub(r"\1***@", text)
 
 
 def experiment_name(protocol: str) -> str:
