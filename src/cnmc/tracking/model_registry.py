@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,7 +69,7 @@ def register_best(
     best = _best_candidate(client, cfg, protocol, data_hash)
     run = best.run
     version = _registered_version(client, cfg.model_name, best, protocol, data_hash)
-    client.set_registered_model_alias(cfg.model_name, cfg.candidate_alias, str(version.version))
+    _set_alias(client, cfg.model_name, cfg.candidate_alias, str(version.version))
     if release:
         moves, reason = _decide(client, cfg, best, version, protocol, data_hash)
     else:
@@ -97,7 +98,7 @@ def register_best(
         tracking_store=shown_uri(tracking_uri()),
     )
     if moves:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, result.version)
+        _set_alias(client, cfg.model_name, cfg.alias, result.version)
     holder = _alias_holder(client, cfg.model_name, cfg.alias)
     champion_version = str(holder.version) if holder else ""
     # Promoted: released by this call (an experiment, which cannot release, never says promoted).
@@ -200,21 +201,36 @@ def _registered_version(
     except MlflowException as exc:
         if exc.error_code not in _EXISTS:
             raise
-    existing = client.search_model_versions(f"name = {filter_literal(name)} and run_id = {filter_literal(run_id)}")
+    existing = _versions_of_run(client, name, run_id)
     if existing:
-        version = max(existing, key=lambda v: int(v.version))
+        version = existing[0]
         log.info("run %s is already %s version %s", run_id, name, version.version)
         return version
     model_id = best.model.model_id
-    version = client.create_model_version(
+    created = client.create_model_version(
         name,
         source=f"models:/{model_id}",
         run_id=run_id,
         tags=version_tags(best.run, protocol, data_hash),
         model_id=model_id,
     )
-    _link_logged_model(client, model_id, name, str(version.version))
-    return version
+    # Promotions running at once may each have registered the run: the first version stands, the
+    # others remove their own, so every one of them goes on with the same version.
+    first = _versions_of_run(client, name, run_id)[0]
+    if str(first.version) != str(created.version):
+        log.info(
+            "run %s was registered at once as v%s: using that, removing v%s", run_id, first.version, created.version
+        )
+        client.delete_model_version(name, str(created.version))
+        return first
+    _link_logged_model(client, model_id, name, str(created.version))
+    return created
+
+
+def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+    """The versions of ``name`` made from the run, oldest first."""
+    found = client.search_model_versions(f"name = {filter_literal(name)} and run_id = {filter_literal(run_id)}")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def filter_literal(value: str) -> str:
@@ -237,6 +253,19 @@ def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: 
 
 
 # -- the alias ------------------------------------------------------------------------------------------
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Point ``alias`` at ``version``; two promotions setting a new alias at once collide on its row
+    (the store's unique key), and the one that lost simply sets it again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if attempt == attempts or "UNIQUE constraint" not in exc.message and "duplicate key" not in exc.message:
+                raise
+            time.sleep(0.1 * attempt)
+
+
 def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
