@@ -366,3 +366,35 @@ def test_promotions_at_once_register_the_run_once_and_agree_on_the_aliases(clien
         results = list(pool.map(lambda _: promote(CFG, "subject", DATA, MlflowClient(tracking_uri=uri)), range(4)))
     assert versions(client) == ["1"] and {r.version for r in results} == {"1"}
     assert champion(client) == str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+
+
+def test_a_metric_added_in_one_place_reaches_mlflow_the_report_the_card_and_its_interval(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """One registry entry (the negative predictive value) and nothing else: every view shows it."""
+    from cnmc.core import metric_catalogue as catalogue
+    from cnmc.jobs.report import build_report
+    from cnmc.metrics.document import MetricsDocument
+    from cnmc.metrics.scores import evaluate_split
+
+    npv = catalogue.Metric(
+        "npv",
+        "NPV (Hem)",
+        from_counts=lambda c: catalogue._div(c.tn, c.tn + c.fn),
+        shown_in=frozenset({catalogue.REPORT, catalogue.CARD, catalogue.HEADLINE, catalogue.INTERVAL}),
+    )
+    monkeypatch.setattr(catalogue, "REGISTRY", (*catalogue.REGISTRY, npv))
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.6).astype(int)
+    p = np.clip(0.5 * y + 0.5 * rng.random(200), 0, 1)
+    test = evaluate_split(y, p, [f"s{i % 8}" for i in range(200)], val_threshold=0.5, n_boot=100)
+    low, high = test["ci95"]["at_tuned"]["npv"]
+    assert low <= test["at_tuned"]["npv"] <= high  # its bootstrap interval came with it
+    payload = conftest_metrics_document(test, data_hash=DATA, epoch_selection="best")
+    document = MetricsDocument.model_validate(payload)
+    assert "test_npv" in document.mlflow_metrics() and "npv" in document.headline()["test"]
+    (tmp_path / "m.json").write_text(json.dumps(payload))
+    assert "NPV (Hem)" in build_report([tmp_path / "m.json"], tmp_path / "report").markdown
+    fake_run(client, f1=0.8, document=payload)
+    card = promote(CFG, "subject", DATA, client).model_card
+    assert "| NPV (Hem) |" in card and "npv" in card.split("Bootstrap 95% intervals")[1].splitlines()[0]

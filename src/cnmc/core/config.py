@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cnmc.core.errors import CnmcError, validated
-from cnmc.core.metric_catalogue import SCALAR_METRICS
+from cnmc.core.metric_catalogue import metric_names
 
 PARAMS_FILE = "params.yaml"
 # Marks a setting that changes how fast a stage runs, never what it produces: DVC does not rerun for it.
@@ -171,8 +171,8 @@ class PromoteConfig(_Section):
     @field_validator("metric", "tie_breaker")
     @classmethod
     def _a_registered_metric(cls, name: str) -> str:
-        if name not in SCALAR_METRICS:
-            raise ValueError(f"{name!r} is not a metric; choose one of {', '.join(SCALAR_METRICS)}")
+        if name not in metric_names():
+            raise ValueError(f"{name!r} is not a metric; choose one of {', '.join(metric_names())}")
         return name
 
     @property

@@ -22,7 +22,7 @@ import numpy as np
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
-from cnmc.core.metric_catalogue import SCALAR_METRICS
+from cnmc.core.metric_catalogue import metric_names, mlflow_key
 from cnmc.data.store import ImageStore
 from cnmc.inference.probability import predict_proba
 from cnmc.jobs.evaluate import example_image
@@ -96,11 +96,11 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
         mlflow.set_tag("threshold_rule", rule)
         mlflow.log_metrics(
             {
-                f"test_{k}": float(v)
-                for k, v in evaluation["at_tuned"].items()
-                if k in SCALAR_METRICS and math.isfinite(v)
+                mlflow_key(split, k): float(v)
+                for split, values in (("test", evaluation["at_tuned"]), ("val", validation))
+                for k, v in values.items()
+                if k in metric_names() and math.isfinite(v)
             }
-            | {f"final_val_{k}": float(v) for k, v in validation.items() if k in SCALAR_METRICS and math.isfinite(v)}
             | {"threshold": threshold}
         )
         out_dir = mkdir(root / NAME)

@@ -21,11 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError
-from cnmc.core.metric_catalogue import label
+from cnmc.core.metric_catalogue import CARD, INTERVAL, label, shown_in
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.inference.schema import CELL, REQUEST_COLUMN, markdown_table
 from cnmc.metrics.document import FamiliarityEvaluation, MetricsDocument, PeopleEvaluation, load_document
-from cnmc.metrics.scores import CI_METRICS
 
 if TYPE_CHECKING:
     from cnmc.tracking.promotion import PromotionResult
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 SMALL_TEST_SET = 500  # cells; below this the card warns that the intervals are wide
 # The card's metrics, in its order (labels from the metrics registry).
-ROWS = ("f1_all", "roc_auc", "f1_macro", "accuracy", "balanced_accuracy", "precision_all", "recall_all", "specificity")
 _SPLIT_NAMES = {"val": "validation", "test": "test"}
 PROTOCOLS = {
     "subject": (
@@ -111,13 +109,13 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         ),
         "",
         "## Test metrics",
-        f"Positive class: ALL. Bootstrap 95% intervals over cells, for {', '.join(CI_METRICS)}.",
+        f"Positive class: ALL. Bootstrap 95% intervals over cells, for {', '.join(shown_in(INTERVAL))}.",
         "",
         f"| Metric | At the reported threshold ({threshold:.3f}{'' if threshold == 0.5 else ', tuned on validation'}) "
         "| At 0.5 (the paper's argmax) |",
         "|---|---|---|",
     ]
-    for key in ROWS:
+    for key in shown_in(CARD):
         if key in tuned or key in at_half:
             lines.append(
                 f"| {label(key)} | {_cell(tuned, ci.get('at_tuned'), key)} | {_cell(at_half, ci.get('at_0.5'), key)} |"

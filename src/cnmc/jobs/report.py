@@ -17,7 +17,7 @@ import pandas as pd
 from cnmc.core.atomic import atomic_write_text, output_folder
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
-from cnmc.core.metric_catalogue import label
+from cnmc.core.metric_catalogue import REPORT, label, shown_in
 from cnmc.data.demo import DEMO_DATA_HASH, DEMO_NOTE
 from cnmc.metrics.document import MetricsDocument, load_document
 from cnmc.plots.evaluation import metric_bars_png
@@ -40,10 +40,6 @@ PROTOCOLS = {
     "paper": "paper: cell-level 90/10 split, subjects shared — optimistic",
 }
 # The table's metrics (headers from the metrics registry); values are percentages with two decimals.
-COLUMNS = {
-    name: label(name)
-    for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc", "f1_macro", "balanced_accuracy")
-}
 NOTES = """# Comparison with Ahmed et al. 2025, Table 2
 
 Test-set metrics in %. Precision, recall and F1 are those of the ALL (positive) class: the paper
@@ -83,7 +79,15 @@ def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
     common = {"protocol": run.protocol, "backbone": run.backbone}
     paper = PAPER_TABLE2.get(run.backbone)
     rows = (
-        [{**common, "result": "paper", "tta": False, "threshold": 0.5, **{k: paper.get(k, math.nan) for k in COLUMNS}}]
+        [
+            {
+                **common,
+                "result": "paper",
+                "tta": False,
+                "threshold": 0.5,
+                **{k: paper.get(k, math.nan) for k in shown_in(REPORT)},
+            }
+        ]
         if paper
         else []
     )
@@ -104,7 +108,7 @@ def _rows(path: Path, run: MetricsDocument) -> list[dict[str, Any]]:
                 "result": result,
                 "tta": split is run.test_tta,
                 "threshold": threshold,
-                **{name: _percent(metrics.get(name)) for name in COLUMNS},
+                **{name: _percent(metrics.get(name)) for name in shown_in(REPORT)},
                 "f1_all_ci_low": _percent(low),
                 "f1_all_ci_high": _percent(high),
                 "data_hash": run.data_hash,
@@ -162,10 +166,10 @@ def _cell(value: Any) -> str:
 
 def _markdown_table(rows: pd.DataFrame) -> str:
     has_ci = rows["f1_all_ci_low"].notna().any()
-    header = ["Model", "Result", *COLUMNS.values()] + (["F1 (ALL) 95% CI"] if has_ci else [])
+    header = ["Model", "Result", *(label(name) for name in shown_in(REPORT))] + (["F1 (ALL) 95% CI"] if has_ci else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for _, row in rows.iterrows():
-        cells = [row["backbone"], row["result"], *(_cell(row[key]) for key in COLUMNS)]
+        cells = [row["backbone"], row["result"], *(_cell(row[key]) for key in shown_in(REPORT))]
         if has_ci:
             ci = (row["f1_all_ci_low"], row["f1_all_ci_high"])
             cells.append("—" if math.isnan(ci[0]) else f"{ci[0]:.2f}–{ci[1]:.2f}")

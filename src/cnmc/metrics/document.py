@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.errors import CnmcError, validated
-from cnmc.core.metric_catalogue import SCALAR_METRICS, mlflow_key
+from cnmc.core.metric_catalogue import HEADLINE, metric_names, mlflow_key, shown_in
 
 Document = TypeVar("Document", bound="FitSummary")
 # binary_metrics at one threshold: the registry's metrics, the counts, and per-subject summaries.
@@ -186,9 +186,8 @@ class MetricsDocument(FitSummary):
         """A dozen numbers for ``dvc exp show`` / ``dvc metrics diff``: the reported test answer, the
         selected model on validation, and the choices the answer rests on."""
         test, val = self.reported.at_tuned, self.validation.at_threshold
-        test_keys = ("roc_auc", "f1_macro", "balanced_accuracy", "f1_all", "recall_all", "specificity")
         return {
-            "test": {k: test.get(k) for k in (*test_keys, "mean_subject_accuracy")}
+            "test": {k: test.get(k) for k in (*shown_in(HEADLINE), "mean_subject_accuracy")}
             | ({"people_accuracy": self.people.accuracy} if self.people else {}),
             "val": {k: val.get(k) for k in ("roc_auc", "f1_macro")},
             "threshold": self.threshold,
@@ -209,7 +208,7 @@ class MetricsDocument(FitSummary):
             (mlflow_key("val", ""), self.validation.at_threshold),
         ):
             out |= {
-                f"{prefix}{name}": float(v) for name, v in values.items() if name in SCALAR_METRICS and v is not None
+                f"{prefix}{name}": float(v) for name, v in values.items() if name in metric_names() and v is not None
             }
         if self.people and self.people.people:
             out |= {"test_people_n": float(self.people.people), "test_people_right": float(self.people.right)}

@@ -15,10 +15,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn import metrics
 
-from cnmc.core.metric_catalogue import SCALAR_METRICS, Counts, count_metrics
-
-BOOTSTRAP_METRICS = SCALAR_METRICS
-CI_METRICS = ("accuracy", "f1_all", "f1_macro", "roc_auc")
+from cnmc.core.metric_catalogue import INTERVAL, Counts, f1_macro, registry_metrics, shown_in
+from cnmc.core.metric_catalogue import metric_names as registry_names
 
 
 def checked_arrays(y_true: ArrayLike, prob_all: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
@@ -50,8 +48,8 @@ def binary_metrics(
     pred = (p >= threshold).astype(np.int64)
     tn, fp, fn, tp = metrics.confusion_matrix(y, pred, labels=[0, 1]).ravel()
     counts = Counts(*(np.array([v], dtype=np.float64) for v in (tp, fp, tn, fn)))
-    out: dict[str, float] = {name: float(values[0]) for name, values in count_metrics(counts).items()}
-    out["roc_auc"] = float(metrics.roc_auc_score(y, p)) if np.unique(y).size == 2 else float("nan")
+    every = registry_metrics(counts, np.ones((1, y.size)), y, p)
+    out: dict[str, float] = {name: float(values[0]) for name, values in every.items()}
     out.update(
         n=int(y.size),
         n_all=int(y.sum()),
@@ -106,7 +104,7 @@ def tune_threshold(y_true: ArrayLike, prob_all: ArrayLike) -> float:
     tp = pos.size - np.searchsorted(pos, candidates, side="left")
     fp = neg.size - np.searchsorted(neg, candidates, side="left")
     counts = (np.asarray(a, dtype=np.float64) for a in (tp, fp, neg.size - fp, pos.size - tp))
-    f1 = count_metrics(Counts(*counts))["f1_macro"]
+    f1 = f1_macro(Counts(*counts))
     best = np.flatnonzero(f1 >= f1.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
@@ -128,25 +126,11 @@ def judging_shortfall(y_true: ArrayLike, min_per_class: int) -> str:
     )
 
 
-def _resample_auc(weights: NDArray[np.float64], y: NDArray[np.int64], p: NDArray[np.float64]) -> NDArray[np.float64]:
-    """ROC AUC per resample (a row of per-cell counts): Mann-Whitney, ties count 1/2."""
-    order = np.argsort(p, kind="stable")
-    ps, w = p[order], weights[:, order]
-    pos, neg = w * (y[order] == 1), w * (y[order] == 0)
-    cum_neg = np.cumsum(neg, axis=1)
-    first, last = np.searchsorted(ps, ps, side="left"), np.searchsorted(ps, ps, side="right") - 1
-    below = cum_neg[:, first] - neg[:, first]  # negative weight strictly below each cell's score
-    tied = cum_neg[:, last] - below
-    pairs = pos.sum(axis=1) * neg.sum(axis=1)
-    wins = (pos * (below + tied / 2)).sum(axis=1)
-    return np.divide(wins, pairs, out=np.full(pairs.shape, np.nan), where=pairs > 0)
-
-
 def bootstrap_ci(
     y_true: ArrayLike,
     prob_all: ArrayLike,
     threshold: float,
-    metric_names: Sequence[str] = CI_METRICS,
+    metric_names: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -158,19 +142,18 @@ def bootstrap_ci(
     people pass ``groups`` (a subject per cell): then whole subjects are resampled (a cluster
     bootstrap), which gives the wider, honest interval. Each resample is a row of per-cell
     counts, so every metric is a matrix product; rows are processed in chunks to bound memory.
+    ``metric_names``: any of the registry (default: those it shows an interval for).
     """
-    unknown = set(metric_names) - set(BOOTSTRAP_METRICS)
+    metric_names = shown_in(INTERVAL) if metric_names is None else tuple(metric_names)
+    unknown = set(metric_names) - set(every := registry_names())
     if unknown:
-        raise ValueError(f"no bootstrap for {sorted(unknown)}; choose from {BOOTSTRAP_METRICS}")
+        raise ValueError(f"no bootstrap for {sorted(unknown)}; choose from {', '.join(every)}")
     y, p = checked_arrays(y_true, prob_all)
     pred = p >= threshold
     cells = confusion_cells(y, pred)
     chunks: list[dict[str, NDArray[np.float64]]] = []
     for weights in resample_weights(y.size, groups, n_boot, seed):
-        values = count_metrics(Counts(*(weights @ cells).T))
-        if "roc_auc" in metric_names:
-            values["roc_auc"] = _resample_auc(weights, y, p)
-        chunks.append(values)
+        chunks.append(registry_metrics(Counts(*(weights @ cells).T), weights, y, p))
     tail = (1 - level) / 2 * 100
     out: dict[str, tuple[float, float]] = {}
     for name in metric_names:

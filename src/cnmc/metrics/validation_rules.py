@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cnmc.core.metric_catalogue import Counts, count_metrics
+from cnmc.core.metric_catalogue import Counts, f1_macro
 from cnmc.metrics.calibration import cell_nll, fit_temperature
 from cnmc.metrics.scores import checked_arrays, confusion_cells, resample_weights, tune_threshold
 
@@ -47,7 +47,7 @@ def choose_threshold(
     cells = [confusion_cells(y, called_all) for called_all in both]
     gains = np.concatenate(
         [
-            count_metrics(Counts(*(w @ cells[1]).T))["f1_macro"] - count_metrics(Counts(*(w @ cells[0]).T))["f1_macro"]
+            f1_macro(Counts(*(w @ cells[1]).T)) - f1_macro(Counts(*(w @ cells[0]).T))
             for w in resample_weights(y.size, subjects, n_boot, seed, strata=y)
         ]
     )

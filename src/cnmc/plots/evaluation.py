@@ -16,11 +16,10 @@ from numpy.typing import ArrayLike
 from sklearn import metrics
 
 from cnmc.core.atomic import atomic_write_png, atomic_write_text
-from cnmc.core.metric_catalogue import label
+from cnmc.core.metric_catalogue import BARS, label, shown_in
 from cnmc.metrics.calibration import expected_calibration_error, reliability_bins
 
 CLASS_NAMES = ("hem", "all")  # index = label: Hem = 0, ALL = 1
-BAR_METRICS = {name: label(name) for name in ("accuracy", "precision_all", "recall_all", "f1_all", "roc_auc")}
 
 
 def _confusion(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
@@ -138,11 +137,12 @@ def metric_bars_png(table: pd.DataFrame, path: Path | str, title: str) -> Path:
     """One panel per model: bars of accuracy, ALL-class P/R/F1 and AUC (in %) for each result.
 
     ``table`` needs columns ``backbone``, ``result`` (the legend label, e.g. "paper") and the
-    ``BAR_METRICS`` in percent; an optional ``protocol`` column splits panels by protocol.
+    metrics the registry shows in bars (``shown_in(BARS)``) in percent; an optional ``protocol``
+    column splits panels by protocol.
     A result's colour is its position within its model's rows, so colours mean the same in
     every panel; rows without any value (a model the paper did not test) are left out.
     """
-    names = list(BAR_METRICS)
+    names = list(shown_in(BARS))
     keys = ["protocol", "backbone"] if "protocol" in table else ["backbone"]
     table = table.assign(slot=table.groupby(keys, sort=False).cumcount())
     table = table.dropna(subset=names, how="all")
@@ -162,7 +162,7 @@ def metric_bars_png(table: pd.DataFrame, path: Path | str, title: str) -> Path:
             )
             labels = [f"{v:.2f}" if np.isfinite(v) else "—" for v in heights]
             ax.bar_label(bars, labels=labels, rotation=90, padding=2, fontsize=7)
-        ax.set_xticks(x, list(BAR_METRICS.values()), rotation=30, ha="right")
+        ax.set_xticks(x, [label(name) for name in names], rotation=30, ha="right")
         ax.set_title(" / ".join(map(str, key)), fontsize=10)
         ax.set_ylim(low, 106)
         ax.grid(axis="y", alpha=0.3)
