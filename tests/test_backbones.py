@@ -231,3 +231,16 @@ def test_without_the_lite_packages_only_lite_weights_fail(errors_without_lite_pa
     package = lite.PACKAGES[name].pip
     expected = f"{name} weights need the package {package}: `make install`, or set pretrained: false"
     assert errors_without_lite_packages[name] == expected
+
+
+def test_the_papers_five_backbones_build_and_answer_two_classes() -> None:
+    """The paper profile's backbones (random weights, a tiny input): each builds, has a two-class
+    head and runs one forward pass, so a typo or a timm rename shows here, not an hour into a run."""
+    from cnmc.core.config import profile_params
+
+    backbones = profile_params("paper").train.backbones
+    assert len(backbones) == 5
+    for name in backbones:
+        model = create_backbone(name, pretrained=False).model.eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 2), name
