@@ -296,3 +296,35 @@ def test_a_re_encoded_copy_under_another_person_is_one_group_kept_on_one_side(tm
         assert splits.report["people_tied_by_shared_pictures"] == [["11", "38"]]
         assert splits.report["shared_pictures_across_splits"] == 0 and splits.report["subject_disjoint"]
         assert set(splits.tables["train"]["subject"]) | set(splits.tables["test"]["subject"]) >= {"11"}
+
+
+def test_a_picture_in_both_the_training_and_the_test_folder_keeps_its_people_out_of_training(tmp_path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    from cnmc.data.demo import demo_cells
+    from cnmc.data.manifest import build_manifest, shared_pictures
+
+    source = demo_cells() / "C-NMC_Leukemia" / "training_data"
+
+    def folder(root, people: dict[str, tuple[str, ...]]):
+        data = root / "C-NMC_Leukemia" / "training_data" / "fold_0"
+        for label, names in people.items():
+            (data / label).mkdir(parents=True)
+            for person in names:
+                for path in sorted(source.glob(f"fold_*/{label}/UID_{person}_*"))[:6]:
+                    shutil.copy(path, data / label / path.name)
+        return data
+
+    folder(tmp_path / "train", {"all": ("11", "14", "16", "2"), "hem": ("H10", "H14", "H6")})
+    test = folder(tmp_path / "test", {"all": ("30",), "hem": ("H7",)})
+    h6_cell = sorted((tmp_path / "train").rglob("UID_H6_*"))[0]
+    Image.open(h6_cell).convert("RGB").save(test / "hem" / "UID_H7_99_1_hem.jpg", quality=90)
+    train_manifest, test_manifest = build_manifest(tmp_path / "train"), build_manifest(tmp_path / "test")
+    table, test_table = shared_pictures(train_manifest, test_manifest)
+    cfg = SplitConfig(validation="holdout", val_fraction=0.3, min_images_per_class=1)
+    splits = split_manifest(table, cfg, 0, test_manifest=test_table)
+    assert "H6" not in set(splits.tables["train"]["subject"]) | set(splits.tables["val"]["subject"])
+    assert any("H6" in note and "test set" in note for note in splits.report["notes"])
+    assert set(splits.tables["test"]["subject"]) == {"30", "H7"}

@@ -178,6 +178,7 @@ class Manifest:
     converted: tuple[Conversion, ...]
     excluded: tuple[Exclusion, ...]
     duplicates: tuple[DuplicateGroup, ...]
+    thumbnails: np.ndarray | None = None  # one THUMBNAIL_SIDE^2 row per table row (not written)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per source and label (``unlabelled`` for the final set)."""
@@ -268,10 +269,30 @@ def build_manifest(data_dir: Path | str, progress: bool = False, workers: int | 
     if not rows:
         raise CnmcError(_nothing_usable(data_dir, excluded))
     table = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    table["content_group"] = same_pictures(table, np.stack(thumbnails))
+    stacked = np.stack(thumbnails)
+    table["content_group"] = same_pictures(table, stacked)
     duplicates = find_duplicates(table)
     _warn_leaks(duplicates)
-    return Manifest(table, data_dir, layout, tuple(converted), tuple(excluded), duplicates)
+    return Manifest(table, data_dir, layout, tuple(converted), tuple(excluded), duplicates, stacked)
+
+
+def shared_pictures(first: Manifest, second: Manifest) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The two manifests' tables with ``content_group`` computed over both together, so that a
+    picture in a training folder and again in a separate test folder is one group (the split then
+    keeps the people who share it out of training). Warns for each such picture."""
+    both = pd.concat([first.table, second.table], ignore_index=True)
+    thumbnails = np.concatenate([first.thumbnails, second.thumbnails])  # type: ignore[list-item]
+    groups = same_pictures(both, thumbnails)
+    a = first.table.assign(content_group=groups[: len(first.table)])
+    b = second.table.assign(content_group=groups[len(first.table) :])
+    across = sorted(set(a["content_group"]) & set(b["content_group"]) - {""})
+    if across:
+        log.warning(
+            "%d picture(s) are in both the training and the test folder (the same image, or a re-encoded copy): "
+            "the people who share them are kept out of training",
+            len(across),
+        )
+    return a, b
 
 
 def plan_files(layout: Layout) -> tuple[list[Candidate], list[Exclusion]]:

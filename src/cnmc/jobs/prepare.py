@@ -15,7 +15,7 @@ from pathlib import Path
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.data.augment import prepare_dataset
-from cnmc.data.manifest import build_manifest, write_manifest
+from cnmc.data.manifest import build_manifest, shared_pictures, write_manifest
 from cnmc.data.split import split_manifest, write_splits
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,8 @@ def prepare_work_dir(
         return store
     write_manifest(manifest, work_dir / "manifest.csv", work_dir / "data_report.json")
     print(manifest.summary_line(work_dir / "data_report.json"))
-    splits = split_manifest(
-        manifest.table, params.split, params.seed, test_manifest=test_manifest.table if test_manifest else None
-    )
+    table, test_table = shared_pictures(manifest, test_manifest) if test_manifest else (manifest.table, None)
+    splits = split_manifest(table, params.split, params.seed, test_manifest=test_table)
     write_splits(splits, work_dir / "splits", work_dir / "split_report.json")
     print(splits.summary_line())
     print(
