@@ -308,8 +308,9 @@ def test_served_model_refuses_bad_requests_with_json_4xx(
     real_file = tmp_path / "cell.bmp"
     real_file.write_bytes(good_bmp)
     cases = [
-        ({"dataframe_split": {"columns": ["picture"], "data": [[value]]}}, "missing inputs ['image']"),
-        ({"dataframe_records": [{"img": value}]}, "missing inputs ['image']"),
+        # MLflow's schema check says "missing inputs ['image']"; cnmc serve's own model "missing column 'image'"
+        ({"dataframe_split": {"columns": ["picture"], "data": [[value]]}}, "'image'"),
+        ({"dataframe_records": [{"img": value}]}, "'image'"),
         ({"inputs": [value, "%%%"]}, "row 1: 'image' is not valid base64"),
         ({"inputs": [b64(bomb_png)]}, "row 0: too large"),
         ({"inputs": [str(real_file)]}, "row 0: 'image' is not valid base64"),  # a path is not read

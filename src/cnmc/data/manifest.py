@@ -281,7 +281,9 @@ def shared_pictures(first: Manifest, second: Manifest) -> tuple[pd.DataFrame, pd
     picture in a training folder and again in a separate test folder is one group (the split then
     keeps the people who share it out of training). Warns for each such picture."""
     both = pd.concat([first.table, second.table], ignore_index=True)
-    thumbnails = np.concatenate([first.thumbnails, second.thumbnails])  # type: ignore[list-item]
+    if first.thumbnails is None or second.thumbnails is None:
+        raise ValueError("shared_pictures needs manifests built here (build_manifest keeps their thumbnails)")
+    thumbnails = np.concatenate([first.thumbnails, second.thumbnails])
     groups = same_pictures(both, thumbnails)
     a = first.table.assign(content_group=groups[: len(first.table)])
     b = second.table.assign(content_group=groups[len(first.table) :])

@@ -137,12 +137,10 @@ def tie_people(
     unit = {subject: "+".join(group) for group in members.values() for subject in group}
     tied = [group for group in members.values() if len(group) > 1]
 
-    def tie(table: pd.DataFrame | None) -> pd.DataFrame | None:
-        return (
-            None if table is None else table.assign(**{PERSON: table["subject"], "subject": table["subject"].map(unit)})
-        )
+    def tie(table: pd.DataFrame) -> pd.DataFrame:
+        return table.assign(**{PERSON: table["subject"], "subject": table["subject"].map(unit)})
 
-    return (tie(labelled), tie(test)), tied  # type: ignore[return-value]
+    return (tie(labelled), None if test is None else tie(test)), tied
 
 
 def _untied(table: pd.DataFrame) -> pd.DataFrame:

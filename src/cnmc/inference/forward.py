@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -87,8 +87,9 @@ class Outputs:
 
 def _logits_and_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A timm classifier's logits and the pooled features its head reads (``pre_logits``)."""
-    features = model.forward_head(model.forward_features(x), pre_logits=True)
-    return model.get_classifier()(features), features
+    timm_model: Any = model  # timm's API: forward_features, forward_head, get_classifier
+    features = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+    return timm_model.get_classifier()(features), features
 
 
 @torch.no_grad()
@@ -130,7 +131,8 @@ def predict_outputs(
         return Outputs(np.concatenate(logits), np.concatenate(features))
     n_views = len(views(torch.zeros(1, 3, 2, 2))) if views else 0
     empty = np.empty((0, n_views, 2) if views else (0, 2), dtype=np.float32)
-    return Outputs(empty, np.empty((0, model.num_features), dtype=np.float32))
+    timm_model: Any = model
+    return Outputs(empty, np.empty((0, int(timm_model.num_features)), dtype=np.float32))
 
 
 def predict_logits(

@@ -29,7 +29,7 @@ from cnmc.jobs.evaluate import example_image
 from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
 from cnmc.metrics.validation_rules import choose_threshold, subject_shortfall
-from cnmc.serving.pyfunc import Member, load_member, log_ensemble
+from cnmc.serving.pyfunc import Member, ServedFiles, load_member, log_ensemble
 from cnmc.tracking.runs import training_run
 
 NAME = "ensemble"
@@ -71,8 +71,8 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
             raise CnmcError(
                 f"{spec_file.parent}: no evaluated {backbone} (run `cnmc train --backbone {backbone}` first)"
             )
-    files = [(w, s, f if f.is_file() else None) for w, s, f in files]  # evaluated before familiarity: none
-    members = [load_member(*member) for member in files]
+    served: list[ServedFiles] = [(w, s, f if f.is_file() else None) for w, s, f in files]  # older: no familiarity
+    members = [load_member(*member) for member in served]
     stores = open_stores(paths[0].store)
     for member, backbone in zip(members, backbones, strict=True):
         if member.spec.image_size != stores["val"].image_size:
@@ -115,7 +115,7 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
             + "\n",
         )
         mlflow.log_artifact(str(summary_file))
-        log_ensemble(files, threshold, example_image(test), tta_default=False)
+        log_ensemble(served, threshold, example_image(test), tta_default=False)
     return EnsembleSummary(list(backbones), threshold, rule, evaluation["at_tuned"], run.info.run_id)
 
 

@@ -243,12 +243,13 @@ def _evaluate(
         else None,
         **(_other_data(ood_data, models, familiarities, spec, test_ood) if ood_data else {}),
     )
-    served = [
-        (weights, paths.evaluation_dir / "model.json", paths.familiarity_file(k if fit.folds else None))
-        for k, weights in enumerate(member_weights(paths, fit))
-    ]
-    for familiar, (_, _, file) in zip(familiarities, served, strict=True):
+    familiar_files = [paths.familiarity_file(k if fit.folds else None) for k in range(len(models))]
+    for familiar, file in zip(familiarities, familiar_files, strict=True):
         familiar.save(mkdir(file.parent) / file.name)
+    served: list[ServedFiles] = [
+        (weights, paths.evaluation_dir / "model.json", file)
+        for weights, file in zip(member_weights(paths, fit), familiar_files, strict=True)
+    ]
     _write_artifacts(models, spec, test, test_prob, tta_prob, raw_prob, test_ood, flagged, paths, served)
     return MetricsDocument(
         familiarity=familiarity,

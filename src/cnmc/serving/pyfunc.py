@@ -214,7 +214,11 @@ class Member:
 
 def _member_files(artifacts: dict[str, str], suffix: str) -> tuple[Path, Path, Path | None]:
     familiarity = artifacts.get(f"familiarity{suffix}")
-    return Path(artifacts[f"weights{suffix}"]), Path(artifacts[f"spec{suffix}"]), familiarity and Path(familiarity)
+    return (
+        Path(artifacts[f"weights{suffix}"]),
+        Path(artifacts[f"spec{suffix}"]),
+        Path(familiarity) if familiarity else None,
+    )
 
 
 def load_member(weights: Path, spec_file: Path, familiarity: Path | None = None) -> Member:
