@@ -295,6 +295,8 @@ def test_a_re_encoded_copy_under_another_person_is_one_group_kept_on_one_side(tm
         assert sides["11"] == sides["38"], seed  # the same split (and fold): the picture never crosses
         assert splits.report["people_tied_by_shared_pictures"] == [["11", "38"]]
         assert splits.report["shared_pictures_across_splits"] == 0 and splits.report["subject_disjoint"]
+        if validation == "crossfit":  # the note counts the folds made
+            assert any("in 2 subject-grouped folds" in note for note in splits.report["notes"])
         assert set(splits.tables["train"]["subject"]) | set(splits.tables["test"]["subject"]) >= {"11"}
 
 

@@ -235,8 +235,8 @@ def _cross_fit(
         notes = [*notes, f"cross-fitting over {k} folds, not split.folds = {cfg.folds}: the training data has {counts}"]
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % 2**32)
     pool[FOLD_COLUMN] = -1
-    for k, (_, rows) in enumerate(folds.split(pool, pool["label"], groups=pool["subject"])):
-        pool.loc[rows, FOLD_COLUMN] = k
+    for fold, (_, rows) in enumerate(folds.split(pool, pool["label"], groups=pool["subject"])):
+        pool.loc[rows, FOLD_COLUMN] = fold
     kept = [n for n in notes if not n.startswith("validation = ") and not n.startswith("split 'val'")]
     note = (
         f"validation = cross-fitting: the {len(pool):,} training cells' {pool['subject'].nunique()} people in "
