@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from sklearn.metrics import roc_auc_score
 
 from cnmc.data.demo import demo_cells
@@ -50,6 +50,25 @@ def test_the_gate_flags_generated_non_cells_and_passes_real_cells_in_any_orienta
             assert quality_problem(np.ascontiguousarray(view)) == "", path.name
 
 
+def test_an_unsegmented_image_is_flagged_only_for_a_model_trained_on_segmented_cells() -> None:
+    from cnmc.data.quality import NOT_SEGMENTED, segmented_on_black
+    from cnmc.serving.pyfunc import gate
+
+    rng = np.random.default_rng(0)
+    familiar = fit_familiarity(rng.normal(size=(60, 4)), rng.integers(0, 2, 60), rng.normal(size=(20, 4)), 1.0)
+    assert familiar.segmented and not fit_familiarity(
+        rng.normal(size=(60, 4)), rng.integers(0, 2, 60), rng.normal(size=(20, 4)), 0.5
+    ).segmented
+    cells = [rgb(path) for path in demo_cell_files()[::40]]
+    assert all(segmented_on_black(cell) and gate(cell, [familiar]) == "" for cell in cells)
+    # A cell on a lit background (an unsegmented crop, as another lab's), and a page of text.
+    lit = np.where(cells[0] == 0, np.uint8(200), cells[0])
+    page = Image.new("RGB", (300, 300), "white")
+    ImageDraw.Draw(page).text((20, 140), "PATIENT 42  smear ok", fill="black")
+    for image in (lit, np.asarray(page)):
+        assert gate(image, [familiar]) == NOT_SEGMENTED and gate(image, [None]) == ""
+
+
 def test_the_cut_off_flags_about_its_rate_of_unseen_cells_and_every_far_one() -> None:
     rng = np.random.default_rng(0)
     dims, n = 16, 2000
@@ -72,6 +91,7 @@ def test_a_saved_familiarity_scores_the_same(tmp_path: Path) -> None:
     loaded = Familiarity.load(tmp_path / "f.npz")
     probe = rng.normal(size=(20, 8)) * 3
     np.testing.assert_allclose(loaded.score(probe), familiar.score(probe), rtol=1e-5)
+    assert loaded.segmented == familiar.segmented
 
 
 @pytest.mark.skipif(not ALLIDB2.is_dir(), reason="../shared/data/allidb2-dev is absent (real cells of another lab)")

@@ -20,6 +20,24 @@ MIN_FOREGROUND = 0.005  # share of pixels brighter than the background below thi
 MAX_PIXEL_STEP = 12.0
 
 
+# An image is segmented on black, as every C-NMC cell is, when at least this share of its outermost
+# ring of pixels is background.
+MIN_DARK_BORDER = 0.5
+NOT_SEGMENTED = "not a cell segmented on a black background, as the model's training cells all were"
+
+
+def dark_border_share(rgb: np.ndarray) -> float:
+    """The share of an (H, W, 3) image's outermost ring of pixels that is background (no channel
+    brighter than :data:`FOREGROUND_LEVEL`)."""
+    dark = rgb.max(axis=2) <= FOREGROUND_LEVEL
+    ring = np.concatenate([dark[0], dark[-1], dark[1:-1, 0], dark[1:-1, -1]])
+    return float(ring.mean())
+
+
+def segmented_on_black(rgb: np.ndarray) -> bool:
+    return dark_border_share(rgb) >= MIN_DARK_BORDER
+
+
 def quality_problem(rgb: np.ndarray) -> str:
     """Why a decoded uint8 (H, W, 3) image is not a cell to judge, or "" when nothing is wrong."""
     height, width = rgb.shape[:2]

@@ -34,6 +34,9 @@ class Familiarity:
     means: NDArray[np.float64]  # (classes, D)
     precision: NDArray[np.float64]  # (D, D): the inverse of the shrunk within-class covariance
     cutoff: float  # the distance that FALSE_ALARM_RATE of unseen people's cells exceed
+    # Nearly every training cell was segmented on black (cnmc.data.quality): an image that is not is
+    # flagged whatever its distance (another lab's unsegmented crops, a page of text).
+    segmented: bool = False
 
     def distance(self, features: NDArray) -> NDArray[np.float64]:
         """Each (N, D) feature row's squared Mahalanobis distance to the nearer class mean."""
@@ -54,12 +57,22 @@ class Familiarity:
             means=self.means.astype(np.float32),
             precision=self.precision.astype(np.float32),
             cutoff=np.float64(self.cutoff),
+            segmented=np.bool_(self.segmented),
         )
 
     @classmethod
     def load(cls, path: Path) -> Familiarity:
         with np.load(path, allow_pickle=False) as saved:
-            return cls(saved["means"].astype(np.float64), saved["precision"].astype(np.float64), float(saved["cutoff"]))
+            segmented = bool(saved["segmented"]) if "segmented" in saved.files else False
+            return cls(
+                saved["means"].astype(np.float64),
+                saved["precision"].astype(np.float64),
+                float(saved["cutoff"]),
+                segmented,
+            )
+
+
+SEGMENTED_SHARE = 0.95  # of the training cells segmented on black, for Familiarity.segmented
 
 
 def ensemble_score(scores: list[NDArray]) -> NDArray[np.float64]:

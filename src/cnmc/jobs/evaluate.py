@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cnmc.core.atomic import atomic_write_text
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
-from cnmc.data.quality import quality_problem
+from cnmc.data.quality import segmented_on_black
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
 from cnmc.inference.familiarity import FALSE_ALARM_RATE, Familiarity, ensemble_score
 from cnmc.inference.forward import Outputs, Views, predict_outputs, prob_all
@@ -54,7 +54,7 @@ from cnmc.models.backbones import create_backbone
 from cnmc.plots import evaluation as plots
 from cnmc.plots.gradcam import log_gradcam_grid
 from cnmc.serving.client import find_images, read_image
-from cnmc.serving.pyfunc import ServedFiles, decode_cell, framed, log_served_model
+from cnmc.serving.pyfunc import ServedFiles, decode_cell, framed, gate, log_served_model
 from cnmc.tracking.provenance import data_hash
 from cnmc.tracking.runs import training_run
 from cnmc.training.crossfit import fold_rows
@@ -148,8 +148,10 @@ def _fit_familiarities(
     for model, own, unseen_rows in pairs:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(len(own), size=min(len(own), MAX_FAMILIAR_CELLS), replace=False))
-        features = _outputs(model, own.subset(rows), spec, BATCH_SIZE).features
-        out.append(fit_familiarity(features, own.targets[rows], val_features[unseen_rows]))
+        chosen = own.subset(rows)
+        features = _outputs(model, chosen, spec, BATCH_SIZE).features
+        segmented = float(np.mean([segmented_on_black(np.asarray(image)) for image in chosen.images]))
+        out.append(fit_familiarity(features, own.targets[rows], val_features[unseen_rows], segmented))
     return out
 
 
@@ -230,7 +232,7 @@ def _evaluate(
         val_nll_after=nll(val_logits, val.targets, temperature),
     )
     reported = tta_prob if tta else test_prob
-    flagged = (test_ood > 1) | np.array([bool(quality_problem(image)) for image in test.images])
+    flagged = (test_ood > 1) | np.array([bool(gate(image, familiarities)) for image in test.images])
     kept = ~flagged
     familiarity = FamiliarityEvaluation(
         false_alarm_rate=FALSE_ALARM_RATE,
@@ -286,7 +288,7 @@ def _other_data(
             for f, m in zip(familiarities, models, strict=True)
         ]
     )
-    flagged = (score > 1) | np.array([bool(quality_problem(rgb)) for rgb in originals])
+    flagged = (score > 1) | np.array([bool(gate(rgb, familiarities)) for rgb in originals])
     truth = np.r_[np.zeros(len(test_ood)), np.ones(len(score))]
     return {
         "other_data": str(folder),

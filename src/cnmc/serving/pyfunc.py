@@ -44,7 +44,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from cnmc.core.config import Framing
 from cnmc.data.images import ImageProblem, open_rgb
-from cnmc.data.quality import quality_problem
+from cnmc.data.quality import NOT_SEGMENTED, quality_problem, segmented_on_black
 from cnmc.data.transforms import frame
 from cnmc.inference.familiarity import Familiarity, ensemble_score
 from cnmc.inference.probability import predict_cells
@@ -90,18 +90,35 @@ def pixel_hash(rgb: np.ndarray) -> str:
 @dataclass(frozen=True)
 class DecodedRequest:
     """A request's images, framed for each framing asked for, with what the quality gate
-    (:func:`cnmc.data.quality.quality_problem`) and the pixels' hash say of each."""
+    (:func:`cnmc.data.quality.quality_problem`), the segmentation check and the pixels' hash say of each."""
 
     framed: dict[Framing, np.ndarray]
     problems: list[str]
+    segmented: list[bool]
     pixel_hashes: list[str]
+
+
+def expects_segmented(familiarities: Sequence[Familiarity | None]) -> bool:
+    """Whether the models' training cells were all segmented on black (then an image that is not is flagged)."""
+    return any(f is not None and f.segmented for f in familiarities)
+
+
+def gate_reason(problem: str, segmented: bool, expected: bool) -> str:
+    """Why an image is not one to judge before any model sees it: the quality gate's ``problem``, or
+    an image not ``segmented`` on black where that is ``expected``; "" otherwise."""
+    return problem or (NOT_SEGMENTED if expected and not segmented else "")
+
+
+def gate(rgb: np.ndarray, familiarities: Sequence[Familiarity | None]) -> str:
+    """:func:`gate_reason` of decoded pixels."""
+    return gate_reason(quality_problem(rgb), segmented_on_black(rgb), expects_segmented(familiarities))
 
 
 def decode_request(values: Sequence[Any], framings: Iterable[Framing]) -> DecodedRequest:
     """Base64 strings (or raw bytes) -> :class:`DecodedRequest`; raises :class:`InvalidInput`."""
     framings = sorted(set(framings), key=str)
     out = {f: np.empty((len(values), f.image_size, f.image_size, 3), dtype=np.uint8) for f in framings}
-    problems, hashes = [], []
+    problems, segmented, hashes = [], [], []
     for row, value in enumerate(values):
         stop_if_abandoned(f"after decoding {row} of {len(values)} images")
         data = value_bytes(value, row)
@@ -115,8 +132,9 @@ def decode_request(values: Sequence[Any], framings: Iterable[Framing]) -> Decode
             reason = f"{exc.__class__.__name__}: {exc}"[:200]
             raise InvalidInput(f"row {row}: could not decode the image ({reason})") from None
         problems.append(quality_problem(rgb))
+        segmented.append(segmented_on_black(rgb))
         hashes.append(pixel_hash(rgb))
-    return DecodedRequest(out, problems, hashes)
+    return DecodedRequest(out, problems, segmented, hashes)
 
 
 def decode_base64_images(values: Sequence[Any], framing: Framing | int) -> np.ndarray:
@@ -254,7 +272,12 @@ def answer(
         if member.familiarity is not None:
             scores.append(member.familiarity.score(cells.features))
     score = ensemble_score(scores) if len(scores) == len(members) else None
-    return cell_answers(np.mean(probs, axis=0), threshold, score, decoded.problems, decoded.pixel_hashes)
+    expected = expects_segmented([m.familiarity for m in members])
+    problems = [
+        gate_reason(problem, segmented, expected)
+        for problem, segmented in zip(decoded.problems, decoded.segmented, strict=True)
+    ]
+    return cell_answers(np.mean(probs, axis=0), threshold, score, problems, decoded.pixel_hashes)
 
 
 def _tta_param(params: dict[str, Any] | None) -> bool | None:

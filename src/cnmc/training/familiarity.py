@@ -7,12 +7,13 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.covariance import LedoitWolf
 
-from cnmc.inference.familiarity import FALSE_ALARM_RATE, Familiarity
+from cnmc.inference.familiarity import FALSE_ALARM_RATE, SEGMENTED_SHARE, Familiarity
 
 
-def fit_familiarity(features: NDArray, targets: NDArray, unseen: NDArray) -> Familiarity:
+def fit_familiarity(features: NDArray, targets: NDArray, unseen: NDArray, segmented_share: float = 0.0) -> Familiarity:
     """The picture of training cells ``features`` (N, D) of classes ``targets``, with the cut-off
-    set on ``unseen`` (M, D), cells of people these were not trained on."""
+    set on ``unseen`` (M, D), cells of people these were not trained on; ``segmented_share``: the
+    share of those training images segmented on black (:func:`cnmc.data.quality.segmented_on_black`)."""
     x, y = np.asarray(features, dtype=np.float64), np.asarray(targets)
     classes = np.unique(y)
     means = np.stack([x[y == c].mean(axis=0) for c in classes])
@@ -20,4 +21,5 @@ def fit_familiarity(features: NDArray, targets: NDArray, unseen: NDArray) -> Fam
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
     partial = Familiarity(means, precision, 1.0)
     cutoff = float(np.quantile(partial.distance(unseen), 1 - FALSE_ALARM_RATE))
-    return Familiarity(means, precision, max(cutoff, np.finfo(np.float64).tiny))
+    segmented = segmented_share >= SEGMENTED_SHARE
+    return Familiarity(means, precision, max(cutoff, np.finfo(np.float64).tiny), segmented)
