@@ -56,9 +56,12 @@ def test_an_unsegmented_image_is_flagged_only_for_a_model_trained_on_segmented_c
 
     rng = np.random.default_rng(0)
     familiar = fit_familiarity(rng.normal(size=(60, 4)), rng.integers(0, 2, 60), rng.normal(size=(20, 4)), 1.0)
-    assert familiar.segmented and not fit_familiarity(
-        rng.normal(size=(60, 4)), rng.integers(0, 2, 60), rng.normal(size=(20, 4)), 0.5
-    ).segmented
+    assert (
+        familiar.segmented
+        and not fit_familiarity(
+            rng.normal(size=(60, 4)), rng.integers(0, 2, 60), rng.normal(size=(20, 4)), 0.5
+        ).segmented
+    )
     cells = [rgb(path) for path in demo_cell_files()[::40]]
     assert all(segmented_on_black(cell) and gate(cell, [familiar]) == "" for cell in cells)
     # A cell on a lit background (an unsegmented crop, as another lab's), and a page of text.
