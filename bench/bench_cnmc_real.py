@@ -61,7 +61,7 @@ from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
 from cnmc.data.split import FOLD_COLUMN, Splits, cross_fitted, split_manifest, write_splits  # noqa: E402
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader  # noqa: E402
-from cnmc.inference.forward import predict_logits, prob_all  # noqa: E402
+from cnmc.inference.forward import predict_outputs, prob_all  # noqa: E402
 from cnmc.inference.tta import tta_views  # noqa: E402
 from cnmc.jobs.fit_evaluate import train_and_log  # noqa: E402
 from cnmc.jobs.paths import RunPaths  # noqa: E402
@@ -207,10 +207,10 @@ def refit_fold(crossfit: dict, variant: Variant, params: Params, work: Path, tem
     )
     trainer.model.load_state_dict(trainer.fit().best_state)
     loader = batch_loader(StoreDataset(test, normalize=False), batch_size=64)
-    logits = predict_logits(
+    logits = predict_outputs(
         trainer.model, (images for images, _ in loader), net.mean, net.std, views=tta_views,
         channels_last=own.train.channels_last, colour=own.train.colour,
-    )  # fmt: skip
+    ).logits  # fmt: skip
     predictions = crossfit["predictions"] | {
         "prob_all": prob_all(logits[:, 0], temperature).tolist(),
         "prob_all_tta": prob_all(logits, temperature).tolist(),

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cnmc.data.store import normalize_batch
-from cnmc.inference.forward import predict_logits, prob_all
+from cnmc.inference.forward import predict_outputs, prob_all
 from cnmc.inference.probability import predict_proba
 from cnmc.inference.schema import CELL_COLUMNS
 from cnmc.inference.spec import ModelSpec
@@ -88,7 +88,7 @@ def test_tta_prob_averages_the_temperature_scaled_softmax_over_the_views(net) ->
     with torch.no_grad():
         expected = torch.stack([torch.softmax(net.model(v) / 2.0, dim=1) for v in tta_views(batch)]).mean(0)
         plain = torch.softmax(net.model(batch) / 2.0, dim=1)
-    logits = predict_logits(net.model, [torch.from_numpy(images)], net.mean, net.std, views=tta_views)
+    logits = predict_outputs(net.model, [torch.from_numpy(images)], net.mean, net.std, views=tta_views).logits
     assert logits.shape == (3, len(VIEW_NAMES), 2)
     out = predict_proba(net.model, images, spec, tta=True)
     np.testing.assert_allclose(out, expected[:, 1].numpy(), rtol=0, atol=1e-6)

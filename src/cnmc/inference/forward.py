@@ -135,20 +135,6 @@ def predict_outputs(
     return Outputs(empty, np.empty((0, int(timm_model.num_features)), dtype=np.float32))
 
 
-def predict_logits(
-    model: torch.nn.Module,
-    batches: Iterable[torch.Tensor],
-    mean: Sequence[float],
-    std: Sequence[float],
-    views: Views | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    colour: Colour = "rgb",
-) -> NDArray[np.float32]:
-    """The logits of :func:`predict_outputs`: (N, 2), or (N, V, 2) with ``views``."""
-    return predict_outputs(model, batches, mean, std, views, amp_dtype, channels_last, colour).logits
-
-
 def prob_all(logits: ArrayLike, temperature: float = 1.0) -> NDArray[np.float64]:
     """P(ALL) = ``softmax(logits / temperature)[..., 1]`` of (N, 2) logits, or its mean over the
     views of (N, V, 2) logits (the TTA average)."""

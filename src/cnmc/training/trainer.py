@@ -34,7 +34,7 @@ from cnmc.core.errors import CnmcError
 from cnmc.data.batch_augment import hed_jitter, random_symmetries
 from cnmc.data.sampling import draw_weights, epoch_rows
 from cnmc.data.store import ImageStore, StoreDataset, Transform, batch_loader
-from cnmc.inference.forward import autocast, model_input, predict_logits, prob_all
+from cnmc.inference.forward import autocast, model_input, predict_outputs, prob_all
 from cnmc.metrics.scores import binary_metrics, judging_shortfall
 from cnmc.models.param_groups import parameter_groups
 from cnmc.training.head_init import fit_probe_head
@@ -247,7 +247,7 @@ class Trainer:
         )
         rows = evaluation_share(len(plain), self.world)
         loader = batch_loader(plain, batch_size=self.rank_batch * 2, rows=rows, **self.loader_kwargs)
-        part = predict_logits(
+        part = predict_outputs(
             self.model,
             (images for images, _ in loader),
             self.mean,
@@ -255,7 +255,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             channels_last=self.cfg.channels_last,
             colour=self.cfg.colour,
-        )
+        ).logits
         logits = gather_rows(part, self.world)
         targets = torch.from_numpy(dataset.store.targets.astype(np.int64))
         loss = self.loss_fn(torch.from_numpy(logits), targets).item() if len(targets) else 0.0
