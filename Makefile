@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,spark]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,auth,spark]'
 	touch $(STAMP)
 
 # Raw data: the real C-NMC set if you put it in data/, else the embedded demo set.

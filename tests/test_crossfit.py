@@ -22,6 +22,7 @@ from cnmc.core.config import AugmentConfig, Params, SplitConfig
 from cnmc.core.errors import CnmcError
 from cnmc.data.split import FOLD_COLUMN
 from cnmc.jobs.paths import RunPaths, open_stores
+from cnmc.training.crossfit import choose_epoch
 
 BACKBONE = "test_resnet"
 FOLDS = 3
@@ -233,3 +234,16 @@ def test_cnmc_ensemble_says_a_cross_fitted_backbone_is_already_an_ensemble(cross
 
     with pytest.raises(CnmcError, match="test_resnet is cross-fitted"):
         build_ensemble(crossfit_params(), [BACKBONE, "test_efficientnet"], cross_fitted.root)
+
+
+def test_the_epoch_is_the_one_whose_pooled_answers_rank_best_not_the_one_nearest_0_5() -> None:
+    """Epoch 1 sits on the right side of 0.5 more often (better macro F1 at 0.5); epoch 2 ranks every
+    ALL cell above every Hem cell but calls all of them ALL: epoch 2 is kept."""
+    targets = np.array([1, 1, 0, 0, 1, 1, 0, 0])
+    fold_of_row = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    epoch_1 = np.array([0.6, 0.4, 0.45, 0.55])
+    epoch_2 = np.array([0.95, 0.9, 0.7, 0.6])
+    choice = choose_epoch(targets, fold_of_row, [[epoch_1, epoch_2], [epoch_1, epoch_2]])
+    assert choice.pooled[0]["val_f1_macro"] > choice.pooled[1]["val_f1_macro"]
+    assert choice.pooled[1]["val_roc_auc"] == 1.0
+    assert choice.epoch == 2 and "ROC AUC" in choice.selection

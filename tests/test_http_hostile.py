@@ -21,6 +21,8 @@ from typing import NamedTuple
 import local_server
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -233,6 +235,50 @@ def test_parquet_bombs_are_refused_by_what_they_decode_to_and_memory_stays_bound
     assert honest(port) == 200
 
 
+def varint(value: int, width: int = 0) -> bytes:
+    """``value`` zigzag-encoded as Thrift's compact protocol writes an integer, padded to ``width``
+    bytes with continuation bytes (a non-canonical form every reader accepts)."""
+    n, out = value << 1, bytearray()
+    while n >= 0x80 or len(out) + 1 < width:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def lying_footer(value: str) -> bytes:
+    """One row holding ``value``, whose footer claims its row group and column hold 100 bytes."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image": [value]}), buffer, compression="zstd", use_dictionary=False)
+    body = buffer.getvalue()
+    footer_length = int.from_bytes(body[-8:-4], "little")
+    head, footer = body[: -8 - footer_length], body[-8 - footer_length : -8]
+    meta = pq.ParquetFile(io.BytesIO(body)).metadata
+    for true_size in {meta.row_group(0).total_byte_size, meta.row_group(0).column(0).total_uncompressed_size}:
+        honest_bytes = varint(true_size)
+        footer = footer.replace(honest_bytes, varint(100, width=len(honest_bytes)))
+    lied = head + footer + len(footer).to_bytes(4, "little") + b"PAR1"
+    assert pq.ParquetFile(io.BytesIO(lied)).metadata.row_group(0).total_byte_size == 100
+    return lied
+
+
+def test_a_parquet_footer_that_lies_and_a_dictionary_spread_over_its_rows_are_measured(server: Server) -> None:
+    """The footer's sizes are a claim: the pages' own headers say what they decompress to; and one
+    dictionary value of 900 kB in 60 rows is 54 MB once pandas spreads it (its footer says 900 kB)."""
+    port, pid = server.port, server.pid
+    footer_lie = lying_footer("A" * 3_000_000)
+    spread = parquet(pd.DataFrame({"image": ["B" * 900_000] * 60}))
+    assert max(len(footer_lie), len(spread)) < 10_000
+    before = rss_mib(pid)
+    for bomb in (footer_lie, spread) * 3:
+        with connect(port) as sock:
+            sock.sendall(request(port, bomb, "application/vnd.apache.parquet"))
+            status, _, reply = answer(sock)
+        assert status == 413 and b"decompresses to" in reply, reply
+    assert rss_mib(pid) < before + 100
+    assert honest(port) == 200
+
+
 def test_work_for_a_client_that_went_away_stops(server: Server) -> None:
     """Two requests of 12 costly images (each 48 MB once decoded, ~0.5 s) fill both places in flight;
     their clients hang up, the decoding stops at the next image, and an honest request is served."""
@@ -286,3 +332,19 @@ def test_only_our_names_and_our_own_pages_are_answered(server: Server, headers: 
     if status == 403:
         message = json.loads(reply)["message"]
         assert "not served here" in message or "cross-origin request" in message
+
+
+def test_a_nul_in_a_string_is_named_not_dropped(server: Server) -> None:
+    """numpy drops a trailing NUL from a string: alone it read as an empty image, after an image it
+    went unnoticed. Any string holding one is refused, by name."""
+    image = json.loads(honest_body())["inputs"][0]
+    for body in (
+        {"inputs": ["\u0000"]},
+        {"inputs": [image + "\u0000"]},
+        {"inputs": {"image": [image], "subject\u0000": ["a"]}},
+    ):
+        with connect(server.port) as sock:
+            sock.sendall(request(server.port, json.dumps(body).encode()))
+            status, _, reply = answer(sock)
+        assert status == 400 and b"holds a NUL character" in reply, reply
+    assert honest(server.port) == 200

@@ -219,6 +219,54 @@ def test_no_candidate_is_a_one_line_error(client: MlflowClient) -> None:
         assert part in message
 
 
+def test_a_version_not_made_by_promote_is_never_loaded_and_loses_the_alias(
+    client: MlflowClient, tmp_path: Path
+) -> None:
+    """The hijack: anyone who can write the tracking store registers a folder and moves champion to
+    it. Loading it is refused before any of its files is read; the next promotion takes the alias back."""
+    from cnmc.serving.trusted import load_served_model
+    from cnmc.tracking.version_check import registry_version, version_problem
+
+    run_id = fake_run(client, f1=0.8)
+    promote(CFG, "subject", DATA, client)
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    client.create_model_version(NAME, source=str(crafted))  # v2: no run
+    client.set_registered_model_alias(NAME, "champion", "2")
+    with pytest.raises(CnmcError) as info:
+        load_served_model(f"models:/{NAME}@champion")
+    message = str(info.value)
+    assert "\n" not in message and "not registered by `cnmc promote`" in message and "names no run" in message
+    assert "--trust-model" in message
+
+    # Each part of the check: the run's source, its status, its tags.
+    client.create_model_version(NAME, source=str(crafted), run_id=run_id)  # v3: a real run, other files
+    unfinished = fake_run(client, f1=0.7, status="RUNNING")
+    client.set_terminated(unfinished, "RUNNING")
+    untagged = fake_run(client, f1=0.7)
+    client.delete_tag(untagged, "git_commit")
+    problems = {
+        "3": f"is not run {run_id[:8]}'s logged model",
+        "4": "is RUNNING, not FINISHED",
+        "5": "lacks the tags a cnmc training run carries (git_commit)",
+    }
+    for number, run in (("4", unfinished), ("5", untagged)):
+        experiment_id = client.get_run(run).info.experiment_id
+        logged = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run}'")[0]
+        made = client.create_model_version(
+            NAME, source=f"models:/{logged.model_id}", run_id=run, model_id=logged.model_id
+        )
+        assert str(made.version) == number
+    for number, problem in problems.items():
+        version = registry_version(client, f"models:/{NAME}/{number}")
+        assert version is not None and problem in version_problem(client, version)
+    assert version_problem(client, client.get_model_version(NAME, "1")) == ""
+
+    result = promote(CFG, "subject", DATA, client)
+    assert result.promoted and champion(client) == "1"
+    assert "champion v2 was not registered by `cnmc promote`" in result.reason
+
+
 # -- tags, card, promotion.json ------------------------------------------------------------------------
 def test_version_tags_card_and_promotion_json(client: MlflowClient, tmp_path: Path) -> None:
     run_id = fake_run(client, f1=0.9, document=metrics_document(0.9))

@@ -1,6 +1,8 @@
-"""A team's set-up on a real PostgreSQL (docs/team.md): the MLflow tracking server with its store in
-PostgreSQL and proxied artifacts; `cnmc train`, `cnmc promote` and `cnmc serve` against it; Optuna
-workers sharing one study in the same PostgreSQL, and a killed worker's trial failed by the heartbeat.
+"""A team's set-up on a real PostgreSQL (docs/team.md): the MLflow tracking server behind MLflow's
+basic-auth app, with its runs, registry and users in PostgreSQL and proxied artifacts; `cnmc train`,
+`cnmc promote` and `cnmc serve` against it with a user's credentials, and refused without them;
+Optuna workers sharing one study in the same PostgreSQL, and a killed worker's trial failed by the
+heartbeat.
 
 Skips, saying why, where no PostgreSQL server binary is installed.
 """
@@ -41,16 +43,31 @@ def cluster() -> Iterator[postgres.Cluster]:
         yield running
 
 
+ADMIN, PASSWORD = "admin", "team-s3cret-1234"  # the basic-auth app's first user (docs/team.md)
+
+
 @pytest.fixture(scope="module")
 def tracking_server(cluster: postgres.Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` with its store in PostgreSQL and artifacts proxied to a folder: its URL."""
-    store = cluster.create_database("mlflow")
+    """``mlflow server --app-name basic-auth`` with its store and its users in PostgreSQL and
+    artifacts proxied to a folder, as docs/team.md sets it up: its URL."""
+    store, users = cluster.create_database("mlflow"), cluster.create_database("mlflow_auth")
     work, port = tmp_path_factory.mktemp("tracking-server"), local_server.free_port()
+    auth = work / "basic_auth.ini"
+    auth.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {users}\nadmin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     command = [
-        str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--artifacts-destination",
-        (work / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri", store,
+        "--artifacts-destination", (work / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
     ]  # fmt: skip
-    env = local_server.serving_env(None)
+    env = local_server.serving_env(None) | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = local_server.start(command, work, env, work / "server.log")
     url = f"http://127.0.0.1:{port}"
@@ -61,8 +78,16 @@ def tracking_server(cluster: postgres.Cluster, tmp_path_factory: pytest.TempPath
         local_server.stop(proc)
 
 
-def cnmc(*args: str, cwd: Path, tracking_uri: str) -> subprocess.CompletedProcess[str]:
-    env = {**local_server.serving_env(tracking_uri), "PYTHONUNBUFFERED": "1"}
+def team_env(tracking_uri: str, credentials: bool = True) -> dict[str, str]:
+    """A team member's environment: the server, and (``credentials``) their user and password."""
+    env = {**local_server.serving_env(tracking_uri), "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if credentials:
+        env |= {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    return env
+
+
+def cnmc(*args: str, cwd: Path, tracking_uri: str, credentials: bool = True) -> subprocess.CompletedProcess[str]:
+    env = team_env(tracking_uri, credentials)
     return subprocess.run(
         [sys.executable, "-m", "cnmc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -79,7 +104,7 @@ def tiny_params(path: Path, **tune: object) -> Path:
 
 
 def test_train_promote_and_serve_through_the_tracking_server(
-    tracking_server: str, tiny_data: Path, tmp_path: Path
+    tracking_server: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params = tiny_params(tmp_path / "params.yaml")
     trained = cnmc(
@@ -87,8 +112,13 @@ def test_train_promote_and_serve_through_the_tracking_server(
         cwd=tmp_path, tracking_uri=tracking_server,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
+    refused = cnmc("promote", "--params", str(params), cwd=tmp_path, tracking_uri=tracking_server, credentials=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert "401" in refused.stderr or "nauthorized" in refused.stderr, refused.stderr
     promoted = cnmc("promote", "--params", str(params), cwd=tmp_path, tracking_uri=tracking_server)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)  # this process's client, as a team member
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     client = MlflowClient(tracking_uri=tracking_server)
     champion = client.get_model_version_by_alias("cnmc-classifier", "champion")
     assert client.get_run(champion.run_id).data.tags["backbone"] == "test_resnet"
@@ -97,7 +127,7 @@ def test_train_promote_and_serve_through_the_tracking_server(
     port, log = local_server.free_port(), tmp_path / "serve.log"
     server = local_server.start(
         local_server.cnmc_serve("models:/cnmc-classifier@champion", port), tmp_path,
-        local_server.serving_env(tracking_server), log,
+        team_env(tracking_server), log,
     )  # fmt: skip
     try:
         local_server.wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
@@ -116,7 +146,7 @@ def test_train_promote_and_serve_through_the_tracking_server(
 
 
 def tune_worker(params: Path, store: Path, storage: str, trials: int, cwd: Path, tracking: str) -> subprocess.Popen:
-    env = {**local_server.serving_env(tracking), "PYTHONUNBUFFERED": "1"}
+    env = team_env(tracking)
     command = [
         sys.executable, "-m", "cnmc", "tune", "--params", str(params), "-q", "--n-trials", str(trials),
         "--store", str(store), "--storage", storage, "--output", str(cwd / f"tuned-{time.monotonic_ns()}.yaml"),

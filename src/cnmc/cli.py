@@ -593,8 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def store_problem(exc: BaseException) -> CnmcError | None:
-    """A tracking or study database another process holds locked (SQLite), or one that cannot be
-    reached, as one line naming it; None for any other error (a bug keeps its traceback)."""
+    """A tracking or study database another process holds locked (SQLite), one that cannot be
+    reached, or a tracking server that wants credentials or refuses them, as one line naming it;
+    None for any other error (a bug keeps its traceback)."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError
 
@@ -608,6 +609,16 @@ def store_problem(exc: BaseException) -> CnmcError | None:
         why = exc.message.split(" failed with exception ", 1)[1]
         reason = "connection refused" if "Connection refused" in why else why.splitlines()[0][:160]
         return CnmcError(f"cannot reach the tracking server {shown_uri(tracking_uri())}: {reason}")
+    if isinstance(exc, MlflowException) and "failed with error code 401 " in exc.message:
+        return CnmcError(
+            f"the tracking server {shown_uri(tracking_uri())} asks who you are (401): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (docs/team.md)"
+        )
+    if isinstance(exc, MlflowException) and "failed with error code 403 " in exc.message:
+        return CnmcError(
+            f"the tracking server {shown_uri(tracking_uri())} refuses this user (403): "
+            "ask its admin for permission on the experiment or model"
+        )
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OperationalError):
         cause = cause.__cause__ or cause.__context__

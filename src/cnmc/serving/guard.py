@@ -19,8 +19,9 @@ trace and the whole request echoed back (5 MB in, 5 MB out). :class:`HttpGuard`:
 - gives the body ``body_timeout_s`` to arrive (``408`` after it, for a body sent a byte at a time or
   never finished), the headers' deadline being the protocol's (:mod:`cnmc.serving.connections`);
 - checks what MLflow would decode before it does: JSON nested past a sane depth or holding a number
-  too long to convert is ``400``, a Parquet body whose columns decompress past ``max_body_bytes``
-  is ``413`` (the limit counts decoded bytes, not only the bytes sent);
+  too long to convert, or a string holding a NUL, is ``400``; a Parquet body whose pages (by their
+  own headers, not the footer's claims) or dictionaries (spread over their rows) decode past
+  ``max_body_bytes`` is ``413`` (:mod:`cnmc.serving.parquet_limits`: the limit counts decoded bytes);
 - marks a request abandoned (:mod:`cnmc.serving.abandoned`) when its client goes away or the app
   stops waiting for it, so that the model stops decoding and predicting for nobody;
 - rewrites every 4xx/5xx answer, whatever produced it (MLflow, FastAPI, an exception), into
@@ -47,6 +48,7 @@ from mlflow.pyfunc.scoring_server import (
 )
 
 from cnmc.serving.abandoned import request_scope
+from cnmc.serving.parquet_limits import UnreadableParquet, page_totals, spread_size
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -142,15 +144,17 @@ def too_many_images(count: int, limit: int) -> str:
 
 def body_problem(content_type: str | None, body: bytes, max_decoded_bytes: int, max_rows: int) -> Refused | None:
     """What MLflow would choke on when decoding ``body``: deep or unconvertible JSON, a Parquet
-    body of more rows than a request may hold or whose pages decompress past the limit (so that
-    decoding it holds at most ``max_rows`` values of at most that size), or an unreadable one.
-    None for anything else."""
+    body of more rows or values than a request may hold, or whose pages (by their own headers) or
+    dictionaries (spread over their rows) decode past the limit (:mod:`cnmc.serving.parquet_limits`),
+    or an unreadable one. None for anything else."""
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type == CONTENT_TYPE_JSON and body:
         try:
             _check_depth(json.loads(body))
         except RecursionError:
             return Refused(HTTPStatus.BAD_REQUEST, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+        except _NulInString:  # numpy and pandas drop it silently: "\u0000" would read as an empty image
+            return Refused(HTTPStatus.BAD_REQUEST, "a string of the JSON body holds a NUL character (\\u0000)")
         except ValueError as exc:  # not JSON, or an integer of more digits than Python converts
             return Refused(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({str(exc).split(':')[0]})")
     elif media_type == CONTENT_TYPE_PARQUET:
@@ -162,7 +166,17 @@ def body_problem(content_type: str | None, body: bytes, max_decoded_bytes: int, 
             return Refused(HTTPStatus.BAD_REQUEST, "the body is not a readable Parquet file")
         if metadata.num_rows > max_rows:
             return Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_many_images(metadata.num_rows, max_rows))
-        decoded = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        try:  # the footer's own sizes are a claim: the pages' headers and the dictionaries' spread are not
+            decoded, values = page_totals(body, metadata)
+            if values > max_rows * max(metadata.num_columns, 1):
+                return Refused(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the Parquet body holds {values:,} values: more than {max_rows} rows of its columns",
+                )
+            if decoded <= max_decoded_bytes:
+                decoded += spread_size(body, metadata)
+        except UnreadableParquet:
+            return Refused(HTTPStatus.BAD_REQUEST, "the body is not a readable Parquet file")
         if decoded > max_decoded_bytes:
             return Refused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -171,9 +185,21 @@ def body_problem(content_type: str | None, body: bytes, max_decoded_bytes: int, 
     return None
 
 
+class _NulInString(ValueError):
+    pass
+
+
 def _check_depth(document: object, depth: int = 0) -> None:
+    """Raises RecursionError past :data:`MAX_JSON_DEPTH`, :class:`_NulInString` for a string or key with a NUL."""
     if depth > MAX_JSON_DEPTH:
         raise RecursionError
+    if (
+        isinstance(document, str)
+        and "\x00" in document
+        or isinstance(document, dict)
+        and any("\x00" in k for k in document)
+    ):
+        raise _NulInString
     children = document.values() if isinstance(document, dict) else document if isinstance(document, list) else ()
     for child in children:
         _check_depth(child, depth + 1)

@@ -7,8 +7,10 @@ weights (``torch.load(weights_only=True)``), its spec (JSON), its familiarity (`
 pickle) and an ensemble's threshold (JSON) are data. :func:`load_served_model` reads the model's
 ``MLmodel`` file (YAML, safely), checks that it is laid out as cnmc logs its models, and builds the
 classifier from those files with the code installed here; nothing of the model's own code or
-pickle is read. A model laid out otherwise is refused with one line, unless the caller trusts it
-(``--trust-model``), in which case MLflow loads it as it would any model.
+pickle is read. A registry version is first checked against its run (:mod:`cnmc.tracking.version_check`):
+a version ``cnmc promote`` did not make from a finished cnmc run is refused before its files are
+downloaded. A model laid out otherwise, or such a version, is refused with one line, unless the caller
+trusts it (``--trust-model``), in which case MLflow loads it as it would any model.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def load_served_model(model_uri: str, trust: bool = False) -> Any:
     (:class:`ServedModel`), or with ``trust`` as MLflow loads it. One-line :class:`CnmcError`s."""
     import mlflow
 
+    if not trust:
+        _check_registry_provenance(model_uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except Exception as exc:  # MLflow raises many types for bad URIs, missing runs, bad stores
@@ -76,6 +80,19 @@ def load_served_model(model_uri: str, trust: bool = False) -> Any:
     except Exception as exc:  # a damaged file: torch, JSON and numpy raise their own types
         raise CnmcError(f"model {model_uri!r}: cannot read its files ({exc.__class__.__name__}: {exc})"[:400]) from None
     return ServedModel(metadata, python_model)
+
+
+def _check_registry_provenance(model_uri: str) -> None:
+    """A registry version must be one ``cnmc promote`` made (:mod:`cnmc.tracking.version_check`)
+    before any of its files is read; other URIs name files the user chose."""
+    from mlflow.tracking import MlflowClient
+
+    from cnmc.tracking.version_check import checked_version
+
+    try:
+        checked_version(MlflowClient(), model_uri)
+    except CnmcError as exc:
+        raise CnmcError(f"{exc}; {TRUST_HINT}") from None
 
 
 def _metadata(local: Path, model_uri: str) -> Model:

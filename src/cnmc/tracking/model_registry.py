@@ -39,6 +39,7 @@ from cnmc.core.errors import CnmcError
 from cnmc.core.metric_catalogue import MLFLOW_PREFIX, mlflow_key
 from cnmc.tracking.promotion import PromotionResult
 from cnmc.tracking.provenance import experiment_name, shown_uri, tracking_uri
+from cnmc.tracking.version_check import version_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def register_best(
     best = _best_candidate(client, cfg, protocol, data_hash)
     run = best.run
     version = _registered_version(client, cfg.model_name, best, protocol, data_hash)
+    problem = version_problem(client, version)
+    if problem:  # another writer changed the version or its run under us
+        raise CnmcError(f"{cfg.model_name!r} v{version.version} fails the provenance check ({problem}): no alias moved")
     _set_alias(client, cfg.model_name, cfg.candidate_alias, str(version.version))
     if release:
         moves, reason = _decide(client, cfg, best, version, protocol, data_hash)
@@ -286,8 +290,14 @@ def _decide(
         return True, f"no {alias!r} yet: {new} takes it"
     if str(holder.version) == str(version.version):
         return False, f"{new} is already {alias!r}; nothing changed"
-    info = _version_facts(client, holder, cfg)
     old = f"{alias} v{holder.version}"
+    problem = version_problem(client, holder)
+    if problem:
+        return (
+            True,
+            f"{old} was not registered by `cnmc promote` from a finished cnmc run ({problem}): {new} takes {alias!r}",
+        )
+    info = _version_facts(client, holder, cfg)
     if (info["data_hash"], info["protocol"]) != (data_hash, protocol):
         return True, (
             f"{old} was trained on data {str(info['data_hash'])[:8]} under protocol {info['protocol']}, "

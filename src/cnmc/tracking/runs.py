@@ -77,9 +77,13 @@ def tracked_run(
         yield run
 
 
+PROVENANCE_TAGS = ("backbone", "protocol", "data_hash", "git_commit")
+
+
 def provenance_tags(backbone: str, protocol: str) -> dict[str, str]:
-    """What every run is tagged with to find its code and data again."""
-    return {"backbone": backbone, "protocol": protocol, "data_hash": data_hash(), "git_commit": git_commit()}
+    """What every run is tagged with to find its code and data again (:data:`PROVENANCE_TAGS`; a
+    registry version whose run lacks one is not loaded, :mod:`cnmc.tracking.version_check`)."""
+    return dict(zip(PROVENANCE_TAGS, (backbone, protocol, data_hash(), git_commit()), strict=True))
 
 
 @contextmanager

@@ -62,8 +62,13 @@ class EpochChoice:
 
 
 def choose_epoch(targets: np.ndarray, fold_of_row: np.ndarray, probs: list[list[np.ndarray]]) -> EpochChoice:
-    """The epoch whose pooled out-of-fold answers score best: highest macro F1 at 0.5, ties broken
-    by the lower log loss (the rule a single model's early stopping follows on its validation set).
+    """The epoch whose pooled out-of-fold answers rank people's cells best: highest ROC AUC, ties
+    broken by the lower log loss.
+
+    Threshold-free on purpose: macro F1 at 0.5 rewards the epoch whose fold models happen to sit
+    near 0.5 on their few judging people, and kept the first epoch on a stand-in of six unseen people
+    (test AUC 0.46) where one fold model alone reached validation AUC 0.94 at epoch 4. The threshold
+    and the temperature are chosen afterwards, on the same pooled answers, by their own rules.
 
     ``targets`` and ``fold_of_row``: the val store's, in its row order; ``probs[k][e]``: fold k's
     model's P(ALL) of its own rows (in row order) after epoch e + 1.
@@ -79,9 +84,9 @@ def choose_epoch(targets: np.ndarray, fold_of_row: np.ndarray, probs: list[list[
         pooled.append(
             {"epoch": epoch + 1, "val_f1_macro": m["f1_macro"], "val_roc_auc": m["roc_auc"], "val_loss": loss}
         )
-    best = max(pooled, key=lambda row: (row["val_f1_macro"], -row["val_loss"]))
+    best = max(pooled, key=lambda row: (np.nan_to_num(row["val_roc_auc"], nan=-1.0), -row["val_loss"]))
     selection = (
-        f"best pooled out-of-fold macro F1 over {len(probs)} folds (epoch {int(best['epoch'])} of {epochs}: "
-        f"macro F1 {best['val_f1_macro']:.4f}, ROC AUC {best['val_roc_auc']:.4f})"
+        f"best pooled out-of-fold ROC AUC over {len(probs)} folds (epoch {int(best['epoch'])} of {epochs}: "
+        f"ROC AUC {best['val_roc_auc']:.4f}, macro F1 at 0.5 {best['val_f1_macro']:.4f})"
     )
     return EpochChoice(int(best["epoch"]), pooled, selection)
