@@ -28,10 +28,12 @@ demo: data
 	$(BIN)/dvc repro
 	@echo "The comparison (printed by the report stage): outputs/report/comparison.md; the champion's card: registry/model_card.md"
 
-# Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core.
+# Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core. Coverage of src/cnmc
+# (subprocesses included) is printed, and the run fails below the floor the suite met when it was set.
 TEST_WORKERS ?= 2
+COVERAGE_FLOOR ?= 80
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --cov --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
 # The loop while you work: everything but the tests marked slow (end to end, subprocesses, servers).
 test-fast: install

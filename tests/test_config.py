@@ -137,11 +137,12 @@ def test_params_from_layers_a_partial_file(tmp_path: Path) -> None:
 
 
 def test_the_champion_uri_is_built_from_promote_and_read_by_the_cli(tmp_path) -> None:
-    from cnmc.cli import _model_uri, build_parser
+    from cnmc.cli import build_parser
+    from cnmc.cli.common import model_uri
     from cnmc.core.config import PromoteConfig
 
     def uri(*argv: str) -> str:
-        return _model_uri(build_parser().parse_args(["predict", "cell.bmp", *argv]))
+        return model_uri(build_parser().parse_args(["predict", "cell.bmp", *argv]))
 
     assert PromoteConfig().model_uri == "models:/cnmc-classifier@champion"
     params = tmp_path / "params.yaml"
@@ -153,14 +154,15 @@ def test_the_champion_uri_is_built_from_promote_and_read_by_the_cli(tmp_path) ->
 
 
 def test_set_overrides_any_setting_once_validated_and_in_order(tmp_path) -> None:
-    from cnmc.cli import _params, build_parser
+    from cnmc.cli import build_parser
+    from cnmc.cli.common import params_from_args
     from cnmc.core.errors import CnmcError
 
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  lr: 0.01\n")
 
     def parsed(*argv: str):  # noqa: ANN202
-        return _params(build_parser().parse_args(["train", "--backbone", "b", "--params", str(params), *argv]))
+        return params_from_args(build_parser().parse_args(["train", "--backbone", "b", "--params", str(params), *argv]))
 
     got = parsed(
         "--set",

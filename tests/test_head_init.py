@@ -54,9 +54,12 @@ def test_training_starts_from_the_probe_head(tiny_store: Path, tmp_path: Path) -
         heads.append(trainer.model.get_classifier().weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
     assert torch.equal(heads[0][0], -heads[0][1])  # logits -z/2 and z/2
+    random_head = make_trainer(tiny_store, tmp_path / "r.pt", epochs=1).model.get_classifier().weight.detach()
     trainer = make_trainer(tiny_store, tmp_path / "c.pt", epochs=1, head_init="linear_probe")
     result = trainer.fit()
-    assert result.best_epoch == 1 and np.isfinite(result.history[0]["val_loss"])
+    trained = trainer.model.get_classifier().weight.detach()
+    assert np.isfinite(result.history[0]["val_loss"]) and not torch.equal(trained, heads[0])  # it trained ...
+    assert (trained - heads[0]).norm() < (random_head - heads[0]).norm() / 10  # ... from the probe's head
 
 
 def test_freeze_bn_keeps_the_running_statistics(tiny_store: Path, tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """The package layout is the architecture: each module imports only its own layer and those
-below it, and nothing imports in a circle (lazy imports inside functions count too)."""
+below it, and nothing imports in a circle (lazy imports inside functions count too); and no
+function is so long that it holds more than one choice."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 from cnmc.core.imports import PACKAGE_DIR, imported_modules
@@ -14,8 +16,9 @@ LAYERS = (
     ("tracking", {"cnmc.tracking"}),
     ("serving", {"cnmc.serving"}),
     ("jobs", {"cnmc.jobs"}),
-    ("command line", {"cnmc.cli", "cnmc.__main__"}),
+    ("command line", {"cnmc.cli", "cnmc.__main__"}),  # cnmc.cli: the package, all its modules
 )
+MAX_FUNCTION_LINES = 120
 
 
 def modules() -> dict[str, Path]:
@@ -31,7 +34,7 @@ def package(module: str) -> str:
 
 
 def layer(module: str) -> int:
-    home = module if module in {"cnmc", "cnmc.cli", "cnmc.__main__"} else package(module)
+    home = module if module in {"cnmc", "cnmc.__main__"} else package(module)  # cnmc.cli.data -> cnmc.cli
     return next(i for i, (_, members) in enumerate(LAYERS) if home in members)
 
 
@@ -94,3 +97,15 @@ def test_no_import_cycle_between_modules_or_packages() -> None:
                 package(dep) for dep in deps if package(dep) != package(name) and dep.count(".") >= 1
             )
     assert not cycle(packages), " -> ".join(cycle(packages))
+
+
+def test_no_function_is_longer_than_the_limit() -> None:
+    """A function of more than MAX_FUNCTION_LINES lines (decorators aside) holds several choices: split it."""
+    long = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE_DIR.parents[1])}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

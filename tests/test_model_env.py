@@ -15,7 +15,7 @@ def test_the_closure_is_the_serving_code_and_not_the_project() -> None:
     for unwanted in (
         "serving/http_app.py",
         "serving/guard.py",
-        "cli.py",
+        "cli/__init__.py",
         "training/trainer.py",
         "jobs/tune.py",
         "jobs/explain.py",

@@ -11,19 +11,9 @@ from mlflow.projects import _project_spec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_top_level_files_exist() -> None:
-    for name in (
-        "MLproject",
-        "dvc.yaml",
-        "params.yaml",
-        "data.dvc",
-        "conda.yaml",
-        "README.md",
-        "pyproject.toml",
-        "Makefile",
-        ".ci/run",
-    ):
-        assert (ROOT / name).is_file(), name
+def test_data_dvc_tracks_the_folder_params_yaml_reads() -> None:
+    tracked = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"]
+    assert [out["path"] for out in tracked] == [yaml.safe_load((ROOT / "params.yaml").read_text())["data_dir"]]
 
 
 def test_mlproject_is_valid() -> None:
@@ -36,7 +26,8 @@ def test_every_mlproject_command_is_one_the_cli_takes_with_its_defaults() -> Non
     """An unset MLproject parameter is "", which every flag it feeds reads as "keep params.yaml"."""
     import shlex
 
-    from cnmc.cli import _params, build_parser
+    from cnmc.cli import build_parser
+    from cnmc.cli.common import params_from_args
 
     raw = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     for name, entry in raw.items():
@@ -47,7 +38,7 @@ def test_every_mlproject_command_is_one_the_cli_takes_with_its_defaults() -> Non
             assert argv[0] == "cnmc", name
             args = build_parser().parse_args(argv[1:])
             if hasattr(args, "set"):
-                _params(args)  # the overrides validate
+                params_from_args(args)  # the overrides validate
 
 
 def test_conda_env_lists_the_pyproject_dependencies() -> None:
