@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from cnmc.data.layout import parse_cell_name
 from cnmc.metrics.patients import call_people
-from cnmc.serving.client import find_images, load_image_model
+from cnmc.serving.scoring import find_images, load_image_model
 
 
 def encoded(image: Image.Image) -> str:

@@ -29,7 +29,7 @@ from bench_serving import log_random_model  # noqa: E402
 
 from cnmc.data.demo import demo_cells  # noqa: E402
 from cnmc.serving.batch import predict_paths  # noqa: E402
-from cnmc.serving.client import find_images  # noqa: E402
+from cnmc.serving.scoring import find_images  # noqa: E402
 
 
 def main() -> None:

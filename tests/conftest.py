@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny prepared image store (made once per session through the real
-pipeline functions), a temporary SQLite MLflow store (migrated once, copied per test), tiny
-tracked runs, and the champion among them served by ``cnmc serve`` and ``mlflow models serve``
-(each started once a session, when a test first asks for it)."""
+pipeline functions), a temporary SQLite MLflow store (migrated once, copied per test), a place to
+train tracked runs in (:class:`TrainingCopy`), tiny tracked runs, and the champion among them
+served by ``cnmc serve`` and ``mlflow models serve`` (each started once a session, when a test
+first asks for it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,7 +180,7 @@ def mlflow_db(mlflow_db_template: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
 @dataclass(frozen=True)
 class TinyRun:
-    """One real ``train_and_log`` run (1 epoch, random init) in the shared ``tiny_runs`` store."""
+    """One real ``train_and_evaluate`` run (1 epoch, random init) in the shared ``tiny_runs`` store."""
 
     tracking_uri: str
     backbone: str
@@ -192,8 +194,9 @@ class TinyRun:
         return f"runs:/{self.run_id}/model"
 
 
-class TinyRuns:
-    """Trains tiny runs on demand, one per backbone, into one temporary SQLite store (cached)."""
+class TrainingCopy:
+    """Where tests train tracked runs: a writable copy of a prepared store (``root``, ``work/outputs``)
+    and of the migrated MLflow store (``db``, ``work/mlflow.db``), both under ``work``."""
 
     def __init__(self, store: Path, db_template: Path, work: Path):
         self.work = work
@@ -201,6 +204,33 @@ class TinyRuns:
         self.db = work / "mlflow.db"
         shutil.copyfile(db_template, self.db)
         self.tracking_uri = f"sqlite:///{self.db}"
+
+    def train(self, params: Any, backbone: str, patch: Callable[[pytest.MonkeyPatch], None] | None = None) -> Any:
+        """``train_and_evaluate`` of ``backbone`` on this copy, logged to its MLflow store with the
+        working directory ``work`` (``./mlruns``, the artifact root, lands here); ``patch`` may patch
+        more for the call. Returns the metrics document."""
+        import mlflow
+
+        from cnmc.jobs.fit_evaluate import train_and_evaluate
+        from cnmc.jobs.paths import RunPaths
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
+            mp.delenv("MLFLOW_RUN_ID", raising=False)
+            mp.chdir(self.work)
+            if patch is not None:
+                patch(mp)
+            try:
+                return train_and_evaluate(params, backbone, RunPaths(self.root, backbone), progress=False)
+            finally:
+                mlflow.set_tracking_uri(None)
+
+
+class TinyRuns(TrainingCopy):
+    """Trains tiny runs on demand, one per backbone, into one temporary SQLite store (cached)."""
+
+    def __init__(self, store: Path, db_template: Path, work: Path):
+        super().__init__(store, db_template, work)
         self._runs: dict[str, TinyRun] = {}
 
     def __call__(self, backbone: str) -> TinyRun:
@@ -209,22 +239,10 @@ class TinyRuns:
         return self._runs[backbone]
 
     def _train(self, backbone: str) -> TinyRun:
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        from cnmc.jobs.fit_evaluate import train_and_log
-        from cnmc.jobs.paths import RunPaths
-
         # Colour centring on: the served champion then shows that a model's input transform travels with it.
-        params = tiny_params(colour="centred")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MLFLOW_TRACKING_URI", self.tracking_uri)
-            mp.delenv("MLFLOW_RUN_ID", raising=False)
-            mp.chdir(self.work)  # ./mlruns (the artifact root) lands here
-            try:
-                document = train_and_log(params, backbone, RunPaths(self.root, backbone), progress=False)
-            finally:
-                mlflow.set_tracking_uri(None)
+        document = self.train(tiny_params(colour="centred"), backbone)
         run = MlflowClient(tracking_uri=self.tracking_uri).get_run(document.run_id)
         return TinyRun(
             self.tracking_uri,

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SEED, TINY_AUGMENT, tiny_params
+from conftest import SEED, TINY_AUGMENT, TrainingCopy, tiny_params
 from test_ensemble import cells, post
 
 from cnmc.core.config import AugmentConfig, Params, SplitConfig
@@ -81,29 +81,21 @@ def cross_fitted(
     crossfit_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> CrossFitted:
     """One cross-fitted tiny backbone, trained and evaluated (with a spy on the threshold rule)."""
-    import cnmc.jobs.evaluate
-    from cnmc.jobs.fit_evaluate import train_and_log
+    import cnmc.metrics.validation_rules
 
-    work = tmp_path_factory.mktemp("crossfit-run")
-    root = Path(shutil.copytree(crossfit_store, work / "outputs"))
-    shutil.copyfile(mlflow_db_template, work / "mlflow.db")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    copy = TrainingCopy(crossfit_store, mlflow_db_template, tmp_path_factory.mktemp("crossfit-run"))
     seen: list[np.ndarray] = []
-    rule = cnmc.jobs.evaluate.choose_threshold
+    rule = cnmc.metrics.validation_rules.choose_threshold
 
     def spy(targets, probs, subjects):  # noqa: ANN001, ANN202 - the rule's own signature
         seen.append(np.asarray(probs))
         return rule(targets, probs, subjects)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(work)
-        mp.setattr(cnmc.jobs.evaluate, "choose_threshold", spy)
-        try:
-            document = train_and_log(crossfit_params(), BACKBONE, RunPaths(root, BACKBONE), progress=False)
-        finally:
-            mlflow.set_tracking_uri(None)
-    return CrossFitted(root, uri, document, seen[0] if seen else np.array([]))
+    def spy_on_the_rule(mp: pytest.MonkeyPatch) -> None:
+        mp.setattr(cnmc.metrics.validation_rules, "choose_threshold", spy)
+
+    document = copy.train(crossfit_params(), BACKBONE, patch=spy_on_the_rule)
+    return CrossFitted(copy.root, copy.tracking_uri, document, seen[0] if seen else np.array([]))
 
 
 def members(root: Path) -> list:
@@ -194,7 +186,7 @@ def test_the_served_cross_fitted_model_answers_with_the_mean_of_its_folds_in_pro
 def test_an_interrupted_cross_fit_resumes_in_the_fold_it_stopped_in(
     crossfit_store: Path, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnmc.jobs.train import fit_and_log
+    from cnmc.jobs.train import train_backbone
     from cnmc.training.trainer import Trainer
 
     root = Path(shutil.copytree(crossfit_store, tmp_path / "outputs"))
@@ -210,14 +202,14 @@ def test_an_interrupted_cross_fit_resumes_in_the_fold_it_stopped_in(
 
     monkeypatch.setattr(Trainer, "train_epoch", counted)
     with pytest.raises(CnmcError, match="--resume"):
-        fit_and_log(crossfit_params(), BACKBONE, paths, progress=False)
+        train_backbone(crossfit_params(), BACKBONE, paths, progress=False)
     first_fold = (paths.fold_work(0) / "fold.json").read_text()
     assert not (paths.fold_work(1) / "fold.json").exists() and (paths.fold_work(1) / "checkpoint.pt").is_file()
     epochs_run.clear()
     monkeypatch.setattr(
         Trainer, "train_epoch", lambda self, epoch: epochs_run.append(epoch) or train_epoch(self, epoch)
     )
-    summary = fit_and_log(crossfit_params(), BACKBONE, paths, resume=True, progress=False)
+    summary = train_backbone(crossfit_params(), BACKBONE, paths, resume=True, progress=False)
     # Fold 1 goes on from its second epoch, fold 2 runs whole, fold 0 is not trained again.
     assert epochs_run == [1, 0, 1]
     assert (paths.fold_work(0) / "fold.json").read_text() == first_fold

@@ -1,5 +1,5 @@
 """A tracked training run end to end, on tiny data and a temporary SQLite MLflow store: what
-``train_and_log`` logs, the served pyfunc, ``cnmc train`` on the user's own folders, and
+``train_and_evaluate`` logs, the served pyfunc, ``cnmc train`` on the user's own folders, and
 ``mlflow run``."""
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import tiny_params
+from conftest import TrainingCopy, tiny_params
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cnmc.inference.schema import CELL_COLUMNS
-from cnmc.jobs.fit_evaluate import train_and_log
+from cnmc.jobs.fit_evaluate import train_and_evaluate
 from cnmc.jobs.paths import RunPaths
 from cnmc.serving.pyfunc import encode_file
 
@@ -58,22 +58,11 @@ class LoggedRun:
 
 @pytest.fixture(scope="module")
 def logged_run(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> LoggedRun:
-    """One ``train_and_log`` run (2 epochs) that the tests below inspect from every side."""
-    work = tmp_path_factory.mktemp("logged-run")
-    root = Path(shutil.copytree(tiny_store, work / "outputs"))
-    db = work / "mlflow.db"
-    shutil.copyfile(mlflow_db_template, db)
-    uri = f"sqlite:///{db}"
-    paths = RunPaths(root, BACKBONE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(work)  # ./mlruns (the artifact root) lands here
-        try:
-            document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, progress=False)
-        finally:
-            mlflow.set_tracking_uri(None)
-    return LoggedRun(uri, paths, document.model_dump(by_alias=True), document.run_id)
+    """One ``train_and_evaluate`` run (2 epochs) that the tests below inspect from every side."""
+    copy = TrainingCopy(tiny_store, mlflow_db_template, tmp_path_factory.mktemp("logged-run"))
+    document = copy.train(tiny_params(epochs=EPOCHS), BACKBONE)
+    paths = RunPaths(copy.root, BACKBONE)
+    return LoggedRun(copy.tracking_uri, paths, document.model_dump(by_alias=True), document.run_id)
 
 
 @pytest.fixture
@@ -245,7 +234,7 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
 
     root = Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
     monkeypatch.chdir(tmp_path)
-    document = train_and_log(
+    document = train_and_evaluate(
         tiny_params(min_images_per_class=30), BACKBONE, RunPaths(root, BACKBONE), progress=False
     ).model_dump(by_alias=True)
     validation = document["validation"]
@@ -401,14 +390,14 @@ def test_interrupted_run_is_killed_then_resumed_into_the_same_run(
 
     monkeypatch.setattr(Trainer, "train_epoch", interrupted_in_epoch_2)
     with pytest.raises(CnmcError, match="--resume"):
-        train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, progress=False)
+        train_and_evaluate(tiny_params(epochs=EPOCHS), BACKBONE, paths, progress=False)
     client = MlflowClient(tracking_uri=mlflow_db)
     (run,) = client.search_runs([client.get_experiment_by_name("cnmc-subject").experiment_id])
     assert run.info.status == "KILLED"
     assert mlflow.active_run() is None
 
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    document = train_and_log(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True, progress=False).model_dump(
+    document = train_and_evaluate(tiny_params(epochs=EPOCHS), BACKBONE, paths, resume=True, progress=False).model_dump(
         by_alias=True
     )
     assert document["run_id"] == run.info.run_id and document["epochs_run"] == EPOCHS

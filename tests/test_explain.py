@@ -1,5 +1,5 @@
-"""Grad-CAM explanations (``cnmc.jobs.explain``): target layers, heatmaps, the run's example grid,
-the seeded choice of examples, and ``explain_images`` on a model from a real tiny run."""
+"""Grad-CAM explanations (``cnmc.plots.gradcam``): target layers, heatmaps, the run's example grid,
+the seeded choice of examples; and ``cnmc.jobs.explain.explain_images`` on a model from a real tiny run."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from cnmc.inference.spec import ModelSpec
 from cnmc.jobs.explain import explain_images
 from cnmc.models.backbones import create_backbone
 from cnmc.plots.gradcam import (
+    gradcam_examples_png,
     gradcam_grid,
     gradcam_heatmaps,
-    log_gradcam_grid,
     normalize_maps,
     overlay,
     select_examples,
@@ -118,11 +118,11 @@ def test_select_examples_takes_seeded_cells_from_each_group() -> None:
         select_examples(pd.DataFrame({"x": [1]}), [0.5], 0.5)
 
 
-def test_log_gradcam_grid_on_the_test_split(tiny_store: Path, tmp_path: Path) -> None:
+def test_gradcam_examples_png_of_the_test_split(tiny_store: Path, tmp_path: Path) -> None:
     test = ImageStore(tiny_store / "images" / "test")
     model, spec = tiny_model("test_efficientnet", size=test.image_size)
     probs = np.linspace(0.0, 1.0, len(test))
-    out = log_gradcam_grid(model, spec, test, probs, 0.5, tmp_path / "plots" / "gradcam.png")
+    out = gradcam_examples_png(model, spec, test, probs, 0.5, tmp_path / "plots" / "gradcam.png")
     expected = len(select_examples(test.index, probs, 0.5, per_group=2))
     assert 1 <= expected <= 8
     assert assert_png(out).text["panels"] == str(expected)

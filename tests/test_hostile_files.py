@@ -18,7 +18,7 @@ from PIL import Image
 from cnmc.cli import main
 from cnmc.data.images import ImageProblem, open_rgb
 from cnmc.inference.schema import CELL_COLUMNS
-from cnmc.serving.client import load_image_model, score_images
+from cnmc.serving.scoring import load_image_model, score_images
 
 MODEL = Path(__file__).parent / "fixtures" / "pyfunc_before_layout_move"
 ODD_NAMES = (b"bad\xffname.png", b"line\nbreak.png", b"tab\tand\x1bescape.png")

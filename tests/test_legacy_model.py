@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from cnmc.inference.schema import CELL_COLUMNS
-from cnmc.serving.client import load_image_model, score_images
 from cnmc.serving.pyfunc import LeukemiaClassifier, encode_file
+from cnmc.serving.scoring import load_image_model, score_images
 
 LOGGED_BEFORE_THE_MOVE = Path(__file__).parent / "fixtures" / "pyfunc_before_layout_move"
 

@@ -13,16 +13,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_params
+from conftest import TrainingCopy, tiny_params
 from PIL import Image
 
 from cnmc.core.errors import CnmcError
 from cnmc.inference.schema import BATCH_COLUMNS
-from cnmc.jobs.fit_evaluate import train_and_log
-from cnmc.jobs.paths import RunPaths
 from cnmc.serving.batch import predict_paths
-from cnmc.serving.client import find_images
 from cnmc.serving.pyfunc import encode_file
+from cnmc.serving.scoring import find_images
 
 BACKBONE = "test_resnet"
 
@@ -36,21 +34,10 @@ class TinyModel:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_store: Path, mlflow_db_template: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    """A one-epoch ``train_and_log`` run of the tiny test backbone, logged to its own SQLite store."""
-    work = tmp_path_factory.mktemp("predict-run")
-    root = Path(shutil.copytree(tiny_store, work / "outputs"))
-    db = work / "mlflow.db"
-    shutil.copyfile(mlflow_db_template, db)
-    uri = f"sqlite:///{db}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(work)
-        try:
-            document = train_and_log(tiny_params(), BACKBONE, RunPaths(root, BACKBONE), progress=False)
-        finally:
-            mlflow.set_tracking_uri(None)
-    return TinyModel(uri, f"runs:/{document.run_id}/model", document.threshold)
+    """A one-epoch ``train_and_evaluate`` run of the tiny test backbone, logged to its own SQLite store."""
+    copy = TrainingCopy(tiny_store, mlflow_db_template, tmp_path_factory.mktemp("predict-run"))
+    document = copy.train(tiny_params(), BACKBONE)
+    return TinyModel(copy.tracking_uri, f"runs:/{document.run_id}/model", document.threshold)
 
 
 @pytest.fixture
@@ -147,10 +134,10 @@ def test_a_file_only_the_model_refuses_is_reported_and_the_batch_goes_on(
 ) -> None:
     """If the pre-check lets a file through (e.g. a model logged with older serving code that is
     stricter), the batch is retried file by file: the refused one gets the model's reason."""
-    import cnmc.serving.client
+    import cnmc.serving.scoring
 
     files = write_images(tmp_path / "images")
-    monkeypatch.setattr(cnmc.serving.client, "open_rgb", lambda data: None)  # no pre-check
+    monkeypatch.setattr(cnmc.serving.scoring, "open_rgb", lambda data: None)  # no pre-check
     out = tmp_path / "p.csv"
     summary = predict_paths(
         model.model_uri, [str(files["a.bmp"]), str(files["text.png"]), str(files["b.png"])], out, progress=False

@@ -2,7 +2,7 @@
 version's tags and model card, ``promotion.json``; on a temporary SQLite MLflow store.
 
 Most runs here are made with the client alone (tags, metrics, a metrics document and an empty
-logged model): promotion reads nothing else. One test promotes a real ``train_and_log`` run and
+logged model): promotion reads nothing else. One test promotes a real ``train_and_evaluate`` run and
 serves it through ``models:/cnmc-classifier@champion``.
 """
 
@@ -50,7 +50,7 @@ def fake_run(
     document: dict[str, Any] | None = None,
     val_f1_macro: float | None = None,
 ) -> str:
-    """A run as ``train_and_log`` leaves it, as far as promotion looks; returns its id."""
+    """A run as ``train_and_evaluate`` leaves it, as far as promotion looks; returns its id."""
     name = experiment or f"cnmc-{protocol}"
     found = client.get_experiment_by_name(name)
     experiment_id = found.experiment_id if found else client.create_experiment(name)
@@ -64,7 +64,7 @@ def fake_run(
         "test_t0.5_f1_all": f1 - 0.1,
         "threshold": 0.4,
     }
-    if val_f1_macro is not None:  # the selected model on validation, as train_and_log logs it
+    if val_f1_macro is not None:  # the selected model on validation, as train_and_evaluate logs it
         metrics |= {"final_val_f1_macro": val_f1_macro, "final_val_roc_auc": val_f1_macro + 0.05}
     client.log_batch(run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
     client.log_dict(run_id, document or metrics_document(f1), "fake.json")
@@ -341,7 +341,7 @@ def test_a_run_without_a_metrics_document_gets_no_card(client: MlflowClient) -> 
 
 # -- a real training run, served from the registry ---------------------------------------------------
 def test_real_run_is_promoted_and_served_from_the_alias(copy_store: Path, mlflow_db: str, tmp_path: Path) -> None:
-    from cnmc.jobs.fit_evaluate import train_and_log
+    from cnmc.jobs.fit_evaluate import train_and_evaluate
     from cnmc.jobs.paths import RunPaths
     from cnmc.serving.pyfunc import encode_file
 
@@ -355,7 +355,7 @@ def test_real_run_is_promoted_and_served_from_the_alias(copy_store: Path, mlflow
         }
     )
     paths = RunPaths(copy_store, "test_resnet")
-    doc = train_and_log(params, "test_resnet", paths, progress=False)
+    doc = train_and_evaluate(params, "test_resnet", paths, progress=False)
     client = MlflowClient(tracking_uri=mlflow_db)
     result = promote(CFG, "subject", doc.data_hash, client)
     assert (result.run_id, result.version, result.promoted) == (doc.run_id, "1", True)

@@ -1,6 +1,7 @@
-"""Optuna tuning (cnmc.jobs.tune) on the tiny store: a tracked study and tuned.yaml, pruning (in SQLite),
-a failed trial that does not stop the study, resuming, two concurrent `cnmc tune` workers on one
-journal file, and the store view that replays the augment stage's balancing with T on the fly."""
+"""Optuna tuning (cnmc.jobs.tune, its study in tune_study, its trials in tune_trial) on the tiny store:
+a tracked study and tuned.yaml, pruning (in SQLite), a failed trial that does not stop the study,
+resuming, two concurrent `cnmc tune` workers on one journal file, and the store view that replays
+the augment stage's balancing with T on the fly."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
 from cnmc.data.store import ImageStore
-from cnmc.jobs import tune
+from cnmc.jobs import tune, tune_study, tune_trial
 from cnmc.training import trainer as train_module
 
 STUDY = "tiny-tune"
@@ -40,7 +41,7 @@ def tune_params(tmp_path: Path, **tune_cfg: object) -> Params:
 
 
 def load(params: Params) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=tune.make_storage(params.tune.storage))
+    return optuna.load_study(study_name=STUDY, storage=tune_study.make_storage(params.tune.storage))
 
 
 def child_runs(parent_id: str) -> list:
@@ -118,7 +119,7 @@ def test_study_is_tracked_and_writes_tuned_params(tiny_store, mlflow_db, tmp_pat
 def test_pruned_trial_is_recorded(tiny_store, mlflow_db, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setattr(tune, "build_pruner", lambda params: optuna.pruners.ThresholdPruner(lower=1.1))
+    monkeypatch.setattr(tune_study, "build_pruner", lambda params: optuna.pruners.ThresholdPruner(lower=1.1))
     params = tune_params(tmp_path, epochs=2, storage=f"sqlite:///{tmp_path / 'optuna.db'}")  # RDB storage too
     summary = tune.run_study(params, tiny_store / "images", n_trials=1, progress=False)
 
@@ -146,7 +147,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(tiny_store, mlflow_db, t
     params = tune_params(tmp_path)
     summary = tune.run_study(params, tiny_store / "images", n_trials=2, progress=False)
 
-    assert issubclass(torch.cuda.OutOfMemoryError, tune.TRIAL_ERRORS)  # CUDA OOM also ends only the trial
+    assert issubclass(torch.cuda.OutOfMemoryError, tune_trial.TRIAL_ERRORS)  # CUDA OOM also ends only the trial
     failed, ok = load(params).trials
     assert failed.state == TrialState.FAIL and ok.state == TrialState.COMPLETE
     assert failed.user_attrs["failure_reason"] == "FloatingPointError: loss became nan in epoch 1"
@@ -213,7 +214,7 @@ def test_two_concurrent_workers_share_one_journal(tiny_store, mlflow_db, tmp_pat
 
 def test_live_augmentation_view_replays_the_balancing(tiny_store):
     store = ImageStore(tiny_store / "images" / "train")
-    view = tune.live_augmentation_view(store)
+    view = tune_trial.live_augmentation_view(store)
     augmented = store.index["augmented"].astype(int).to_numpy() == 1
     origin = store.index["origin"].astype(int).to_numpy()
     assert augmented.any() and (~augmented).any()
@@ -241,11 +242,11 @@ def test_a_torn_journal_line_is_one_line_naming_it_and_the_repair(tmp_path: Path
 
     journal = tmp_path / "optuna-journal.log"
     params = apply_overrides(Params(), [f"tune.storage=journal:{journal}"])
-    study = tune.open_study(params)
+    study = tune_study.open_study(params)
     study.enqueue_trial({"lr": 1e-4})
     lines = journal.read_text().splitlines()
     # A worker killed mid-write leaves half a line; the next worker's record is appended to it.
     journal.write_text("\n".join([*lines[:-1], lines[-1][:15] + lines[-1], ""]))
     with pytest.raises(CnmcError, match=rf"line {len(lines)} of the Optuna journal is not whole JSON.*sed -i") as info:
-        tune.open_study(params)
+        tune_study.open_study(params)
     assert str(journal) in str(info.value) and "\n" not in str(info.value)

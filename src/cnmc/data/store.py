@@ -12,7 +12,8 @@ image decoding or resizing: that is what makes input fast (see ``bench/bench_inp
 
 ``ImageStore.subset(rows, transform_mask)`` is a view of chosen rows (repeats allowed) over the
 same memmap; the mask says which of its rows an on-the-fly transform applies to (tuning uses it
-to replay the augment stage's balancing with fresh draws of T, see :mod:`cnmc.jobs.tune`).
+to replay the augment stage's balancing with fresh draws of T, see
+:func:`cnmc.jobs.tune_trial.live_augmentation_view`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``cnmc ensemble``: several evaluated backbones as one model that answers with their mean P(ALL).
 
 Each member keeps what its own evaluation chose (temperature, colour, TTA); the ensemble's
-threshold follows the same rule as a single model's (:mod:`cnmc.metrics.validation_rules`): 0.5 unless a
-threshold tuned on the validation split earns its place over whole people. The ensemble is judged
+threshold follows the same rule as a single model's
+(:func:`cnmc.metrics.validation_rules.reported_threshold`): 0.5 unless a threshold tuned on the
+validation split earns its place over whole people. The ensemble is judged
 on the test split once, logged as its own MLflow run with a servable pyfunc
 (:class:`cnmc.serving.pyfunc.EnsembleClassifier`: ``cnmc serve --model runs:/<run>/model``), and
 summarised in ``<root>/ensemble/ensemble.json``.
@@ -27,8 +28,8 @@ from cnmc.data.store import ImageStore
 from cnmc.inference.probability import predict_proba
 from cnmc.jobs.evaluate import example_image
 from cnmc.jobs.paths import RunPaths, mkdir, open_stores
-from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
-from cnmc.metrics.validation_rules import choose_threshold, subject_shortfall
+from cnmc.metrics.scores import binary_metrics, evaluate_split
+from cnmc.metrics.validation_rules import reported_threshold, validation_shortfall
 from cnmc.serving.pyfunc import Member, ServedFiles, load_member, log_ensemble
 from cnmc.tracking.runs import training_run
 
@@ -82,14 +83,11 @@ def build_ensemble(params: Params, backbones: Sequence[str], root: Path) -> Ense
     val, test = stores["val"], stores["test"]
     val_prob, test_prob = mean_prob(members, val), mean_prob(members, test)
     val_subjects = val.index["subject"].to_numpy()
-    shortfall = judging_shortfall(val.targets, params.split.min_images_per_class) or subject_shortfall(
-        val.targets, val_subjects, params.split.min_subjects_per_class
+    shortfall = validation_shortfall(
+        val.targets, val_subjects, params.split.min_images_per_class, params.split.min_subjects_per_class
     )
-    if shortfall:
-        threshold, rule = 0.5, f"0.5: {shortfall}"
-    else:
-        choice = choose_threshold(val.targets, val_prob, val_subjects)
-        threshold, rule = choice.threshold, choice.rule
+    choice = reported_threshold(val.targets, val_prob, val_subjects, shortfall)
+    threshold, rule = choice.threshold, choice.rule
     evaluation = evaluate_split(test.targets, test_prob, list(test.index["subject"]), threshold)
     validation = binary_metrics(val.targets, val_prob, threshold)
     with training_run(params, NAME, None, extra_params={"members": ",".join(backbones)}) as run:

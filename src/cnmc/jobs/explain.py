@@ -16,8 +16,8 @@ from cnmc.core.names import shown
 from cnmc.inference.probability import predict_proba
 from cnmc.inference.spec import ModelSpec
 from cnmc.plots.gradcam import gradcam_heatmaps, single_png
-from cnmc.serving.client import find_images, load_image_model, read_image
 from cnmc.serving.pyfunc import Member, decode_image
+from cnmc.serving.scoring import find_images, load_image_model, read_image
 
 log = logging.getLogger(__name__)
 

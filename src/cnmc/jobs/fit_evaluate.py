@@ -9,11 +9,11 @@ from __future__ import annotations
 from cnmc.core.config import Params
 from cnmc.jobs.evaluate import evaluate_and_log
 from cnmc.jobs.paths import RunPaths
-from cnmc.jobs.train import fit_and_log
+from cnmc.jobs.train import train_backbone
 from cnmc.metrics.document import MetricsDocument
 
 
-def train_and_log(
+def train_and_evaluate(
     params: Params,
     backbone: str,
     paths: RunPaths,
@@ -22,5 +22,5 @@ def train_and_log(
     progress: bool = True,
 ) -> MetricsDocument:
     """Fit ``backbone`` (:mod:`cnmc.jobs.train`), then evaluate it (:mod:`cnmc.jobs.evaluate`)."""
-    fit_and_log(params, backbone, paths, resume=resume, weights_path=weights_path, progress=progress)
+    train_backbone(params, backbone, paths, resume=resume, weights_path=weights_path, progress=progress)
     return evaluate_and_log(params, backbone, paths)

@@ -13,7 +13,7 @@ from cnmc.core.config import Params
 from cnmc.core.distributed import process_group
 from cnmc.jobs.paths import RunPaths
 from cnmc.jobs.prepare import store_root
-from cnmc.jobs.train import fit_and_log
+from cnmc.jobs.train import train_backbone
 from cnmc.metrics.document import FitSummary
 from cnmc.training.trainer import uses_cuda
 
@@ -29,7 +29,7 @@ def train(
     progress: bool = True,
 ) -> tuple[FitSummary | None, RunPaths]:
     """``cnmc train``: find or prepare the store (:func:`cnmc.jobs.prepare.store_root`), then
-    :func:`fit_and_log`. Under torchrun every rank calls this: rank 0 prepares the data first and
+    :func:`train_backbone`. Under torchrun every rank calls this: rank 0 prepares the data first and
     the others then reuse it; only rank 0 gets the summary (the others None)."""
     with process_group(uses_cuda(params.train)) as world:
         if not world.is_main:
@@ -38,7 +38,7 @@ def train(
         if world.is_main:
             world.barrier()
         paths = RunPaths(run_root, backbone, store)
-        fit = fit_and_log(
+        fit = train_backbone(
             params, backbone, paths, resume=resume, weights_path=weights_path, progress=progress, world=world
         )
     return fit, paths

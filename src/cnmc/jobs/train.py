@@ -34,13 +34,13 @@ from cnmc.jobs.paths import RunPaths, mkdir, open_stores
 from cnmc.metrics.document import FitSummary
 from cnmc.models.backbones import Backbone
 from cnmc.plots.training import training_curves_png
-from cnmc.tracking.runs import flat_params, store_hash, training_run
+from cnmc.tracking.runs import flat_params, killed_on_interrupt, store_hash, training_run
 from cnmc.training.build import build_trainer
 from cnmc.training.crossfit import choose_epoch, fold_count, fold_people, fold_stores
 from cnmc.training.trainer import FitResult, Trainer, config_fingerprint
 
 
-def fit_and_log(
+def train_backbone(
     params: Params,
     backbone: str,
     paths: RunPaths,
@@ -71,14 +71,11 @@ def fit_and_log(
     with training_run(params, backbone, resume_run, extra_params=extra) as run:
         mkdir(paths.checkpoint.parent)
         run_id_file.write_text(run.info.run_id)
-        try:
+        interrupted = (
+            f"interrupted: the last epoch's checkpoint is in {paths.checkpoint.parent}; rerun with --resume to continue"
+        )
+        with killed_on_interrupt(interrupted):
             fit, net = fit_one(job, run.info.run_id)
-        except KeyboardInterrupt:
-            mlflow.end_run(status="KILLED")
-            raise CnmcError(
-                f"interrupted: the last epoch's checkpoint is in {paths.checkpoint.parent}; "
-                "rerun with --resume to continue"
-            ) from None
         if not resume_run:
             mlflow.log_param("weights", net.weights)
         curves = training_curves_png(fit.history, mkdir(paths.curves.parent) / paths.curves.name)

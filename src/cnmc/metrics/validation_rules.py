@@ -3,7 +3,8 @@
 A threshold or a temperature fitted on a few hundred cells of a dozen people mostly fits those
 people. Each moves from its neutral value (0.5, T = 1) only where its gain holds up when whole
 people are resampled (:func:`cnmc.metrics.scores.resample_weights`, stratified by class), and only where
-validation has enough people of each class at all (:func:`subject_shortfall`).
+validation has enough cells and people of each class at all (:func:`validation_shortfall`); a single
+model and an ensemble report their threshold by the same rule (:func:`reported_threshold`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from numpy.typing import ArrayLike
 
 from cnmc.core.metric_catalogue import Counts, f1_macro
 from cnmc.metrics.calibration import cell_nll, fit_temperature
-from cnmc.metrics.scores import checked_arrays, confusion_cells, resample_weights, tune_threshold
+from cnmc.metrics.scores import checked_arrays, confusion_cells, judging_shortfall, resample_weights, tune_threshold
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ def choose_threshold(
     return ThresholdChoice(0.5, tuned, (low, high), f"0.5, not the tuned {tuned:.3f}: {interval} includes 0")
 
 
+def reported_threshold(
+    y_true: ArrayLike, prob_all: ArrayLike, subjects: Sequence[str], shortfall: str
+) -> ThresholdChoice:
+    """The threshold a model (or an ensemble) reports: 0.5, nothing tuned, where validation falls
+    short (``shortfall``, from :func:`validation_shortfall`), else :func:`choose_threshold`'s."""
+    if shortfall:
+        return ThresholdChoice(0.5, 0.5, None, f"0.5: {shortfall}")
+    return choose_threshold(y_true, prob_all, subjects)
+
+
 def choose_temperature(
     logits: ArrayLike, targets: ArrayLike, subjects: Sequence[str], n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, str]:
@@ -89,4 +100,15 @@ def subject_shortfall(y_true: ArrayLike, subjects: Sequence[str], min_per_class:
     return (
         f"validation holds {n_all} ALL and {n_hem} Hem people, fewer than split.min_subjects_per_class = "
         f"{min_per_class} of each"
+    )
+
+
+def validation_shortfall(
+    y_true: ArrayLike, subjects: Sequence[str], min_images_per_class: int, min_subjects_per_class: int
+) -> str:
+    """Why validation may fit nothing, neither threshold nor temperature ('' if it may): fewer than
+    ``split.min_images_per_class`` cells (:func:`cnmc.metrics.scores.judging_shortfall`) or
+    ``split.min_subjects_per_class`` people (:func:`subject_shortfall`) of a class."""
+    return judging_shortfall(y_true, min_images_per_class) or subject_shortfall(
+        y_true, subjects, min_subjects_per_class
     )

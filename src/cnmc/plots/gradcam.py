@@ -8,10 +8,10 @@ decision threshold (so a cell called Hem shows the evidence for Hem).
 
 Three uses:
 
-* :func:`log_gradcam_grid` (called by a training run after evaluation): a grid of test cells,
-  ALL and Hem, correctly and wrongly classified (:func:`select_examples`), as one PNG;
-* :func:`explain_images` (``cnmc explain --model URI IMAGE...``): one overlay PNG per image file,
-  for a logged or registered pyfunc model;
+* :func:`gradcam_examples_png` (drawn by the evaluate stage, which logs it with the run's plots): a
+  grid of test cells, ALL and Hem, correctly and wrongly classified (:func:`select_examples`), as one PNG;
+* :func:`single_png`, one overlay PNG per image file, which :func:`cnmc.jobs.explain.explain_images`
+  (``cnmc explain --model URI IMAGE...``) draws for a logged or registered pyfunc model;
 * :func:`gradcam_heatmaps` and :func:`gradcam_grid` for anything else.
 
 Figures use ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state), like :mod:`cnmc.plots.evaluation`.
@@ -246,7 +246,7 @@ def select_examples(
     return pd.DataFrame(chosen, columns=["row", "group", "label", "prob_all", "predicted", "correct"])
 
 
-def log_gradcam_grid(
+def gradcam_examples_png(
     model: torch.nn.Module,
     spec: ModelSpec,
     test_store: Any,

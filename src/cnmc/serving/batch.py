@@ -29,7 +29,7 @@ from cnmc.data.layout import LABELS_CSV, NAME_PATTERN, labels_csv_for, parse_cel
 from cnmc.data.manifest import read_prelim_labels
 from cnmc.inference.schema import BATCH_COLUMNS, CELL_FILE, no_answer, threshold_of
 from cnmc.metrics.patients import call_people
-from cnmc.serving.client import find_images, load_image_model, read_file_bytes, score_images
+from cnmc.serving.scoring import find_images, load_image_model, read_file_bytes, score_images
 
 
 @dataclass(frozen=True)

@@ -197,7 +197,7 @@ def serve(model_uri: str, host: str, port: int, limits: ServerLimits, trust: boo
     import mlflow
     import uvicorn
 
-    from cnmc.serving.client import load_image_model
+    from cnmc.serving.scoring import load_image_model
     from cnmc.tracking.provenance import tracking_uri
 
     signal.signal(signal.SIGTERM, _exit_zero)  # uvicorn re-raises it once it has drained

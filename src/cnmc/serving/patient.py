@@ -4,7 +4,7 @@ answer and the person's call (:mod:`cnmc.metrics.patients`) out.
 MLflow's scoring protocol (``/invocations``) answers cell by cell and has no place for a summary,
 so the patient request has a route of its own, beside it and unchanged: a JSON object
 ``{"images": [<base64>, ...], "names": [...], "subject": "..."}`` (names and subject optional).
-Every image is checked and scored as ``cnmc predict`` does (:func:`cnmc.serving.client.score_images`):
+Every image is checked and scored as ``cnmc predict`` does (:func:`cnmc.serving.scoring.score_images`):
 a bad one becomes its row's ``error`` and does not stop the others. The server's image cap
 answers 413, a body that is not such an object 400; the body limit is the guard's.
 """
@@ -22,7 +22,7 @@ from typing import Any
 from cnmc.core.errors import CnmcError
 from cnmc.inference.schema import CELL_NAME, no_answer, threshold_of
 from cnmc.metrics.patients import call_person
-from cnmc.serving.client import score_images
+from cnmc.serving.scoring import score_images
 
 PAGE = "patient.html"
 

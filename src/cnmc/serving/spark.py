@@ -70,7 +70,7 @@ def _model_udf(spark: Any, model_uri: str, trust: bool) -> Any:
     import mlflow
     from pyspark.sql.functions import pandas_udf
 
-    from cnmc.serving.client import load_image_model
+    from cnmc.serving.scoring import load_image_model
 
     if trust:
         try:
@@ -100,7 +100,7 @@ _EXECUTOR_MODELS: dict[str, Any] = {}
 
 def read_checked(paths: pd.Series) -> pd.DataFrame:
     """Executors: each file's base64 bytes, or why it cannot be used (the one-process checks)."""
-    from cnmc.serving.client import check_image, read_file_bytes
+    from cnmc.serving.scoring import check_image, read_file_bytes
 
     images: list[str | None] = []
     errors: list[str | None] = []

@@ -1,5 +1,6 @@
 """Starting MLflow runs: one run context (:func:`tracked_run`) for every run and parent run
-(training, evaluation, ensembles, tuning), named by who started it and tagged with its provenance.
+(training, evaluation, ensembles, tuning), named by who started it and tagged with its provenance;
+and how an interrupted one ends (:func:`killed_on_interrupt`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,19 @@ def tracked_run(
             if params:
                 mlflow.log_params(params)
         yield run
+
+
+@contextmanager
+def killed_on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C (``KeyboardInterrupt``) inside ends the active MLflow run as ``KILLED`` and becomes
+    the one line ``message`` (a :class:`CnmcError`: what is kept and how to go on)."""
+    import mlflow
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise CnmcError(message) from None
 
 
 PROVENANCE_TAGS = ("backbone", "protocol", "data_hash", "git_commit")
