@@ -6,7 +6,7 @@ subject (``StratifiedGroupKFold``: no subject of a test fold is in its training 
 data). For every fold, the rest goes through exactly what ``cnmc train --data DIR --test-data
 DIR2`` runs: ``split_manifest`` (under ``split.validation: crossfit`` the fold's training people
 cut again into subject-grouped folds, every one of them judged once out of fold) ->
-``prepare_dataset`` (resize, the framing) -> ``train_and_log`` (one model per inner fold, the epoch,
+``prepare_dataset`` (resize, the framing) -> ``train_and_evaluate`` (one model per inner fold, the epoch,
 temperature, threshold and TTA chosen on the pooled out-of-fold answers under the subject-bootstrap
 rules, the test fold answered once by the folds' mean, an MLflow run in a bench-local store).
 Settings are ``--params`` (default the project's ``params.yaml``) with the flags below; nothing is
@@ -59,11 +59,11 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from cnmc.core.config import Framing, Params, apply_overrides, load_params  # noqa: E402
 from cnmc.data.augment import prepare_dataset  # noqa: E402
 from cnmc.data.manifest import build_manifest  # noqa: E402
-from cnmc.data.split import FOLD_COLUMN, Splits, cross_fitted, split_manifest, write_splits  # noqa: E402
+from cnmc.data.split import FOLD_COLUMN, Splits, cross_fitted, split_manifest, tie_people, write_splits  # noqa: E402
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader  # noqa: E402
 from cnmc.inference.forward import predict_outputs, prob_all  # noqa: E402
 from cnmc.inference.tta import tta_views  # noqa: E402
-from cnmc.jobs.fit_evaluate import train_and_log  # noqa: E402
+from cnmc.jobs.fit_evaluate import train_and_evaluate  # noqa: E402
 from cnmc.jobs.paths import RunPaths  # noqa: E402
 from cnmc.metrics.scores import binary_metrics, bootstrap_ci  # noqa: E402
 from cnmc.training.build import build_trainer  # noqa: E402
@@ -120,8 +120,11 @@ def fold_tests(labelled: pd.DataFrame, folds: int, seed: int, protocol: str) -> 
     if protocol == "paper":
         cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         return [test for _, test in cv.split(labelled, y)]
+    # People who share a picture (H3 and H10, H2 with H6 and H7 in cnmc-real) are one group: with one
+    # of them tested, the split would leave the other out of training (or, without the tie, leak).
+    (tied, _), _ = tie_people(labelled, None)
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [test for _, test in cv.split(labelled, y, groups=labelled["subject"].to_numpy())]
+    return [test for _, test in cv.split(labelled, y, groups=tied["subject"].to_numpy())]
 
 
 def fold_splits(labelled: pd.DataFrame, test_rows: np.ndarray, params: Params, protocol: str) -> Splits:
@@ -170,7 +173,7 @@ def run_fold(
         preview_path=work / "plots" / "augment_preview.png",
         progress=False,
     )
-    document = train_and_log(params, variant.backbone, RunPaths(work, variant.backbone), progress=False)
+    document = train_and_evaluate(params, variant.backbone, RunPaths(work, variant.backbone), progress=False)
     predictions = pd.read_csv(RunPaths(work, variant.backbone).evaluation_dir / "predictions.csv")
     record = {
         "variant": name,

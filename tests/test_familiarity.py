@@ -125,3 +125,20 @@ def test_another_labs_cells_score_higher_than_held_out_demo_people() -> None:
     held_scores, other_scores = familiar.score(features(held)), familiar.score(features(other))
     auc = roc_auc_score(np.r_[np.zeros(len(held)), np.ones(len(other))], np.r_[held_scores, other_scores])
     assert auc > 0.9 and np.median(other_scores) > 1 > np.median(held_scores)
+
+
+def test_a_cell_the_gate_flags_scores_above_every_cell_the_features_pass() -> None:
+    """ood_score above 1 means flagged, whichever check flagged it: the score alone ranks them."""
+    from cnmc.inference.familiarity import GATE_SCORE
+    from cnmc.inference.schema import cell_answers
+
+    answers = cell_answers(
+        np.array([0.2, 0.7, 0.9, 0.4]),
+        0.5,
+        ood_score=np.array([0.3, 0.3, 1.4, 3.5]),
+        problems=["", "not segmented on black", "", "near-uniform"],
+    )
+    assert answers["ood_score"].tolist() == [0.3, GATE_SCORE, 1.4, 3.5]
+    assert answers["ood"].tolist() == (answers["ood_score"] > 1).tolist() == [False, True, True, True]
+    unscored = cell_answers(np.array([0.2, 0.7]), 0.5, problems=["", "blank"])  # a model without familiarity
+    assert np.isnan(unscored["ood_score"][0]) and unscored["ood_score"][1] == GATE_SCORE

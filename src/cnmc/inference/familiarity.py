@@ -78,3 +78,15 @@ SEGMENTED_SHARE = 0.95  # of the training cells segmented on black, for Familiar
 def ensemble_score(scores: list[NDArray]) -> NDArray[np.float64]:
     """The ``ood_score`` of cells answered by several models: the mean of their scores."""
     return np.mean(np.asarray(scores, dtype=np.float64), axis=0)
+
+
+GATE_SCORE = 2.0  # the least ood_score of a cell the quality gate flags: twice the cut-off
+
+
+def gated_score(score: NDArray, flagged_by_gate: NDArray) -> NDArray[np.float64]:
+    """The ``ood_score`` a cell is answered with: its features' score, raised to at least
+    :data:`GATE_SCORE` where the quality gate flags it (not a cell, or not segmented on black where
+    every training cell was), so that a score above 1 always means flagged and the score alone ranks
+    what the gate caught above every cell the features pass. NaN (no familiarity) stays NaN
+    unless the gate flags the cell."""
+    return np.where(flagged_by_gate, np.fmax(np.asarray(score, dtype=np.float64), GATE_SCORE), score)

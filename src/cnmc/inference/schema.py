@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cnmc.inference.familiarity import gated_score
+
 ALL, HEM = "all", "hem"
 NONE = "none"  # a person's call where the cells cannot carry one
 DEFAULT_THRESHOLD = 0.5  # where no cell was scored, so no model said its own
@@ -94,11 +96,13 @@ def cell_answers(
     pixel_hashes: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """The served answer for P(ALL) values ``prob`` at ``threshold``: one row a cell; ``ood_score``
-    (None: the model has no familiarity), the quality gate's ``problems`` ("" for none) and the
-    decoded pixels' hashes where known."""
+    (None: the model has no familiarity; raised to the gate's floor where the quality gate flags the
+    cell, :func:`cnmc.inference.familiarity.gated_score`), the quality gate's ``problems`` ("" for
+    none) and the decoded pixels' hashes where known."""
     n = len(prob)
-    score = np.full(n, np.nan) if ood_score is None else np.asarray(ood_score, dtype=np.float64)
     problems = list(problems) if problems is not None else [""] * n
+    features_score = np.full(n, np.nan) if ood_score is None else np.asarray(ood_score, dtype=np.float64)
+    score = gated_score(features_score, np.array([bool(p) for p in problems], dtype=bool))
     reasons = [problem or (UNFAMILIAR if s > 1 else "") for problem, s in zip(problems, score, strict=True)]
     return pd.DataFrame(
         {

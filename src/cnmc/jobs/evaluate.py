@@ -30,7 +30,7 @@ from cnmc.core.config import Params
 from cnmc.core.errors import CnmcError
 from cnmc.data.quality import segmented_on_black
 from cnmc.data.store import ImageStore, StoreDataset, batch_loader
-from cnmc.inference.familiarity import FALSE_ALARM_RATE, Familiarity, ensemble_score
+from cnmc.inference.familiarity import FALSE_ALARM_RATE, Familiarity, ensemble_score, gated_score
 from cnmc.inference.forward import Outputs, Views, predict_outputs, prob_all
 from cnmc.inference.probability import BATCH_SIZE, predict_cells
 from cnmc.inference.spec import ModelSpec
@@ -48,13 +48,13 @@ from cnmc.metrics.document import (
     load_document,
 )
 from cnmc.metrics.patients import people_evaluation
-from cnmc.metrics.scores import binary_metrics, evaluate_split, judging_shortfall
-from cnmc.metrics.validation_rules import ThresholdChoice, choose_temperature, choose_threshold, subject_shortfall
+from cnmc.metrics.scores import binary_metrics, evaluate_split
+from cnmc.metrics.validation_rules import choose_temperature, reported_threshold, validation_shortfall
 from cnmc.models.backbones import create_backbone
 from cnmc.plots import evaluation as plots
-from cnmc.plots.gradcam import log_gradcam_grid
-from cnmc.serving.client import find_images, read_image
+from cnmc.plots.gradcam import gradcam_examples_png
 from cnmc.serving.pyfunc import ServedFiles, decode_cell, framed, gate, log_served_model
+from cnmc.serving.scoring import find_images, read_image
 from cnmc.tracking.provenance import data_hash
 from cnmc.tracking.runs import training_run
 from cnmc.training.crossfit import fold_rows
@@ -176,8 +176,8 @@ def _evaluate(
     val_views = val_outputs.logits
     val_subjects = val.index["subject"].to_numpy()
     val_logits = val_views[:, 0]
-    shortfall = judging_shortfall(val.targets, params.split.min_images_per_class) or subject_shortfall(
-        val.targets, val_subjects, params.split.min_subjects_per_class
+    shortfall = validation_shortfall(
+        val.targets, val_subjects, params.split.min_images_per_class, params.split.min_subjects_per_class
     )
     if shortfall:
         log.warning("%s: threshold 0.5 and temperature 1, nothing fitted", shortfall)
@@ -186,11 +186,7 @@ def _evaluate(
         (1.0, "1: nothing fitted") if shortfall else choose_temperature(val_logits, val.targets, val_subjects)
     )
     val_prob = prob_all(val_views if tta else val_logits, temperature)
-    choice = (
-        ThresholdChoice(0.5, 0.5, None, "0.5: nothing fitted")
-        if shortfall
-        else choose_threshold(val.targets, val_prob, val_subjects)
-    )
+    choice = reported_threshold(val.targets, val_prob, val_subjects, shortfall)
     threshold = choice.threshold
     rules = f"threshold {choice.rule}; temperature {temperature_rule}; {tta_rule}"
     log.info("validation: %s", rules)
@@ -214,7 +210,10 @@ def _evaluate(
     test_outputs = [_outputs(model, test, spec, batch, views=tta_views) for model in models]
     test_views = [outputs.logits for outputs in test_outputs]
     familiarities = _fit_familiarities(models, stores, val_outputs.features, spec, params.seed)
-    test_ood = ensemble_score([f.score(o.features) for f, o in zip(familiarities, test_outputs, strict=True)])
+    test_ood = gated_score(
+        ensemble_score([f.score(o.features) for f, o in zip(familiarities, test_outputs, strict=True)]),
+        np.array([bool(gate(image, familiarities)) for image in test.images]),
+    )
     test_prob, tta_prob, raw_prob = (
         np.mean([prob_all(views[:, 0], temperature) for views in test_views], axis=0),
         np.mean([prob_all(views, temperature) for views in test_views], axis=0),
@@ -232,7 +231,7 @@ def _evaluate(
         val_nll_after=nll(val_logits, val.targets, temperature),
     )
     reported = tta_prob if tta else test_prob
-    flagged = (test_ood > 1) | np.array([bool(gate(image, familiarities)) for image in test.images])
+    flagged = test_ood > 1
     kept = ~flagged
     familiarity = FamiliarityEvaluation(
         false_alarm_rate=FALSE_ALARM_RATE,
@@ -276,19 +275,23 @@ def _other_data(
     folder: Path, models: list[torch.nn.Module], familiarities: list[Familiarity], spec: ModelSpec, test_ood: np.ndarray
 ) -> dict:
     """How the models' familiarity sees the cells of ``folder`` (another lab, another stain): how
-    many it flags (score or quality gate), and the ROC AUC of its score against the test cells."""
+    many it flags (score or quality gate), and the ROC AUC of its ``ood_score`` (the gate's floor
+    included, as served) against the test cells."""
     files = find_images([str(folder)])
     if not files:
         raise CnmcError(f"{folder}: no images to judge the familiarity score on (--ood-data)")
     originals = [decode_cell(read_image(file)) for file in tqdm(files, desc="--ood-data", leave=False)]
     images = np.stack([framed(rgb, spec.framing) for rgb in originals])
-    score = ensemble_score(
-        [
-            f.score(predict_cells(m, images, spec, tta=False).features)
-            for f, m in zip(familiarities, models, strict=True)
-        ]
+    score = gated_score(
+        ensemble_score(
+            [
+                f.score(predict_cells(m, images, spec, tta=False).features)
+                for f, m in zip(familiarities, models, strict=True)
+            ]
+        ),
+        np.array([bool(gate(rgb, familiarities)) for rgb in originals]),
     )
-    flagged = (score > 1) | np.array([bool(gate(rgb, familiarities)) for rgb in originals])
+    flagged = score > 1
     truth = np.r_[np.zeros(len(test_ood)), np.ones(len(score))]
     return {
         "other_data": str(folder),
@@ -341,7 +344,7 @@ def _write_artifacts(
         plots_dir / "reliability.png",
         f"{name}: test, temperature {spec.temperature:.3g}",
     )
-    log_gradcam_grid(models[0], spec, test, reported, threshold, plots_dir / "gradcam.png")
+    gradcam_examples_png(models[0], spec, test, reported, threshold, plots_dir / "gradcam.png")
     pd.DataFrame(
         {
             "path": test.index["path"],
