@@ -45,8 +45,8 @@ from _samples import sample_bmps  # bench/ is on sys.path when a script here run
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the server-process helper the tests use
-import local_server  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # the server-process helper the tests use (tests/helpers/)
+from helpers import local_server  # noqa: E402
 
 SERVERS = {
     "cnmc": ("cnmc serve", local_server.cnmc_serve),

@@ -36,7 +36,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers the UI test uses
-from chromium import Chromium  # noqa: E402
+from helpers.chromium import Chromium  # noqa: E402
 
 PARAMS = ["backbone", "train.pretrained", "train.epochs"]
 METRICS = ["test_f1_all", "test_roc_auc", "test_f1_macro", "test_balanced_accuracy", "val_f1_macro"]

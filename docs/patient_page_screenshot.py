@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the helpers the page test uses
-import local_server  # noqa: E402
-from chromium import patient_page  # noqa: E402
+from helpers import local_server  # noqa: E402
+from helpers.chromium import patient_page  # noqa: E402
 
 from cnmc.tracking.provenance import tracking_uri  # noqa: E402
 

@@ -29,7 +29,7 @@ from cnmc.core.names import shown
 from cnmc.inference.schema import CELL, CELL_COLUMNS, CELL_FILE, REQUEST_COLUMN, cell_record, no_answer
 
 # PySpark 4.3 warns at every pandas conversion that pandas 3 is not fully supported; the answers are
-# checked to equal the one-process path's (tests/test_predict.py), so the warning says nothing here.
+# checked to equal the one-process path's (tests/serving/test_predict.py), so the warning says nothing here.
 warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
 
 DEFAULT_MASTER = "local[*]"
