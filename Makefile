@@ -29,9 +29,10 @@ demo: data
 	@echo "The comparison (printed by the report stage): outputs/report/comparison.md; the champion's card: registry/model_card.md"
 
 # Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core. Coverage of src/cnmc
-# (subprocesses included) is printed, and the run fails below the floor the suite met when it was set.
+# (subprocesses included) is printed, and the run fails below the floor: 95% measured when it was set, 93 allows
+# for the browser checks a machine without Chromium skips.
 TEST_WORKERS ?= 2
-COVERAGE_FLOOR ?= 80
+COVERAGE_FLOOR ?= 93
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --cov --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
