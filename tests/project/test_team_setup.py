@@ -122,6 +122,7 @@ def test_train_promote_and_serve_through_the_tracking_server(
     champion = client.get_model_version_by_alias("cnmc-classifier", "champion")
     assert client.get_run(champion.run_id).data.tags["backbone"] == "test_resnet"
     assert "Decision threshold" in (champion.description or "")  # the card, through the proxy too
+    assert "cut to fit the registry" in (champion.description or "")  # longer than PostgreSQL's VARCHAR(5000)
 
     port, log = local_server.free_port(), tmp_path / "serve.log"
     server = local_server.start(
