@@ -150,7 +150,7 @@ def body_problem(content_type: str | None, body: bytes, max_decoded_bytes: int, 
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type == CONTENT_TYPE_JSON and body:
         try:
-            _check_depth(json.loads(body))
+            _check_json(json.loads(body))
         except RecursionError:
             return Refused(HTTPStatus.BAD_REQUEST, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
         except _NulInString:  # numpy and pandas drop it silently: "\u0000" would read as an empty image
@@ -189,7 +189,7 @@ class _NulInString(ValueError):
     pass
 
 
-def _check_depth(document: object, depth: int = 0) -> None:
+def _check_json(document: object, depth: int = 0) -> None:
     """Raises RecursionError past :data:`MAX_JSON_DEPTH`, :class:`_NulInString` for a string or key with a NUL."""
     if depth > MAX_JSON_DEPTH:
         raise RecursionError
@@ -202,7 +202,7 @@ def _check_depth(document: object, depth: int = 0) -> None:
         raise _NulInString
     children = document.values() if isinstance(document, dict) else document if isinstance(document, list) else ()
     for child in children:
-        _check_depth(child, depth + 1)
+        _check_json(child, depth + 1)
 
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
