@@ -153,14 +153,19 @@ def run_fold(
     params: Params,
     out: Path,
     refit: bool = False,
+    resume: bool = True,
 ) -> list[dict]:
     """Train and evaluate one (variant, fold) in its own work folder; return its result record, and
-    with ``refit`` the record of one model refitted on all of the fold's training people."""
+    with ``refit`` the record of one model refitted on all of the fold's training people. With ``resume``
+    an interrupted training of the pair continues from its checkpoint (its seconds count from there)."""
     params = apply_overrides(
         params, [f"train.pretrained={variant.pretrained}", f"split.protocol={variant.protocol}", *variant.overrides]
     )
     work = out / "work" / f"{name}-fold{fold}"
-    shutil.rmtree(work, ignore_errors=True)
+    paths = RunPaths(work, variant.backbone)
+    resume = resume and (paths.checkpoint.parent / "mlflow_run_id").is_file()
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
     splits = fold_splits(labelled, test_rows, params, variant.protocol)
     write_splits(splits, work / "splits", work / "split_report.json")
@@ -173,8 +178,8 @@ def run_fold(
         preview_path=work / "plots" / "augment_preview.png",
         progress=False,
     )
-    document = train_and_evaluate(params, variant.backbone, RunPaths(work, variant.backbone), progress=False)
-    predictions = pd.read_csv(RunPaths(work, variant.backbone).evaluation_dir / "predictions.csv")
+    document = train_and_evaluate(params, variant.backbone, paths, resume=resume, progress=False)
+    predictions = pd.read_csv(paths.evaluation_dir / "predictions.csv")
     record = {
         "variant": name,
         "fold": fold,
@@ -497,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                     record = run_probe(labelled, features[key], name, fold, test_rows, params)
                     records = [record]
                 else:
-                    records = run_fold(labelled, name, variant, fold, test_rows, params, args.out, args.refit)
+                    records = run_fold(
+                        labelled, name, variant, fold, test_rows, params, args.out, args.refit, not path.is_file()
+                    )
                 results.mkdir(parents=True, exist_ok=True)
                 for record in records:
                     (results / f"{record['variant']}-fold{fold}.json").write_text(json.dumps(record) + "\n")
