@@ -51,6 +51,8 @@ def non_cells(a_cell: Image.Image) -> dict[str, Image.Image]:
     rng = np.random.default_rng(0)
     text = Image.new("RGB", (450, 450), "white")
     ImageDraw.Draw(text).text((20, 200), "PATIENT 42  smear 2026-12-07  ok", fill="black")
+    label = Image.new("RGB", (450, 450))  # a slide label's white text on black, as a segmented cell's frame is
+    ImageDraw.Draw(label).text((20, 200), "PATIENT 42  smear", fill="white", font_size=40)
     cell = np.asarray(a_cell.convert("RGB").resize((450, 450)))
     return {
         "black": Image.new("RGB", (450, 450)),
@@ -58,6 +60,7 @@ def non_cells(a_cell: Image.Image) -> dict[str, Image.Image]:
         "grey": Image.new("RGB", (450, 450), (128, 128, 128)),
         "noise": Image.fromarray(rng.integers(0, 256, (450, 450, 3), dtype=np.uint8)),
         "text": text,
+        "text on black": label,
         "strip": Image.fromarray(cell[200:230]),
     }
 

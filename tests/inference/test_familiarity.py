@@ -26,10 +26,15 @@ def rgb(path: Path) -> np.ndarray:
 
 
 def non_cells() -> dict[str, np.ndarray]:
-    """What is obviously not a cell: blank, uniform, near-uniform, a strip, a few dim specks on black, noise."""
+    """What is obviously not a cell: blank, uniform, near-uniform, a strip, a few dim specks on black, noise,
+    a line of text on black, a dot too small to be a cell."""
     rng = np.random.default_rng(0)
     specks = np.zeros((450, 450, 3), np.uint8)
     specks[rng.integers(0, 450, 200), rng.integers(0, 450, 200)] = 60
+    text = Image.new("RGB", (450, 450), "black")
+    ImageDraw.Draw(text).text((20, 200), "PATIENT 42  smear 2026-12-07", fill="white", font_size=40)
+    dot = Image.new("RGB", (450, 450), "black")
+    ImageDraw.Draw(dot).ellipse((200, 200, 244, 244), fill=(150, 90, 160))
     return {
         "black": np.zeros((450, 450, 3), np.uint8),
         "white": np.full((450, 450, 3), 255, np.uint8),
@@ -38,12 +43,17 @@ def non_cells() -> dict[str, np.ndarray]:
         "strip": rgb(demo_cell_files()[0])[200:230],
         "specks": specks,
         "noise": rng.integers(0, 256, (450, 450, 3), dtype=np.uint8),
+        "text on black": np.asarray(text),
+        "a dot": np.asarray(dot),
     }
 
 
 def test_the_gate_flags_generated_non_cells_and_passes_real_cells_in_any_orientation() -> None:
     for name, image in non_cells().items():
         assert quality_problem(image), name
+    assert all(
+        quality_problem(non_cells()[name]).startswith("no cell-shaped object") for name in ("text on black", "a dot")
+    )
     for path in demo_cell_files()[::25]:
         cell = rgb(path)
         for view in (cell, np.rot90(cell), cell[::-1], cell[:, ::-1]):
