@@ -28,17 +28,17 @@ demo: data
 	$(BIN)/dvc repro
 	@echo "The comparison (printed by the report stage): outputs/report/comparison.md; the champion's card: registry/model_card.md"
 
-# Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core. Coverage of src/cnmc
-# (subprocesses included) is printed, and the run fails below the floor: 95% measured when it was set, 93 allows
-# for the browser checks a machine without Chromium skips.
+# Two workers (pytest-xdist): CI's two cores; TEST_WORKERS=auto uses every core. They steal work from each
+# other, and tests/conftest.py hands out the longest tests first, so both finish together. Coverage of src/cnmc
+# in the test processes is printed, and the run fails below the floor (89% measured when it was set).
 TEST_WORKERS ?= 2
-COVERAGE_FLOOR ?= 93
+COVERAGE_FLOOR ?= 88
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --cov --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --cov --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
 # The loop while you work: everything but the tests marked slow (end to end, subprocesses, servers).
 test-fast: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # What CI checks besides the tests: lint, formatting and types (mypy on src/, settings in pyproject.toml).
 lint: install

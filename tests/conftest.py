@@ -17,6 +17,19 @@ from helpers.runs import Champion, TinyRuns, reset_mlflow
 from helpers.servers import SERVED_MAX_BATCH, SERVED_MAX_BODY_MB, Server, run_server
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: the slow whole-project runs (the DVC pipeline, the team set-up: minutes each),
+    then the other slow tests, then the rest. The two workers start on the long ones and run out of
+    work together, instead of one starting the DVC pipeline as the other runs out."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if "project" in item.path.parts else 1
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """Tiny models on a small, shared CPU: one intra-op thread is several times faster than

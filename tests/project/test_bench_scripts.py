@@ -1,20 +1,50 @@
 """The benchmark scripts start and take their flags (fast: no training here, except the GPU
-check's toy-size smoke run, which CI uses to exercise every code path of that script)."""
+check's toy-size smoke run, which CI uses to exercise every code path of that script).
+
+Most run in this process (``_main``: the script's ``main``, with the worker's modules already
+imported); the GPU check runs in its own interpreter, since it hides the GPU before torch starts
+and its watchdog ends the process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-# Each runs a script in a fresh interpreter (seconds of imports apiece): part of `make test`, not the loop.
+# Part of `make test`, not the loop: the GPU check's runs take seconds of imports apiece.
 pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _main(capsys: pytest.CaptureFixture[str], script: str, *args: str) -> tuple[int, str, str]:
+    """Run ``bench/<script>``'s ``main`` here as ``python <script> <args>`` would: (exit code, stdout,
+    stderr). What it does to the environment, ``sys.argv`` and ``sys.path`` is undone afterwards."""
+    name = f"bench_script_{Path(script).stem}"
+    spec = importlib.util.spec_from_file_location(name, BENCH / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with (
+        mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}),
+        mock.patch.object(sys, "argv", [script, *args]),
+        mock.patch.object(sys, "path", [str(BENCH), *sys.path]),
+    ):
+        sys.modules[name] = module  # dataclasses look their module up while being made
+        try:
+            spec.loader.exec_module(module)
+            code = module.main(list(args)) if module.main.__code__.co_argcount else module.main()
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            del sys.modules[name]
+    out = capsys.readouterr()
+    return int(code or 0), out.out, out.err
 
 
 def _run(
@@ -36,47 +66,36 @@ def test_gpu_bench_skips_without_cuda() -> None:
     assert "skipped: no CUDA device" in proc.stdout
 
 
-def test_gpu_bench_help() -> None:
-    proc = _run("bench_gpu_train.py", "--help")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--steps", "--warmup", "--batch-size", "--models"):
-        assert flag in proc.stdout
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [
+        ("bench_gpu_train.py", ("--steps", "--warmup", "--batch-size", "--models")),
+        ("bench_transfer_allidb2.py", ("--folds", "--epochs", "--image-size", "--per-class", "--seed")),
+        ("bench_cnmc_real.py", ("--folds", "--variants", "--only-fold", "--epochs", "--image-size", "--summary-only")),
+        ("bench_ood.py", ("--model", "--unseen", "--other")),
+        # it imports the tests' server helper (tests/helpers/local_server.py) and offers both servers
+        ("bench_serving.py", ("--server", "--model", "--clients", "--requests")),
+        ("bench_spark_predict.py", ("--master", "--repeat", "--backbone", "--image-size")),
+    ],
+)
+def test_bench_help_lists_its_flags(capsys: pytest.CaptureFixture[str], script: str, flags: tuple[str, ...]) -> None:
+    code, out, err = _main(capsys, script, "--help")
+    assert code == 0, err
+    for flag in flags:
+        assert flag in out
 
 
-def test_transfer_bench_help() -> None:
-    proc = _run("bench_transfer_allidb2.py", "--help")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--folds", "--epochs", "--image-size", "--per-class", "--seed"):
-        assert flag in proc.stdout
+def test_real_cells_bench_skips_without_data(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = _main(capsys, "bench_cnmc_real.py", "--data", str(tmp_path / "absent"), "--out", str(tmp_path))
+    assert code == 0 and "skipped:" in out, err
+    code, out, err = _main(capsys, "bench_cnmc_real.py", "--variants", "lite9")
+    assert code == 2 and "unknown variants" in err
 
 
-def test_real_cells_bench_help_and_skip_without_data(tmp_path: Path) -> None:
-    proc = _run("bench_cnmc_real.py", "--help")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--folds", "--variants", "--only-fold", "--epochs", "--image-size", "--summary-only"):
-        assert flag in proc.stdout
-    proc = _run("bench_cnmc_real.py", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 0 and "skipped:" in proc.stdout, proc.stderr
-    proc = _run("bench_cnmc_real.py", "--variants", "lite9")
-    assert proc.returncode == 2 and "unknown variants" in proc.stderr
-
-
-def test_ood_bench_help_and_skip_without_data(tmp_path: Path) -> None:
-    proc = _run("bench_ood.py", "--help")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--model", "--unseen", "--other"):
-        assert flag in proc.stdout
+def test_ood_bench_skips_without_data(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     absent = str(tmp_path / "absent")
-    proc = _run("bench_ood.py", "--model", absent, "--unseen", absent, "--other", absent)
-    assert proc.returncode == 0 and "skipped:" in proc.stderr, proc.stderr
-
-
-def test_serving_bench_help() -> None:
-    """It imports the tests' server helper (``tests/helpers/local_server.py``) and offers both servers."""
-    proc = _run("bench_serving.py", "--help")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--server", "--model", "--clients", "--requests"):
-        assert flag in proc.stdout
+    code, _, err = _main(capsys, "bench_ood.py", "--model", absent, "--unseen", absent, "--other", absent)
+    assert code == 0 and "skipped:" in err, err
 
 
 # The GPU check on the CPU (any GPU hidden): the skip without --smoke, and every step at toy size with it.
@@ -154,8 +173,9 @@ def test_gpu_check_watchdog_stops_at_the_hard_limit(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["stopped"].startswith("hard limit 0.05 s reached during")
 
 
-def test_train_speed_bench_runs_a_tiny_round() -> None:
-    proc = _run(
+def test_train_speed_bench_runs_a_tiny_round(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(
+        capsys,
         "bench_train_speed.py",
         *(
             "--images",
@@ -171,12 +191,5 @@ def test_train_speed_bench_runs_a_tiny_round() -> None:
         ),
         *("--set", "train.rotation=d4", "--set", "train.colour=centred"),
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "pipeline / best bare loop:" in proc.stdout
-
-
-def test_spark_bench_help() -> None:
-    proc = _run("bench_spark_predict.py", "--help")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--master", "--repeat", "--backbone", "--image-size"):
-        assert flag in proc.stdout
+    assert code == 0, err
+    assert "pipeline / best bare loop:" in out
