@@ -293,8 +293,9 @@ def test_work_for_a_client_that_went_away_stops(server: Server) -> None:
     pattern = re.compile(r"stopped answering a request after decoding (\d+) of 12 images")
     while len(stopped := pattern.findall(server.log.read_text())) < MAX_IN_FLIGHT and time.monotonic() - began < 20:
         time.sleep(0.1)
-    assert len(stopped) == MAX_IN_FLIGHT and all(int(n) < 12 for n in stopped)
-    assert time.monotonic() - began < 3  # not the ~6 s that decoding all 12 images takes
+    # Each stopped within the first half of its images, not after all 12 (counted, not timed: a busy
+    # machine decodes slower, and the client hung up 0.3 s in).
+    assert len(stopped) == MAX_IN_FLIGHT and all(int(n) <= 6 for n in stopped), stopped
     assert honest(server.port) == 200
 
 
