@@ -206,13 +206,13 @@ def synthetic_cell_bmp(size: int = 60, seed: int = 0, label: str = "all") -> byt
     """One synthetic cell of a person of its own as BMP bytes: a request's image that looks like the
     cells the tiny test models train on."""
     rng = random.Random(f"cnmc-demo/{seed}/one-cell")
-    return _bmp_bytes(_render_cell(rng, _draw_subject(rng, f"S{seed}", label), size))
+    return bmp_bytes(_render_cell(rng, _draw_subject(rng, f"S{seed}", label), size))
 
 
 def _write_cell(path: Path, subject: _Subject, name: str, size: int, seed: int) -> None:
     """Render one cell, seeded by its original name so it never depends on generation order."""
     rng = random.Random(f"cnmc-demo/{seed}/cell/{name}")
-    path.write_bytes(_bmp_bytes(_render_cell(rng, subject, size)))
+    path.write_bytes(bmp_bytes(_render_cell(rng, subject, size)))
 
 
 def _render_cell(rng: random.Random, subject: _Subject, size: int) -> np.ndarray:
@@ -389,7 +389,7 @@ def _shuffled(rng: random.Random, items: list[_T]) -> list[_T]:
     return out
 
 
-def _bmp_bytes(rgb: np.ndarray) -> bytes:
+def bmp_bytes(rgb: np.ndarray) -> bytes:
     """An uncompressed 24-bit bottom-up BMP at 96 dpi, written here so no library can change it."""
     height, width, _ = rgb.shape
     pad = (-3 * width) % 4

@@ -230,7 +230,7 @@ def test_the_logged_model_bundles_only_the_code_and_packages_inference_needs(
 def test_a_validation_set_too_small_fits_nothing_and_says_so(
     tiny_store: Path, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnmc.jobs.model_card import _threshold_note
+    from cnmc.jobs.model_card import threshold_note
     from cnmc.metrics.document import MetricsDocument
 
     root = Path(shutil.copytree(tiny_store, tmp_path / "outputs"))
@@ -246,7 +246,7 @@ def test_a_validation_set_too_small_fits_nothing_and_says_so(
     run = MlflowClient(tracking_uri=mlflow_db).get_run(document["run_id"])
     assert run.data.tags["validation_can_judge"] == "false" and run.data.metrics["threshold"] == 0.5
     assert "final_val_f1_macro" in run.data.metrics
-    note = _threshold_note(MetricsDocument.model_validate(document))
+    note = threshold_note(MetricsDocument.model_validate(document))
     assert note.startswith("Validation: holdout validation")
     assert "**Nothing was fitted on validation** (validation holds" in note
 

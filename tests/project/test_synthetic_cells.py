@@ -150,6 +150,6 @@ def test_classes_differ_learnably_but_overlap(small_set: Path) -> None:
 @pytest.mark.parametrize("width", [5, 6, 7, 8])
 def test_bmp_writer_round_trips_through_pillow(width: int) -> None:
     rgb = np.arange(3 * 4 * width * 3, dtype=np.uint8).reshape(3 * 4, width, 3)
-    with Image.open(io.BytesIO(demo._bmp_bytes(rgb))) as image:
+    with Image.open(io.BytesIO(demo.bmp_bytes(rgb))) as image:
         assert image.format == "BMP" and image.mode == "RGB"
         assert np.array_equal(np.asarray(image), rgb)

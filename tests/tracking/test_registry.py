@@ -428,7 +428,7 @@ def test_a_metric_added_in_one_place_reaches_mlflow_the_report_the_card_and_its_
     npv = catalogue.Metric(
         "npv",
         "NPV (Hem)",
-        from_counts=lambda c: catalogue._div(c.tn, c.tn + c.fn),
+        from_counts=lambda c: catalogue.safe_divide(c.tn, c.tn + c.fn),
         shown_in=frozenset({catalogue.REPORT, catalogue.CARD, catalogue.HEADLINE, catalogue.INTERVAL}),
     )
     monkeypatch.setattr(catalogue, "REGISTRY", (*catalogue.REGISTRY, npv))

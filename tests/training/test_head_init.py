@@ -50,7 +50,7 @@ def test_training_starts_from_the_probe_head(tiny_store: Path, tmp_path: Path) -
     heads = []
     for name in ("a", "b"):
         trainer = make_trainer(tiny_store, tmp_path / f"{name}.pt", epochs=1, head_init="linear_probe")
-        trainer._init_head()
+        trainer.init_head()
         heads.append(trainer.model.get_classifier().weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
     assert torch.equal(heads[0][0], -heads[0][1])  # logits -z/2 and z/2

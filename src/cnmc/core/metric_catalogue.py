@@ -29,33 +29,33 @@ class Counts(NamedTuple):
     fn: Array
 
 
-def _div(num: Array, den: Array) -> Array:
+def safe_divide(num: Array, den: Array) -> Array:
     """num / den with 0 where den is 0 (sklearn's zero_division=0)."""
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
 def _recall_all(c: Counts) -> Array:
-    return _div(c.tp, c.tp + c.fn)
+    return safe_divide(c.tp, c.tp + c.fn)
 
 
 def _recall_hem(c: Counts) -> Array:
-    return _div(c.tn, c.tn + c.fp)
+    return safe_divide(c.tn, c.tn + c.fp)
 
 
 def _precision_all(c: Counts) -> Array:
-    return _div(c.tp, c.tp + c.fp)
+    return safe_divide(c.tp, c.tp + c.fp)
 
 
 def _precision_hem(c: Counts) -> Array:
-    return _div(c.tn, c.tn + c.fn)
+    return safe_divide(c.tn, c.tn + c.fn)
 
 
 def _f1_all(c: Counts) -> Array:
-    return _div(2 * c.tp, 2 * c.tp + c.fp + c.fn)
+    return safe_divide(2 * c.tp, 2 * c.tp + c.fp + c.fn)
 
 
 def _f1_hem(c: Counts) -> Array:
-    return _div(2 * c.tn, 2 * c.tn + c.fn + c.fp)
+    return safe_divide(2 * c.tn, 2 * c.tn + c.fn + c.fp)
 
 
 def f1_macro(c: Counts) -> Array:
@@ -75,7 +75,7 @@ def _weighted(all_class: Callable[[Counts], Array], hem_class: Callable[[Counts]
 
     def weighted(c: Counts) -> Array:
         n_all, n_hem = c.tp + c.fn, c.tn + c.fp
-        return _div(n_hem * hem_class(c) + n_all * all_class(c), n_all + n_hem)
+        return safe_divide(n_hem * hem_class(c) + n_all * all_class(c), n_all + n_hem)
 
     return weighted
 
@@ -120,7 +120,7 @@ REGISTRY: tuple[Metric, ...] = (
     Metric(
         "accuracy",
         "Accuracy",
-        from_counts=lambda c: _div(c.tp + c.tn, c.tp + c.fp + c.tn + c.fn),
+        from_counts=lambda c: safe_divide(c.tp + c.tn, c.tp + c.fp + c.tn + c.fn),
         shown_in=frozenset({REPORT, CARD, BARS, INTERVAL}),
     ),
     Metric("precision_all", "Precision (ALL)", from_counts=_precision_all, shown_in=frozenset({REPORT, CARD, BARS})),

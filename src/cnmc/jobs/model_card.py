@@ -130,7 +130,7 @@ def render_model_card(result: PromotionResult, run: Run, metrics_doc: MetricsDoc
         "",
         "## Decision threshold",
         f"A cell is called ALL when `prob_all >= {threshold:.4f}`. "
-        + _threshold_note(metrics_doc)
+        + threshold_note(metrics_doc)
         + " 0.5 is the paper's argmax rule. The served model applies this threshold and returns "
         "`prob_all`, so a user can apply another one.",
         "",
@@ -239,7 +239,7 @@ def _people_section(people: PeopleEvaluation) -> str:
     )
 
 
-def _threshold_note(doc: MetricsDocument) -> str:
+def threshold_note(doc: MetricsDocument) -> str:
     """Whether validation could fit threshold and temperature."""
     scheme = f"Validation: {doc.validation_scheme}."
     if doc.validation.can_judge:

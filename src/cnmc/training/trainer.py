@@ -261,7 +261,9 @@ class Trainer:
         loss = self.loss_fn(torch.from_numpy(logits), targets).item() if len(targets) else 0.0
         return prob_all(logits), loss
 
-    def _init_head(self) -> None:
+    def init_head(self) -> None:
+        """Set the new head to a logistic regression on the frozen features (LP-FT's first step; ``fit``
+        calls it before the first epoch where ``train.head_init`` is ``linear_probe``)."""
         plain = StoreDataset(self.train_ds.store, normalize=False)
         loader = batch_loader(plain, batch_size=self.cfg.batch_size * 2, **self.loader_kwargs)
         batches = (
@@ -278,7 +280,7 @@ class Trainer:
         state = self._load_checkpoint() if resume else None
         if state is None:
             if self.cfg.head_init == "linear_probe":
-                self._init_head()
+                self.init_head()
             result = FitResult(copy.deepcopy(self.model.state_dict()), -1, -1.0)
             start, bad_epochs = 0, 0
         else:
