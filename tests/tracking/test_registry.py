@@ -405,13 +405,16 @@ def test_a_tracking_server_that_is_down_is_one_line_without_its_password(
         assert "s3cret" not in err and "alice:***@" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_promotions_at_once_register_the_run_once_and_agree_on_the_aliases(client: MlflowClient) -> None:
+def test_promotions_at_once_register_the_run_once_and_agree_on_the_aliases(
+    client: MlflowClient, mlflow_db: str
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     fake_run(client, f1=0.8)
-    uri = client._tracking_client.tracking_uri
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda _: promote(CFG, "subject", DATA, MlflowClient(tracking_uri=uri)), range(4)))
+        results = list(
+            pool.map(lambda _: promote(CFG, "subject", DATA, MlflowClient(tracking_uri=mlflow_db)), range(4))
+        )
     assert versions(client) == ["1"] and {r.version for r in results} == {"1"}
     assert champion(client) == str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
 
