@@ -34,6 +34,18 @@ def test_paper_profile_has_the_papers_values(tmp_path: Path, capsys: pytest.Capt
     assert (paper.augment.image_size, paper.augment.per_class, paper.augment.strength) == (224, 10000, 1.0)
 
 
+def test_real_profile_carries_the_benchs_choices(tmp_path: Path) -> None:
+    """`cnmc profile real` writes what the unseen-people bench chose (docs/benchmarks.md): cross-fitting
+    over people, LP-FT with batch-norm statistics kept, 128 px whole frames, lite0 first."""
+    assert main(["profile", "real", "-o", str(tmp_path / "params.yaml")]) == 0
+    real = load_params(tmp_path / "params.yaml")
+    assert real == profile_params("real") != profile_params("demo")
+    assert (real.split.validation, real.split.folds) == ("crossfit", 3)
+    assert (real.train.head_init, real.train.freeze_bn) == ("linear_probe", True)
+    assert (real.augment.image_size, real.augment.crop, real.train.epochs) == (128, "frame", 4)
+    assert real.train.backbones[0] == "tf_efficientnet_lite0"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
