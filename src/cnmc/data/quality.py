@@ -34,7 +34,7 @@ NOT_SEGMENTED = "not a cell segmented on a black background, as the model's trai
 
 
 def foreground(rgb: np.ndarray) -> np.ndarray:
-    """Pixels of an (H, W, 3) image brighter than :data:`FOREGROUND_LEVEL` in any channel.
+    """Pixels of an (H, W, 3) image (or any (..., 3) array) brighter than :data:`FOREGROUND_LEVEL` in any channel.
 
     Channel by channel: numpy's ``max(axis=2)`` over the interleaved last axis took 0.59 s on a
     4000x4000 image (the largest the server accepts), this 0.02 s."""
@@ -43,9 +43,9 @@ def foreground(rgb: np.ndarray) -> np.ndarray:
 
 def dark_border_share(rgb: np.ndarray) -> float:
     """The share of an (H, W, 3) image's outermost ring of pixels that is background (no channel
-    brighter than :data:`FOREGROUND_LEVEL`); only the ring is read."""
+    brighter than :data:`FOREGROUND_LEVEL`, :func:`foreground`'s rule); only the ring is read."""
     ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
-    return float((ring.max(axis=1) <= FOREGROUND_LEVEL).mean())
+    return float((~foreground(ring)).mean())
 
 
 def segmented_on_black(rgb: np.ndarray) -> bool:
